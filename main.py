@@ -1,0 +1,57 @@
+"""Cloud Functions entry points: ``caption_on_upload`` (CloudEvent) and ``caption_http``.
+
+Deployed as is: the runtime installs requirements.txt only, so ``src/`` is put on
+the import path here rather than installed as a package.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+_SRC = str(Path(__file__).resolve().parent / "src")
+if _SRC not in sys.path:
+    sys.path.insert(0, _SRC)
+
+import functions_framework.aio  # noqa: E402
+from starlette.exceptions import HTTPException  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+from starlette.responses import JSONResponse  # noqa: E402
+
+from captioner.entrypoints import on_upload  # noqa: E402
+from captioner.errors import BadRequestError, TransientError  # noqa: E402
+from captioner.logs import configure_logging  # noqa: E402
+from captioner.runtime import Runtime  # noqa: E402
+from captioner.settings import Settings  # noqa: E402
+
+# Parsed once at start: a bad CAPTION_* value stops the instance with a message
+# naming the variable instead of failing every request later.
+SETTINGS = Settings.from_env(os.environ)
+configure_logging(SETTINGS.log_format)
+RUNTIME = Runtime(SETTINGS)
+log = logging.getLogger("captioner")
+
+
+@functions_framework.aio.cloud_event
+async def caption_on_upload(event: Any) -> None:
+    """Caption the object named by a ``google.cloud.storage.object.v1.finalized`` event."""
+    try:
+        await on_upload(RUNTIME, event["type"], event.data)
+    except BadRequestError as exc:
+        log.error("malformed event: %s", exc, extra={"fields": {"event_id": event["id"]}})
+        raise HTTPException(exc.status, detail=f"malformed event: {exc}") from None
+    except TransientError as exc:
+        # Eventarc redelivers on any non-2xx answer; 503 says "try later".
+        log.warning("transient failure, asking for redelivery: %s", exc)
+        raise HTTPException(503, detail=f"transient failure, retry later: {exc}") from None
+
+
+@functions_framework.aio.http
+async def caption_http(request: Request) -> JSONResponse:
+    """Caption objects, a prefix or image URLs on request (see README)."""
+    from captioner.http_api import handle
+
+    return await handle(RUNTIME, request)

@@ -1,0 +1,96 @@
+"""Small frozen value objects that flow through the pipeline."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRef:
+    """An object we were asked to caption.
+
+    ``generation`` is set when the request names one (an upload event always
+    does); ``None`` means "whatever generation is current".
+    """
+
+    bucket: str
+    name: str
+    generation: int | None = None
+    metageneration: int | None = None
+    content_type: str | None = None
+    size: int | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"gs://{self.bucket}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """What Cloud Storage says about an object right now."""
+
+    bucket: str
+    name: str
+    generation: int
+    metageneration: int
+    content_type: str
+    size: int
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedImage:
+    """Bytes ready to send to Gemini, and what was done to get them."""
+
+    data: bytes
+    mime_type: str
+    width: int
+    height: int
+    source_format: str
+    source_width: int
+    source_height: int
+    reencoded: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Description:
+    """Gemini's answer: a caption, or the reason there is none."""
+
+    text: str | None
+    model: str
+    blocked_reason: str | None = None
+    usage: Usage = Usage()
+
+
+class Outcome(enum.Enum):
+    """How one object ended. The value is what reports show."""
+
+    CAPTIONED = "ok"
+    BLOCKED = "blocked"
+    FAILED = "error"  # permanent: recorded on the object when possible
+    SKIPPED = "skipped"  # nothing to do: done already, not an image, gone, superseded
+    RETRY = "retry"  # transient and still failing: nothing recorded, try again later
+
+
+@dataclass(frozen=True, slots=True)
+class CaptionResult:
+    """The outcome of captioning one object; ``reason`` explains skips and failures."""
+
+    ref: ObjectRef
+    outcome: Outcome
+    caption: str | None = None
+    reason: str | None = None
+    message: str | None = None
+    generation: int | None = None
+    recorded: bool = False
+    usage: Usage = Usage()
+    seconds: float = 0.0

@@ -1,0 +1,66 @@
+"""What the Cloud Functions entry points do, free of the web framework.
+
+``main.py`` turns these errors into HTTP answers: BadRequestError → 4xx (the
+event is malformed and will never work), TransientError → 503 so that Eventarc
+redelivers; a return means done, whatever the outcome for the image.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from captioner.domain import CaptionResult, Outcome
+from captioner.errors import TransientError
+from captioner.events import FINALIZED, object_ref_from_event
+from captioner.runtime import Runtime
+
+log = logging.getLogger("captioner")
+
+
+async def on_upload(runtime: Runtime, event_type: str | None, data: Any) -> CaptionResult | None:
+    """Caption the object of one ``object.v1.finalized`` event."""
+    if event_type != FINALIZED:
+        log.warning(
+            "ignored an event of type %r: only %s is handled", event_type, FINALIZED,
+            extra={"fields": {"event_type": event_type}},
+        )
+        return None
+    ref = object_ref_from_event(data)
+    result = await runtime.captioner().caption_object(ref)
+    log_result(result)
+    if result.outcome is Outcome.RETRY:
+        raise TransientError(f"{ref.uri}: {result.message}")
+    return result
+
+
+def log_result(result: CaptionResult) -> None:
+    level = {
+        Outcome.CAPTIONED: logging.INFO,
+        Outcome.SKIPPED: logging.INFO,
+        Outcome.BLOCKED: logging.WARNING,
+        Outcome.FAILED: logging.ERROR,
+        Outcome.RETRY: logging.WARNING,
+    }[result.outcome]
+    ref = result.ref
+    log.log(
+        level,
+        "%s %s%s",
+        ref.uri,
+        result.outcome.value,
+        f" ({result.reason})" if result.reason else "",
+        extra={
+            "fields": {
+                "bucket": ref.bucket,
+                "object": ref.name,
+                "generation": result.generation or ref.generation,
+                "outcome": result.outcome.value,
+                "reason": result.reason,
+                "detail": result.message,
+                "recorded": result.recorded,
+                "prompt_tokens": result.usage.prompt_tokens,
+                "output_tokens": result.usage.output_tokens,
+                "seconds": round(result.seconds, 3),
+            }
+        },
+    )

@@ -1,0 +1,54 @@
+"""One root error; whether a failure is transient or permanent decides retry vs record.
+
+Transient failures are retried inside the invocation and, if they persist, raised
+so that Eventarc redelivers the event. Permanent failures are recorded on the
+object as ``caption-status: error:<reason>`` and the invocation returns normally.
+"""
+
+from __future__ import annotations
+
+
+class CaptionerError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class SettingsError(CaptionerError):
+    """A ``CAPTION_*`` environment variable has a bad value."""
+
+
+class BadRequestError(CaptionerError):
+    """An event or HTTP request body that cannot be understood (answered with a 4xx)."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TransientError(CaptionerError):
+    """Worth trying again later: rate limits, timeouts, 5xx, dropped connections.
+
+    ``retry_after`` is the delay the service asked for, in seconds, when it named one.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(CaptionerError):
+    """Will fail the same way every time for this object generation.
+
+    ``reason`` is a short machine-readable slug recorded as ``error:<reason>``.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ObjectGoneError(CaptionerError):
+    """The object, or the generation we were asked about, no longer exists."""
+
+
+class PreconditionFailedError(CaptionerError):
+    """A write's ``ifGenerationMatch`` / ``ifMetagenerationMatch`` did not hold (HTTP 412)."""

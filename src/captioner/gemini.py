@@ -1,0 +1,180 @@
+"""google-genai adapter: one image in, one Description out.
+
+The SDK is configured from its own environment variables (GEMINI_API_KEY /
+GOOGLE_API_KEY, GOOGLE_GENAI_USE_VERTEXAI, GOOGLE_CLOUD_PROJECT,
+GOOGLE_CLOUD_LOCATION, GOOGLE_GEMINI_BASE_URL). The SDK's own retries are off:
+they ignore the server's RetryInfo delay and never retry a timeout, so this
+module classifies failures and ``captioner.retrying`` retries them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types
+
+from captioner.domain import Description, PreparedImage, Usage
+from captioner.errors import PermanentError, TransientError
+from captioner.retrying import with_retries
+
+_TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
+# Not the image's fault: a bad key, a missing permission or an unknown model is
+# fixed by the operator, and the event should come back once it is.
+_CONFIGURATION_CODES = frozenset({401, 403, 404})
+_BLOCKING_FINISH = frozenset(
+    {
+        "SAFETY",
+        "RECITATION",
+        "BLOCKLIST",
+        "PROHIBITED_CONTENT",
+        "SPII",
+        "IMAGE_SAFETY",
+        "IMAGE_PROHIBITED_CONTENT",
+        "MODEL_ARMOR",
+        "LANGUAGE",
+        "OTHER",
+    }
+)
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)s\s*$")
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def make_client(timeout_seconds: float, environ: Mapping[str, str] | None = None) -> genai.Client:
+    """A client for the current event loop, configured from the SDK's own variables."""
+    env = os.environ if environ is None else environ
+    http_options = types.HttpOptions(timeout=int(timeout_seconds * 1000))
+    if _truthy(env.get("GOOGLE_GENAI_USE_VERTEXAI")) and env.get("GOOGLE_GEMINI_BASE_URL"):
+        # With a custom base URL the SDK does not read project and location from the
+        # environment and would post to the bare base URL.
+        return genai.Client(
+            vertexai=True,
+            project=env.get("GOOGLE_CLOUD_PROJECT"),
+            location=env.get("GOOGLE_CLOUD_LOCATION") or "global",
+            http_options=http_options,
+        )
+    return genai.Client(http_options=http_options)
+
+
+class GeminiDescriber:
+    """Describes prepared images with ``client.aio.models.generate_content``."""
+
+    def __init__(
+        self,
+        client: genai.Client,
+        *,
+        model: str,
+        prompt: str,
+        max_output_tokens: int,
+        temperature: float,
+        attempts: int,
+        timeout: float,
+        max_wait: float = 30.0,
+    ) -> None:
+        self._client = client
+        self.model = model
+        self._prompt = prompt
+        self._attempts = attempts
+        self._timeout = timeout
+        self._max_wait = max_wait
+        self._config = types.GenerateContentConfig(
+            max_output_tokens=max_output_tokens,
+            temperature=temperature,
+        )
+
+    async def describe(self, image: PreparedImage) -> Description:
+        contents = types.Content(
+            role="user",
+            parts=[
+                types.Part.from_bytes(data=image.data, mime_type=image.mime_type),
+                types.Part.from_text(text=self._prompt),
+            ],
+        )
+
+        async def once() -> Any:
+            try:
+                return await self._client.aio.models.generate_content(
+                    model=self.model, contents=contents, config=self._config
+                )
+            except genai_errors.APIError as exc:
+                raise _classify(exc) from exc
+            except TimeoutError as exc:
+                raise TransientError(f"Gemini did not answer within {self._timeout:g}s") from exc
+            except aiohttp.ClientError as exc:
+                raise TransientError(f"Gemini connection failed: {exc!r}") from exc
+
+        # The whole retry sequence is bounded, so one image cannot hold an
+        # invocation past its deadline.
+        deadline = self._timeout * self._attempts + self._max_wait * (self._attempts - 1)
+        response = await with_retries(
+            once,
+            attempts=self._attempts,
+            deadline=deadline,
+            wait_initial=1.0,
+            wait_max=self._max_wait,
+        )
+        return _description(response, self.model)
+
+
+def _classify(exc: genai_errors.APIError) -> Exception:
+    code = int(exc.code or 0)
+    message = f"Gemini answered {code} {exc.status or ''}: {exc.message or ''}".strip()
+    if code in _TRANSIENT_CODES or code >= 500:
+        return TransientError(message, retry_after=_retry_delay(exc.details))
+    if code in _CONFIGURATION_CODES:
+        return TransientError(message + " (check the model name, API key or IAM role)")
+    return PermanentError(f"gemini-{code}", message)
+
+
+def _retry_delay(details: Any) -> float | None:
+    """The ``retryDelay`` of a google.rpc.RetryInfo detail, e.g. ``"7s"`` → 7.0."""
+    items: Any = details
+    if isinstance(details, Mapping):
+        items = details.get("error", {}).get("details", details.get("details", []))
+    if not isinstance(items, list):
+        return None
+    for item in items:
+        if isinstance(item, Mapping) and str(item.get("@type", "")).endswith("RetryInfo"):
+            match = _DURATION.match(str(item.get("retryDelay", "")))
+            if match:
+                return float(match.group(1))
+    return None
+
+
+def _description(response: Any, model: str) -> Description:
+    usage_meta = getattr(response, "usage_metadata", None)
+    usage = Usage(
+        prompt_tokens=int(getattr(usage_meta, "prompt_token_count", 0) or 0),
+        output_tokens=int(getattr(usage_meta, "candidates_token_count", 0) or 0),
+        total_tokens=int(getattr(usage_meta, "total_token_count", 0) or 0),
+    )
+    model_version = str(getattr(response, "model_version", None) or model)
+    feedback = getattr(response, "prompt_feedback", None)
+    block = getattr(feedback, "block_reason", None) if feedback else None
+    if block:
+        return Description(None, model_version, blocked_reason=_enum_name(block), usage=usage)
+    candidates = getattr(response, "candidates", None) or []
+    finish = _enum_name(getattr(candidates[0], "finish_reason", None)) if candidates else None
+    try:
+        text = response.text
+    except (ValueError, AttributeError):
+        text = None
+    if finish in _BLOCKING_FINISH and not text:
+        return Description(None, model_version, blocked_reason=finish, usage=usage)
+    if not text or not text.strip():
+        return Description(None, model_version, blocked_reason="EMPTY", usage=usage)
+    return Description(text, model_version, usage=usage)
+
+
+def _enum_name(value: Any) -> str | None:
+    if value is None:
+        return None
+    return str(getattr(value, "name", value))

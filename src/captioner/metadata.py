@@ -1,0 +1,140 @@
+"""The metadata contract: which keys we write, when an object counts as done, the 8 KiB budget.
+
+Pure functions only, so every rule here is cheap to test.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+# Cloud Storage caps custom metadata at 8 KiB in total (keys and values, UTF-8)
+# and 4 KiB for any one value.
+TOTAL_BUDGET = 8 * 1024
+VALUE_BUDGET = 4 * 1024
+_ELLIPSIS = "…"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\ufeff]")
+_SPACES = re.compile(r"\s+")
+
+
+@dataclass(frozen=True, slots=True)
+class MetadataKeys:
+    """The key names for one prefix (``caption`` by default)."""
+
+    prefix: str = "caption"
+
+    @property
+    def caption(self) -> str:
+        return self.prefix
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}-status"
+
+    @property
+    def model(self) -> str:
+        return f"{self.prefix}-model"
+
+    @property
+    def generation(self) -> str:
+        return f"{self.prefix}-generation"
+
+    @property
+    def created(self) -> str:
+        return f"{self.prefix}-created"
+
+    def all(self) -> tuple[str, ...]:
+        return (self.caption, self.status, self.model, self.generation, self.created)
+
+
+def is_done(metadata: Mapping[str, str], generation: int, keys: MetadataKeys) -> bool:
+    """True when this generation already carries our final word (ok, blocked or error)."""
+    return metadata.get(keys.generation) == str(generation) and bool(metadata.get(keys.status))
+
+
+def owner_conflict(metadata: Mapping[str, str], keys: MetadataKeys) -> str | None:
+    """The first of our keys that the owner set themselves, if any.
+
+    We always write ``<prefix>-generation``; without it, a ``caption`` key is the
+    owner's, and we must not change it.
+    """
+    if keys.generation in metadata:
+        return None
+    for key in keys.all():
+        if key in metadata:
+            return key
+    return None
+
+
+def clean_caption(text: str) -> str:
+    """One line of printable text: models sometimes add newlines, quotes or control codes."""
+    text = unicodedata.normalize("NFC", text)
+    text = _CONTROL.sub(" ", text)
+    text = _SPACES.sub(" ", text).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'`":
+        text = text[1:-1].strip()
+    return text
+
+
+def size_of(metadata: Mapping[str, str]) -> int:
+    return sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+
+
+def truncate_utf8(text: str, max_bytes: int) -> str:
+    """Shorten ``text`` to at most ``max_bytes`` UTF-8 bytes, at a word if one is near.
+
+    Never splits a character; ends with an ellipsis when something was cut.
+    """
+    if len(text.encode()) <= max_bytes:
+        return text
+    room = max_bytes - len(_ELLIPSIS.encode())
+    if room <= 0:
+        return ""
+    cut = text.encode()[:room].decode("utf-8", errors="ignore")
+    space = cut.rfind(" ")
+    if space >= len(cut) * 0.8:
+        cut = cut[:space]
+    return cut.rstrip(" ,;:-") + _ELLIPSIS
+
+
+class NoRoomError(Exception):
+    """The owner's metadata leaves no room even for our status keys."""
+
+
+def caption_updates(
+    *,
+    existing: Mapping[str, str],
+    keys: MetadataKeys,
+    generation: int,
+    status: str,
+    model: str,
+    caption: str | None,
+    now: datetime | None = None,
+) -> dict[str, str]:
+    """The keys to PATCH for this outcome, fitted into the metadata budget.
+
+    Only our keys appear, so a merge-PATCH leaves every owner key as it was. A
+    caption that does not fit is shortened at a character boundary.
+    """
+    created = (now or datetime.now(UTC)).isoformat(timespec="seconds").replace("+00:00", "Z")
+    updates = {
+        keys.status: status,
+        keys.model: model,
+        keys.generation: str(generation),
+        keys.created: created,
+    }
+    ours = set(keys.all())
+    owners = {k: v for k, v in existing.items() if k not in ours}
+    used = size_of(owners) + size_of(updates)
+    if used > TOTAL_BUDGET:
+        raise NoRoomError(f"owner metadata uses {size_of(owners)} of {TOTAL_BUDGET} bytes")
+    if caption is not None:
+        room = min(VALUE_BUDGET, TOTAL_BUDGET - used - len(keys.caption.encode()))
+        updates[keys.caption] = truncate_utf8(caption, max(room, 0))
+    elif keys.caption in existing:
+        # A caption left from an older generation would describe other content.
+        updates[keys.caption] = ""
+    return updates

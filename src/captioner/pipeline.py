@@ -1,0 +1,354 @@
+"""The asyncio core: fetch → prepare → describe → write, bounded and streaming.
+
+Pure of vendor imports: storage, Gemini and Pillow come in through the small
+protocols below, so the rules here are tested with in-memory fakes and, in
+integration tests, with the real adapters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+)
+from dataclasses import dataclass, replace
+from typing import Protocol, TypeVar
+
+from captioner.domain import (
+    CaptionResult,
+    Description,
+    ObjectInfo,
+    ObjectRef,
+    Outcome,
+    PreparedImage,
+    Usage,
+)
+from captioner.errors import (
+    ObjectGoneError,
+    PermanentError,
+    PreconditionFailedError,
+    TransientError,
+)
+from captioner.metadata import (
+    MetadataKeys,
+    NoRoomError,
+    caption_updates,
+    clean_caption,
+    is_done,
+    owner_conflict,
+)
+
+log = logging.getLogger("captioner")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Content types that are sniffed rather than trusted, when the name looks like an image.
+_GENERIC_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+# How often a write is retried after the owner changed metadata under us.
+_WRITE_ROUNDS = 4
+
+
+class Storage(Protocol):
+    async def get_object(self, bucket: str, name: str) -> ObjectInfo: ...
+
+    async def download(
+        self, bucket: str, name: str, *, generation: int, max_bytes: int
+    ) -> bytes: ...
+
+    async def patch_metadata(
+        self,
+        bucket: str,
+        name: str,
+        metadata: Mapping[str, str],
+        *,
+        if_generation_match: int,
+        if_metageneration_match: int | None,
+    ) -> ObjectInfo: ...
+
+
+class Describer(Protocol):
+    model: str
+
+    async def describe(self, image: PreparedImage) -> Description: ...
+
+
+Preparer = Callable[[bytes], PreparedImage]
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    max_bytes: int
+    max_concurrency: int
+    metadata_prefix: str = "caption"
+
+
+def looks_like_image(info: ObjectInfo) -> bool:
+    """Images by content type; generic types only when the name says image."""
+    content_type = info.content_type.split(";")[0].strip().lower()
+    if content_type.startswith("image/"):
+        return True
+    return content_type in _GENERIC_TYPES and info.name.lower().endswith(_IMAGE_SUFFIXES)
+
+
+class Captioner:
+    """Captions objects in place. Safe to share between concurrent calls on one loop."""
+
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        describer: Describer,
+        prepare: Preparer,
+        config: PipelineConfig,
+    ) -> None:
+        self._storage = storage
+        self._describer = describer
+        self._prepare = prepare
+        self._config = config
+        self._keys = MetadataKeys(config.metadata_prefix)
+
+    async def caption_object(self, ref: ObjectRef) -> CaptionResult:
+        """Caption one object; never raises for a per-object problem (see the Outcome)."""
+        started = time.monotonic()
+        result = await self._caption_object(ref)
+        return _with_seconds(result, time.monotonic() - started)
+
+    async def caption_many(
+        self, refs: Iterable[ObjectRef] | AsyncIterable[ObjectRef]
+    ) -> AsyncIterator[CaptionResult]:
+        """Results as they complete, with at most ``max_concurrency`` objects in flight.
+
+        ``refs`` is consumed lazily, so a listing of millions never sits in memory.
+        """
+        async for result in bounded_as_completed(
+            refs, self.caption_object, self._config.max_concurrency
+        ):
+            yield result
+
+    async def _caption_object(self, ref: ObjectRef) -> CaptionResult:
+        try:
+            info = await self._storage.get_object(ref.bucket, ref.name)
+        except ObjectGoneError:
+            return CaptionResult(ref, Outcome.SKIPPED, reason="gone", message="object not found")
+        except TransientError as exc:
+            return CaptionResult(ref, Outcome.RETRY, reason="transient", message=str(exc))
+        except PermanentError as exc:
+            return CaptionResult(ref, Outcome.FAILED, reason=exc.reason, message=str(exc))
+
+        if ref.generation is not None and info.generation != ref.generation:
+            # A newer upload replaced this one; its own event will caption it.
+            return CaptionResult(
+                ref,
+                Outcome.SKIPPED,
+                reason="superseded",
+                message=f"generation {ref.generation} was replaced by {info.generation}",
+                generation=info.generation,
+            )
+        if (key := owner_conflict(info.metadata, self._keys)) is not None:
+            return CaptionResult(
+                ref,
+                Outcome.FAILED,
+                reason="metadata-conflict",
+                message=f"the owner already uses the key {key!r}; set CAPTION_METADATA_PREFIX",
+                generation=info.generation,
+            )
+        if is_done(info.metadata, info.generation, self._keys):
+            return CaptionResult(
+                ref,
+                Outcome.SKIPPED,
+                caption=info.metadata.get(self._keys.caption),
+                reason="already-captioned",
+                generation=info.generation,
+            )
+        if not looks_like_image(info):
+            return CaptionResult(
+                ref,
+                Outcome.SKIPPED,
+                reason="not-an-image",
+                message=f"content type {info.content_type!r}",
+                generation=info.generation,
+            )
+
+        try:
+            description = await self._describe(info)
+        except PermanentError as exc:
+            return await self._record(ref, info, status=f"error:{exc.reason}", error=exc)
+        except ObjectGoneError:
+            return CaptionResult(
+                ref, Outcome.SKIPPED, reason="gone", message="deleted or replaced while captioning"
+            )
+        except TransientError as exc:
+            return CaptionResult(
+                ref, Outcome.RETRY, reason="transient", message=str(exc), generation=info.generation
+            )
+
+        if description.text is None:
+            return await self._record(ref, info, status="blocked", description=description)
+        return await self._record(ref, info, status="ok", description=description)
+
+    async def _describe(self, info: ObjectInfo) -> Description:
+        if info.size == 0:
+            raise PermanentError("empty", "the object has no bytes")
+        if info.size > self._config.max_bytes:
+            raise PermanentError(
+                "too-large",
+                f"{info.size} bytes is over CAPTION_MAX_BYTES={self._config.max_bytes}",
+            )
+        data = await self._storage.download(
+            info.bucket, info.name, generation=info.generation, max_bytes=self._config.max_bytes
+        )
+        # Pillow releases the GIL while decoding; a thread keeps the loop serving others.
+        prepared = await asyncio.to_thread(self._prepare, data)
+        del data
+        return await self._describer.describe(prepared)
+
+    async def _record(
+        self,
+        ref: ObjectRef,
+        info: ObjectInfo,
+        *,
+        status: str,
+        description: Description | None = None,
+        error: PermanentError | None = None,
+    ) -> CaptionResult:
+        """Write the outcome under generation/metageneration preconditions."""
+        caption = clean_caption(description.text) if description and description.text else None
+        if status == "ok" and not caption:
+            status, caption = "blocked", None
+        model = description.model if description else self._describer.model
+        usage = description.usage if description else None
+        outcome = {"ok": Outcome.CAPTIONED, "blocked": Outcome.BLOCKED}.get(status, Outcome.FAILED)
+        reason = error.reason if error else (description.blocked_reason if description else None)
+        message = str(error) if error else None
+
+        current = info
+        for _ in range(_WRITE_ROUNDS):
+            try:
+                updates = caption_updates(
+                    existing=current.metadata,
+                    keys=self._keys,
+                    generation=current.generation,
+                    status=status,
+                    model=model,
+                    caption=caption,
+                )
+            except NoRoomError as exc:
+                return CaptionResult(
+                    ref,
+                    Outcome.FAILED,
+                    caption=caption,
+                    reason="metadata-full",
+                    message=str(exc),
+                    generation=current.generation,
+                )
+            try:
+                written = await self._storage.patch_metadata(
+                    ref.bucket,
+                    ref.name,
+                    updates,
+                    if_generation_match=current.generation,
+                    if_metageneration_match=current.metageneration,
+                )
+            except PreconditionFailedError:
+                try:
+                    latest = await self._storage.get_object(ref.bucket, ref.name)
+                except ObjectGoneError:
+                    return CaptionResult(ref, Outcome.SKIPPED, reason="gone")
+                except TransientError as exc:
+                    return CaptionResult(ref, Outcome.RETRY, reason="transient", message=str(exc))
+                if latest.generation != info.generation:
+                    return CaptionResult(
+                        ref,
+                        Outcome.SKIPPED,
+                        reason="superseded",
+                        message="overwritten while it was being captioned",
+                        generation=latest.generation,
+                    )
+                if is_done(latest.metadata, latest.generation, self._keys):
+                    return CaptionResult(
+                        ref,
+                        Outcome.SKIPPED,
+                        caption=latest.metadata.get(self._keys.caption),
+                        reason="already-captioned",
+                        generation=latest.generation,
+                    )
+                current = latest  # the owner changed metadata: fit around it and try again
+                continue
+            except ObjectGoneError:
+                return CaptionResult(ref, Outcome.SKIPPED, reason="gone")
+            except TransientError as exc:
+                return CaptionResult(ref, Outcome.RETRY, reason="transient", message=str(exc))
+            except PermanentError as exc:
+                return CaptionResult(ref, Outcome.FAILED, reason=exc.reason, message=str(exc))
+            return CaptionResult(
+                ref,
+                outcome,
+                caption=written.metadata.get(self._keys.caption) if caption else None,
+                reason=reason,
+                message=message,
+                generation=current.generation,
+                recorded=True,
+                usage=usage or Usage(),
+            )
+        return CaptionResult(
+            ref,
+            Outcome.RETRY,
+            reason="contended",
+            message="metadata kept changing while we tried to write",
+        )
+
+
+async def bounded_as_completed(
+    items: Iterable[T] | AsyncIterable[T],
+    work: Callable[[T], Awaitable[R]],
+    limit: int,
+) -> AsyncIterator[R]:
+    """Like ``asyncio.as_completed`` over ``map(work, items)``, but with at most
+    ``limit`` tasks alive, so memory is O(limit) rather than O(len(items)).
+    """
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+    iterator = _aiter(items)
+    pending: set[asyncio.Task[R]] = set()
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(pending) < limit:
+                try:
+                    item = await anext(iterator)
+                except StopAsyncIteration:
+                    exhausted = True
+                    break
+                pending.add(asyncio.ensure_future(work(item)))
+            if not pending:
+                return
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                yield task.result()
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _aiter(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
+
+
+def _with_seconds(result: CaptionResult, seconds: float) -> CaptionResult:
+    return replace(result, seconds=seconds)

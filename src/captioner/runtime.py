@@ -1,0 +1,90 @@
+"""Wiring: settings → adapters → Captioner, one set per event loop.
+
+aiohttp sessions and google-genai clients are bound to the loop that made them;
+reusing one on another loop fails with "Event loop is closed" on warm instances.
+So each loop gets its own, made on first use and reused for every later request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from dataclasses import dataclass
+from functools import partial
+
+from captioner.pipeline import Captioner, PipelineConfig
+from captioner.settings import Settings
+
+
+@dataclass(slots=True)
+class _LoopResources:
+    captioner: Captioner
+    closers: list[object]
+
+
+class Runtime:
+    """Owns the per-loop clients for one Settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._per_loop: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, _LoopResources
+        ] = weakref.WeakKeyDictionary()
+
+    def captioner(self) -> Captioner:
+        """The Captioner for the running loop, created on first use."""
+        loop = asyncio.get_running_loop()
+        resources = self._per_loop.get(loop)
+        if resources is None:
+            resources = self._build()
+            self._per_loop[loop] = resources
+        return resources.captioner
+
+    def _build(self) -> _LoopResources:
+        # Imported here so a cold start pays for google-genai only when it is used.
+        import aiohttp
+
+        from captioner.gemini import GeminiDescriber, make_client
+        from captioner.images import prepare
+        from captioner.storage import StorageClient
+
+        s = self.settings
+        connector = aiohttp.TCPConnector(limit=max(2 * s.max_concurrency, 10))
+        session = aiohttp.ClientSession(connector=connector)
+        storage = StorageClient.from_env(session, attempts=s.storage_attempts)
+        client = make_client(s.gemini_timeout)
+        describer = GeminiDescriber(
+            client,
+            model=s.model,
+            prompt=s.prompt,
+            max_output_tokens=s.max_output_tokens,
+            temperature=s.temperature,
+            attempts=s.gemini_attempts,
+            timeout=s.gemini_timeout,
+            max_wait=s.retry_max_wait,
+        )
+        captioner = Captioner(
+            storage=storage,
+            describer=describer,
+            prepare=partial(prepare, max_edge=s.max_edge, max_pixels=s.max_pixels),
+            config=PipelineConfig(
+                max_bytes=s.max_bytes,
+                max_concurrency=s.max_concurrency,
+                metadata_prefix=s.metadata_prefix,
+            ),
+        )
+        return _LoopResources(captioner, [session, client])
+
+    async def aclose(self) -> None:
+        """Close the running loop's clients (for CLIs and tests; servers just exit)."""
+        loop = asyncio.get_running_loop()
+        resources = self._per_loop.pop(loop, None)
+        if resources is None:
+            return
+        for closer in resources.closers:
+            close = getattr(closer, "close", None)
+            aio = getattr(closer, "aio", None)
+            if aio is not None:
+                await aio.aclose()
+            elif close is not None:
+                await close()

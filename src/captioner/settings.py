@@ -1,0 +1,110 @@
+"""The ``CAPTION_*`` settings, parsed once into one frozen object.
+
+A bad value fails at start with a message that names the variable, so a typo in a
+deployment shows up in the first log line rather than as odd behaviour later.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from captioner.errors import SettingsError
+
+ENV_PREFIX = "CAPTION_"
+
+DEFAULT_PROMPT = (
+    "Write one factual sentence (at most 30 words) describing this image, usable as "
+    "its caption and alt text. Name the main subject, the setting and notable "
+    "colours. Answer with the sentence only."
+)
+
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+_LANGUAGE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+
+
+def _split_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    return value
+
+
+class Settings(BaseModel):
+    """Everything the pipeline can be configured with. Field ``x`` is ``CAPTION_X``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
+
+    model: Annotated[str, Field(min_length=1, max_length=200)] = "gemini-2.5-flash"
+    prompt: Annotated[str, Field(min_length=1, max_length=4000)] = DEFAULT_PROMPT
+    max_concurrency: Annotated[int, Field(ge=1, le=1000)] = 16
+    max_edge: Annotated[int, Field(ge=64, le=4096)] = 768
+    max_bytes: Annotated[int, Field(ge=1, le=1 << 31)] = 20 * 1024 * 1024
+    max_pixels: Annotated[int, Field(ge=1, le=1 << 31)] = 50_000_000
+    allowed_buckets: tuple[str, ...] = ()
+    languages: tuple[str, ...] = ("en",)
+    metadata_prefix: str = "caption"
+    max_output_tokens: Annotated[int, Field(ge=16, le=65536)] = 1024
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.2
+    gemini_timeout: Annotated[float, Field(gt=0, le=600)] = 60.0
+    gemini_attempts: Annotated[int, Field(ge=1, le=20)] = 4
+    storage_attempts: Annotated[int, Field(ge=1, le=20)] = 5
+    retry_max_wait: Annotated[float, Field(ge=0, le=300)] = 30.0
+    log_format: Literal["json", "text"] = "json"
+
+    @field_validator("allowed_buckets", "languages", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("allowed_buckets")
+    @classmethod
+    def _bucket_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for bucket in value:
+            if not _BUCKET.match(bucket):
+                raise ValueError(f"{bucket!r} is not a valid bucket name")
+        return value
+
+    @field_validator("languages")
+    @classmethod
+    def _language_codes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("needs at least one language code, e.g. 'en'")
+        for code in value:
+            if not _LANGUAGE.match(code):
+                raise ValueError(f"{code!r} is not a language code like 'en' or 'pt-BR'")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a language twice")
+        return value
+
+    @field_validator("metadata_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not _SLUG.match(value):
+            raise ValueError("must be lowercase letters, digits, '-' or '_' (at most 32)")
+        return value
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Build settings from ``CAPTION_*`` variables; raise SettingsError naming the culprit."""
+        values: dict[str, str] = {}
+        for key, value in environ.items():
+            if not key.startswith(ENV_PREFIX):
+                continue
+            field = key[len(ENV_PREFIX) :].lower()
+            if field not in cls.model_fields:
+                known = ", ".join(sorted(ENV_PREFIX + name.upper() for name in cls.model_fields))
+                raise SettingsError(f"{key} is not a setting of captioner (known: {known})")
+            values[field] = value
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            problems = []
+            for error in exc.errors():
+                name = ENV_PREFIX + str(error["loc"][0]).upper() if error["loc"] else ENV_PREFIX
+                shown = values.get(str(error["loc"][0]), "") if error["loc"] else ""
+                problems.append(f"{name}={shown!r}: {error['msg']}")
+            raise SettingsError("bad setting: " + "; ".join(problems)) from None
