@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -50,3 +51,42 @@ def bucket(gcs_client):  # type: ignore[no-untyped-def]
 async def storage_client(gcs: FakeGcs) -> AsyncIterator[StorageClient]:
     async with aiohttp.ClientSession() as session:
         yield StorageClient(session, endpoint=gcs.url, emulator=True, attempts=2)
+
+
+@pytest.fixture(scope="session")
+def gemini_thread() -> Iterator[Any]:
+    """The Gemini-compatible stand-in, reached by the real google-genai client."""
+    from captioner_dev.gemini_server import GeminiStub
+
+    thread = GeminiStub().start_in_thread()
+    saved = {k: os.environ.get(k) for k in ("GOOGLE_GEMINI_BASE_URL", "GEMINI_API_KEY")}
+    os.environ["GOOGLE_GEMINI_BASE_URL"] = thread.base_url
+    os.environ["GEMINI_API_KEY"] = "test-key"
+    try:
+        yield thread
+    finally:
+        thread.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def gemini(gemini_thread: Any) -> Iterator[Any]:
+    """The stand-in's state, reset before and after each test."""
+    gemini_thread.stub.reset()
+    yield gemini_thread.stub
+    gemini_thread.stub.reset()
+
+
+@pytest.fixture
+def stack_env(gcs: FakeGcs, gemini_thread: Any) -> dict[str, str]:
+    """What a functions-framework process needs to use the local stack."""
+    return {
+        "STORAGE_EMULATOR_HOST": gcs.url,
+        "GOOGLE_GEMINI_BASE_URL": gemini_thread.base_url,
+        "GEMINI_API_KEY": "test-key",
+        "CAPTION_LOG_FORMAT": "json",
+    }

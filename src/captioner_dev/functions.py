@@ -35,7 +35,9 @@ class FunctionServer:
         self._env = dict(env)
         self._signature_type = signature_type
         self._process: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix=f"ff-{target}-", suffix=".log", delete=False)
+        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
+            prefix=f"ff-{target}-", suffix=".log", delete=False
+        )
         self.started_at = 0.0
 
     def start(self, timeout: float = 30.0) -> FunctionServer:
@@ -82,6 +84,7 @@ class FunctionServer:
                 self._process.kill()
                 self._process.wait()
             self._process = None
+        self._log.close()
 
     def __enter__(self) -> FunctionServer:
         return self.start()

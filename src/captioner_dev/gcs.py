@@ -38,7 +38,9 @@ class FakeGcs:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._process: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix="fake-gcs-", suffix=".log", delete=False)
+        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
+            prefix="fake-gcs-", suffix=".log", delete=False
+        )
 
     def start(self, timeout: float = 15.0) -> FakeGcs:
         self._process = subprocess.Popen(
