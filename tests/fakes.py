@@ -134,7 +134,9 @@ class ScriptedDescriber:
                 if isinstance(step, Exception):
                     raise step
                 return step
-            return Description(f"{self.text} [{len(image.data)}]", self.model, usage=Usage(258, 12, 270))
+            return Description(
+                f"{self.text} [{len(image.data)}]", self.model, usage=Usage(258, 12, 270)
+            )
         finally:
             self.in_flight -= 1
 

@@ -27,7 +27,9 @@ def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
     return out.getvalue()
 
 
-def solid(size: tuple[int, int] = (64, 48), color: object = (200, 30, 30), mode: str = "RGB") -> Image.Image:
+def solid(
+    size: tuple[int, int] = (64, 48), color: object = (200, 30, 30), mode: str = "RGB"
+) -> Image.Image:
     return Image.new(mode, size, color)  # type: ignore[arg-type]
 
 
@@ -44,6 +46,7 @@ def corrupt_jpeg() -> bytes:
 
 def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
     """A tiny PNG claiming a huge greyscale image: a decompression bomb."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return (
             struct.pack(">I", len(body)) + kind + body
@@ -54,7 +57,9 @@ def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
     row = b"\x00" + b"\x00" * width
     compressor = zlib.compressobj(9)
     body = b"".join(compressor.compress(row) for _ in range(200)) + compressor.flush()
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    )
 
 
 def jpeg_with_orientation(orientation: int, size: tuple[int, int] = (80, 40)) -> bytes:

@@ -83,9 +83,13 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class CaptionResult:
-    """The outcome of captioning one object; ``reason`` explains skips and failures."""
+    """The outcome for one image; ``reason`` explains skips and failures.
 
-    ref: ObjectRef
+    ``source`` is what the user named: ``gs://bucket/name``, a URL or a file path.
+    ``ref`` is set for Cloud Storage objects only.
+    """
+
+    source: str
     outcome: Outcome
     caption: str | None = None
     reason: str | None = None
@@ -94,3 +98,4 @@ class CaptionResult:
     recorded: bool = False
     usage: Usage = Usage()
     seconds: float = 0.0
+    ref: ObjectRef | None = None

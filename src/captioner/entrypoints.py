@@ -22,7 +22,9 @@ async def on_upload(runtime: Runtime, event_type: str | None, data: Any) -> Capt
     """Caption the object of one ``object.v1.finalized`` event."""
     if event_type != FINALIZED:
         log.warning(
-            "ignored an event of type %r: only %s is handled", event_type, FINALIZED,
+            "ignored an event of type %r: only %s is handled",
+            event_type,
+            FINALIZED,
             extra={"fields": {"event_type": event_type}},
         )
         return None

@@ -19,7 +19,7 @@ from collections.abc import (
     Mapping,
 )
 from dataclasses import dataclass, replace
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from captioner.domain import (
     CaptionResult,
@@ -116,37 +116,92 @@ class Captioner:
         self._config = config
         self._keys = MetadataKeys(config.metadata_prefix)
 
-    async def caption_object(self, ref: ObjectRef) -> CaptionResult:
-        """Caption one object; never raises for a per-object problem (see the Outcome)."""
+    async def caption_object(
+        self, ref: ObjectRef | ObjectInfo, *, overwrite: bool = False
+    ) -> CaptionResult:
+        """Caption one object; never raises for a per-object problem (see the Outcome).
+
+        Given an ObjectInfo (from a listing), that is used instead of a fresh read;
+        the write's preconditions still catch anything that changed since.
+        ``overwrite`` captions again even when this generation already has one.
+        """
         started = time.monotonic()
-        result = await self._caption_object(ref)
+        result = await self._caption_object(ref, overwrite)
         return _with_seconds(result, time.monotonic() - started)
 
     async def caption_many(
-        self, refs: Iterable[ObjectRef] | AsyncIterable[ObjectRef]
+        self,
+        refs: Iterable[ObjectRef | ObjectInfo] | AsyncIterable[ObjectRef | ObjectInfo],
+        *,
+        overwrite: bool = False,
     ) -> AsyncIterator[CaptionResult]:
         """Results as they complete, with at most ``max_concurrency`` objects in flight.
 
         ``refs`` is consumed lazily, so a listing of millions never sits in memory.
         """
-        async for result in bounded_as_completed(
-            refs, self.caption_object, self._config.max_concurrency
-        ):
+
+        async def one(ref: ObjectRef | ObjectInfo) -> CaptionResult:
+            return await self.caption_object(ref, overwrite=overwrite)
+
+        async for result in bounded_as_completed(refs, one, self._config.max_concurrency):
             yield result
 
-    async def _caption_object(self, ref: ObjectRef) -> CaptionResult:
+    async def describe_source(
+        self, source: str, load: Callable[[], Awaitable[bytes]]
+    ) -> CaptionResult:
+        """Describe an image that is not ours to write on (a local file, a URL)."""
+        started = time.monotonic()
         try:
-            info = await self._storage.get_object(ref.bucket, ref.name)
-        except ObjectGoneError:
-            return CaptionResult(ref, Outcome.SKIPPED, reason="gone", message="object not found")
-        except TransientError as exc:
-            return CaptionResult(ref, Outcome.RETRY, reason="transient", message=str(exc))
+            data = await load()
+            prepared = await asyncio.to_thread(self._prepare, data)
+            del data
+            description = await self._describer.describe(prepared)
         except PermanentError as exc:
-            return CaptionResult(ref, Outcome.FAILED, reason=exc.reason, message=str(exc))
+            result = CaptionResult(source, Outcome.FAILED, reason=exc.reason, message=str(exc))
+        except TransientError as exc:
+            result = CaptionResult(source, Outcome.RETRY, reason="transient", message=str(exc))
+        else:
+            caption = clean_caption(description.text) if description.text else ""
+            if caption:
+                result = CaptionResult(
+                    source, Outcome.CAPTIONED, caption=caption, usage=description.usage
+                )
+            else:
+                result = CaptionResult(
+                    source, Outcome.BLOCKED, reason=description.blocked_reason or "EMPTY",
+                    usage=description.usage,
+                )  # fmt: skip
+        return replace(result, seconds=time.monotonic() - started)
+
+    def needs_caption(self, info: ObjectInfo, *, overwrite: bool = False) -> str | None:
+        """Why a listed object would be skipped, or None if it needs a caption."""
+        if owner_conflict(info.metadata, self._keys) is not None:
+            return "metadata-conflict"
+        if not overwrite and is_done(info.metadata, info.generation, self._keys):
+            return "already-captioned"
+        if not looks_like_image(info):
+            return "not-an-image"
+        return None
+
+    async def _caption_object(self, item: ObjectRef | ObjectInfo, overwrite: bool) -> CaptionResult:
+        if isinstance(item, ObjectInfo):
+            ref = ObjectRef(item.bucket, item.name, item.generation, item.metageneration,
+                            item.content_type, item.size)  # fmt: skip
+            info = item
+        else:
+            ref = item
+            try:
+                info = await self._storage.get_object(ref.bucket, ref.name)
+            except ObjectGoneError:
+                return _result(ref, Outcome.SKIPPED, reason="gone", message="object not found")
+            except TransientError as exc:
+                return _result(ref, Outcome.RETRY, reason="transient", message=str(exc))
+            except PermanentError as exc:
+                return _result(ref, Outcome.FAILED, reason=exc.reason, message=str(exc))
 
         if ref.generation is not None and info.generation != ref.generation:
             # A newer upload replaced this one; its own event will caption it.
-            return CaptionResult(
+            return _result(
                 ref,
                 Outcome.SKIPPED,
                 reason="superseded",
@@ -154,15 +209,15 @@ class Captioner:
                 generation=info.generation,
             )
         if (key := owner_conflict(info.metadata, self._keys)) is not None:
-            return CaptionResult(
+            return _result(
                 ref,
                 Outcome.FAILED,
                 reason="metadata-conflict",
                 message=f"the owner already uses the key {key!r}; set CAPTION_METADATA_PREFIX",
                 generation=info.generation,
             )
-        if is_done(info.metadata, info.generation, self._keys):
-            return CaptionResult(
+        if not overwrite and is_done(info.metadata, info.generation, self._keys):
+            return _result(
                 ref,
                 Outcome.SKIPPED,
                 caption=info.metadata.get(self._keys.caption),
@@ -170,7 +225,7 @@ class Captioner:
                 generation=info.generation,
             )
         if not looks_like_image(info):
-            return CaptionResult(
+            return _result(
                 ref,
                 Outcome.SKIPPED,
                 reason="not-an-image",
@@ -183,17 +238,26 @@ class Captioner:
         except PermanentError as exc:
             return await self._record(ref, info, status=f"error:{exc.reason}", error=exc)
         except ObjectGoneError:
-            return CaptionResult(
+            return _result(
                 ref, Outcome.SKIPPED, reason="gone", message="deleted or replaced while captioning"
             )
         except TransientError as exc:
-            return CaptionResult(
+            return _result(
                 ref, Outcome.RETRY, reason="transient", message=str(exc), generation=info.generation
             )
 
         if description.text is None:
             return await self._record(ref, info, status="blocked", description=description)
         return await self._record(ref, info, status="ok", description=description)
+
+    def _captioned_since(self, before: ObjectInfo, now: ObjectInfo) -> bool:
+        """Did someone else (a duplicate event) record a result after ``before`` was read?"""
+        if not is_done(now.metadata, now.generation, self._keys):
+            return False
+        created = self._keys.created
+        return not is_done(before.metadata, before.generation, self._keys) or (
+            now.metadata.get(created) != before.metadata.get(created)
+        )
 
     async def _describe(self, info: ObjectInfo) -> Description:
         if info.size == 0:
@@ -242,7 +306,7 @@ class Captioner:
                     caption=caption,
                 )
             except NoRoomError as exc:
-                return CaptionResult(
+                return _result(
                     ref,
                     Outcome.FAILED,
                     caption=caption,
@@ -262,19 +326,19 @@ class Captioner:
                 try:
                     latest = await self._storage.get_object(ref.bucket, ref.name)
                 except ObjectGoneError:
-                    return CaptionResult(ref, Outcome.SKIPPED, reason="gone")
+                    return _result(ref, Outcome.SKIPPED, reason="gone")
                 except TransientError as exc:
-                    return CaptionResult(ref, Outcome.RETRY, reason="transient", message=str(exc))
+                    return _result(ref, Outcome.RETRY, reason="transient", message=str(exc))
                 if latest.generation != info.generation:
-                    return CaptionResult(
+                    return _result(
                         ref,
                         Outcome.SKIPPED,
                         reason="superseded",
                         message="overwritten while it was being captioned",
                         generation=latest.generation,
                     )
-                if is_done(latest.metadata, latest.generation, self._keys):
-                    return CaptionResult(
+                if self._captioned_since(info, latest):
+                    return _result(
                         ref,
                         Outcome.SKIPPED,
                         caption=latest.metadata.get(self._keys.caption),
@@ -284,12 +348,12 @@ class Captioner:
                 current = latest  # the owner changed metadata: fit around it and try again
                 continue
             except ObjectGoneError:
-                return CaptionResult(ref, Outcome.SKIPPED, reason="gone")
+                return _result(ref, Outcome.SKIPPED, reason="gone")
             except TransientError as exc:
-                return CaptionResult(ref, Outcome.RETRY, reason="transient", message=str(exc))
+                return _result(ref, Outcome.RETRY, reason="transient", message=str(exc))
             except PermanentError as exc:
-                return CaptionResult(ref, Outcome.FAILED, reason=exc.reason, message=str(exc))
-            return CaptionResult(
+                return _result(ref, Outcome.FAILED, reason=exc.reason, message=str(exc))
+            return _result(
                 ref,
                 outcome,
                 caption=written.metadata.get(self._keys.caption) if caption else None,
@@ -299,7 +363,7 @@ class Captioner:
                 recorded=True,
                 usage=usage or Usage(),
             )
-        return CaptionResult(
+        return _result(
             ref,
             Outcome.RETRY,
             reason="contended",
@@ -348,6 +412,10 @@ async def _aiter(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
     else:
         for item in items:
             yield item
+
+
+def _result(ref: ObjectRef, outcome: Outcome, **fields: Any) -> CaptionResult:
+    return CaptionResult(ref.uri, outcome, ref=ref, **fields)
 
 
 def _with_seconds(result: CaptionResult, seconds: float) -> CaptionResult:

@@ -27,9 +27,9 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._per_loop: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, _LoopResources
-        ] = weakref.WeakKeyDictionary()
+        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopResources] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def captioner(self) -> Captioner:
         """The Captioner for the running loop, created on first use."""

@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             status, first_done = _deliver(server.url, resources[0])
             cold = first_done - server.started_at
             with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-                statuses = [status] + list(pool.map(lambda r: _deliver(server.url, r)[0],
-                                                    resources[1:]))  # fmt: skip
+                rest = pool.map(lambda r: _deliver(server.url, r)[0], resources[1:])
+                statuses = [status, *rest]
             if any(s != 200 for s in statuses):
                 print(f"some events failed: {statuses}\n{server.log_text()}", file=sys.stderr)
                 return 1

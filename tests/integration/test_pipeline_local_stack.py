@@ -74,7 +74,9 @@ async def test_large_photo_is_sent_downscaled(bucket: Any, runtime: Runtime, gem
     assert "768x512" in (result.caption or "")  # what the stand-in saw
 
 
-async def test_small_photo_is_sent_byte_for_byte(bucket: Any, runtime: Runtime, gemini: Any) -> None:
+async def test_small_photo_is_sent_byte_for_byte(
+    bucket: Any, runtime: Runtime, gemini: Any
+) -> None:
     data = images.photo("coffee.jpg")
     await runtime.captioner().caption_object(upload(bucket, "c.jpg", data))
     (record,) = gemini.requests
@@ -114,7 +116,9 @@ async def test_persistent_server_errors_end_as_retry_with_nothing_written(
 
 async def test_hanging_gemini_times_out_as_transient(bucket: Any, gemini: Any) -> None:
     gemini.add_fault("hang")
-    rt = Runtime(Settings.from_env({"CAPTION_GEMINI_ATTEMPTS": "1", "CAPTION_GEMINI_TIMEOUT": "0.5"}))
+    rt = Runtime(
+        Settings.from_env({"CAPTION_GEMINI_ATTEMPTS": "1", "CAPTION_GEMINI_TIMEOUT": "0.5"})
+    )
     try:
         result = await rt.captioner().caption_object(upload(bucket, "h.jpg", images.photo()))
     finally:

@@ -39,7 +39,9 @@ def test_emulator_host_is_honoured_like_google_cloud_storage(
 
 
 @pytest.mark.parametrize("name", ODD_NAMES)
-async def test_odd_object_names_round_trip(bucket, storage_client: StorageClient, name: str) -> None:  # type: ignore[no-untyped-def]
+async def test_odd_object_names_round_trip(
+    bucket, storage_client: StorageClient, name: str
+) -> None:  # type: ignore[no-untyped-def]
     blob = bucket.blob(name)
     blob.metadata = {"owner": "alice"}
     blob.upload_from_string(b"bytes of " + name.encode(), content_type="image/jpeg")
@@ -72,7 +74,9 @@ async def test_download_refuses_more_than_the_limit(bucket, storage_client: Stor
                                       max_bytes=4999)  # fmt: skip
 
 
-async def test_download_of_a_replaced_generation_is_gone(bucket, storage_client: StorageClient) -> None:  # type: ignore[no-untyped-def]
+async def test_download_of_a_replaced_generation_is_gone(
+    bucket, storage_client: StorageClient
+) -> None:  # type: ignore[no-untyped-def]
     blob = bucket.blob("v.jpg")
     blob.upload_from_string(b"one")
     old = await storage_client.get_object(bucket.name, "v.jpg")

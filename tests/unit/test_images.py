@@ -92,7 +92,9 @@ def test_animated_gif_sends_its_first_frame() -> None:
     frames[0].save(out, "GIF", save_all=True, append_images=frames[1:], duration=50)
     prepared = prepare(out.getvalue())
     r, g, b = decoded(prepared.data).convert("RGB").getpixel((50, 50))  # type: ignore[misc]
-    assert r > 200 and g < 50 and b < 50
+    assert r > 200
+    assert g < 50
+    assert b < 50
     assert prepared.mime_type == "image/jpeg"
 
 

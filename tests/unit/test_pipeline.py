@@ -250,9 +250,7 @@ async def test_overwrite_during_captioning_never_gets_the_old_caption() -> None:
             storage.put(B, "cat.jpg", images.photo("coffee.jpg"))
             return await super().describe(image)
 
-    result = await make(storage, OverwritingDescriber()).caption_object(
-        ref_for(storage, "cat.jpg")
-    )
+    result = await make(storage, OverwritingDescriber()).caption_object(ref_for(storage, "cat.jpg"))
     assert result.outcome is Outcome.SKIPPED
     assert result.reason == "superseded"
     assert "caption" not in storage.metadata(B, "cat.jpg")

@@ -1,0 +1,175 @@
+"""``caption_on_upload`` served by functions-framework, fed CloudEvents as Eventarc sends them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import requests
+
+from captioner_dev.eventarc import binary_event, structured_event
+from captioner_dev.functions import REPO, FunctionServer
+from tests import images
+from tests.integration.test_storage_adapter import ODD_NAMES
+
+
+@pytest.fixture(scope="module")
+def upload_function(gcs: Any, gemini_thread: Any) -> Iterator[FunctionServer]:
+    env = {
+        "STORAGE_EMULATOR_HOST": gcs.url,
+        "GOOGLE_GEMINI_BASE_URL": gemini_thread.base_url,
+        "GEMINI_API_KEY": "test-key",
+        "CAPTION_GEMINI_ATTEMPTS": "2",
+        "CAPTION_RETRY_MAX_WAIT": "0.2",
+    }
+    with FunctionServer("caption_on_upload", env=env, signature_type="cloudevent") as server:
+        yield server
+
+
+def resource(gcs: Any, bucket: str, name: str) -> dict[str, Any]:
+    url = f"{gcs.url}/storage/v1/b/{bucket}/o/{quote(name, safe='')}"
+    data: dict[str, Any] = requests.get(url, timeout=10).json()
+    return data
+
+
+def deliver(server: FunctionServer, headers: dict[str, str], body: bytes) -> requests.Response:
+    return requests.post(server.url, headers=headers, data=body, timeout=60)
+
+
+def upload(bucket: Any, name: str, data: bytes, content_type: str = "image/jpeg",
+           metadata: dict[str, str] | None = None) -> None:  # fmt: skip
+    blob = bucket.blob(name)
+    blob.metadata = metadata
+    blob.upload_from_string(data, content_type=content_type)
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+@pytest.mark.parametrize("name", [*ODD_NAMES[:6], "ünïcødé/日本語の写真.jpg"])
+def test_finalized_event_captions_the_object(
+    gcs: Any, bucket: Any, gemini: Any, upload_function: FunctionServer, mode: str, name: str
+) -> None:
+    upload(bucket, name, images.photo("coffee.jpg"), metadata={"owner": "alice"})
+    make = binary_event if mode == "binary" else structured_event
+    response = deliver(upload_function, *make(resource(gcs, bucket.name, name)))
+    assert response.status_code == 200, response.text
+    meta = bucket.get_blob(name).metadata
+    assert meta["owner"] == "alice"
+    assert meta["caption-status"] == "ok"
+    assert "600x400" in meta["caption"]
+    assert gemini.calls == 1
+
+
+def test_duplicate_delivery_is_a_no_op(
+    gcs: Any, bucket: Any, gemini: Any, upload_function: FunctionServer
+) -> None:
+    upload(bucket, "dup.jpg", images.photo())
+    event = resource(gcs, bucket.name, "dup.jpg")
+    headers, body = binary_event(event, event_id="same-id")
+    assert deliver(upload_function, headers, body).status_code == 200
+    first = bucket.get_blob("dup.jpg").metadata
+    assert deliver(upload_function, headers, body).status_code == 200
+    assert bucket.get_blob("dup.jpg").metadata == first
+    assert gemini.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "content_type", "status"),
+    [
+        ("zero.jpg", b"", "image/jpeg", "error:empty"),
+        ("corrupt.jpg", images.corrupt_jpeg(), "image/jpeg", "error:corrupt-image"),
+        ("text.jpg", b"I am text in a .jpg", "image/jpeg", "error:not-an-image"),
+        ("bomb.png", images.png_bomb(), "image/png", "error:too-many-pixels"),
+    ],
+)
+def test_bad_images_return_200_and_record_the_error(
+    gcs: Any, bucket: Any, gemini: Any, upload_function: FunctionServer,
+    name: str, data: bytes, content_type: str, status: str,
+) -> None:  # fmt: skip
+    upload(bucket, name, data, content_type, metadata={"owner": "kept"})
+    response = deliver(upload_function, *binary_event(resource(gcs, bucket.name, name)))
+    assert response.status_code == 200  # permanent: no redelivery storm
+    meta = bucket.get_blob(name).metadata
+    assert meta["caption-status"] == status
+    assert meta["owner"] == "kept"
+    assert gemini.calls == 0
+
+
+def test_non_image_is_untouched(gcs: Any, bucket: Any, upload_function: FunctionServer) -> None:
+    upload(bucket, "readme.txt", b"hello", "text/plain", metadata={"a": "b"})
+    response = deliver(upload_function, *binary_event(resource(gcs, bucket.name, "readme.txt")))
+    assert response.status_code == 200
+    assert bucket.get_blob("readme.txt").metadata == {"a": "b"}
+
+
+def test_transient_gemini_failure_answers_503_so_eventarc_redelivers(
+    gcs: Any, bucket: Any, gemini: Any, upload_function: FunctionServer
+) -> None:
+    upload(bucket, "flaky.jpg", images.photo(), metadata={"owner": "x"})
+    gemini.add_fault("503")
+    event = binary_event(resource(gcs, bucket.name, "flaky.jpg"))
+    response = deliver(upload_function, *event)
+    assert response.status_code == 503
+    assert bucket.get_blob("flaky.jpg").metadata == {"owner": "x"}
+    gemini.clear_faults()
+    assert deliver(upload_function, *event).status_code == 200  # the redelivery succeeds
+    assert bucket.get_blob("flaky.jpg").metadata["caption-status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"bucket": "b"}, "missing 'name'"),
+        ({"bucket": "b", "name": "n.jpg"}, "missing 'generation'"),
+        ({"bucket": "b", "name": "n.jpg", "generation": "x1"}, "'generation' must be"),
+        ({"bucket": 5, "name": "n.jpg", "generation": "1"}, "'bucket' must be"),
+        ([1, 2, 3], "must be a JSON object"),
+    ],
+)
+def test_malformed_event_gets_a_clear_400(
+    upload_function: FunctionServer, data: object, message: str
+) -> None:
+    headers, _ = binary_event({"bucket": "b", "name": "n.jpg"})
+    response = deliver(upload_function, headers, json.dumps(data).encode())
+    assert response.status_code == 400
+    assert message in response.text
+    assert message in upload_function.log_text()
+
+
+def test_event_without_cloudevent_headers_gets_400(upload_function: FunctionServer) -> None:
+    response = requests.post(
+        upload_function.url, data=b"{}", headers={"Content-Type": "application/json"}, timeout=10
+    )
+    assert response.status_code == 400
+
+
+def test_event_with_non_json_body_gets_400(upload_function: FunctionServer) -> None:
+    headers, _ = binary_event({"bucket": "b", "name": "n.jpg"})
+    response = deliver(upload_function, headers, b"\x00\x01 not json")
+    assert 400 <= response.status_code < 500
+
+
+def test_other_event_types_are_acknowledged_and_ignored(
+    gcs: Any, bucket: Any, gemini: Any, upload_function: FunctionServer
+) -> None:
+    upload(bucket, "meta.jpg", images.photo())
+    headers, body = binary_event(resource(gcs, bucket.name, "meta.jpg"))
+    headers["ce-type"] = "google.cloud.storage.object.v1.metadataUpdated"
+    assert deliver(upload_function, headers, body).status_code == 200
+    assert gemini.calls == 0
+    assert not (bucket.get_blob("meta.jpg").metadata)
+    assert not ({})
+
+
+def test_bad_setting_stops_the_instance_at_start_naming_the_variable() -> None:
+    env = {"CAPTION_MAX_EDGE": "huge", "PATH": "/usr/bin:/bin"}
+    completed = subprocess.run(
+        [sys.executable, "-c", "import main"], cwd=REPO, env=env, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert completed.returncode != 0
+    assert "CAPTION_MAX_EDGE" in completed.stderr
