@@ -19,7 +19,7 @@ if _SRC not in sys.path:
 import functions_framework.aio  # noqa: E402
 from starlette.exceptions import HTTPException  # noqa: E402
 from starlette.requests import Request  # noqa: E402
-from starlette.responses import JSONResponse  # noqa: E402
+from starlette.responses import Response  # noqa: E402
 
 from captioner.entrypoints import on_upload  # noqa: E402
 from captioner.errors import BadRequestError, TransientError  # noqa: E402
@@ -50,7 +50,7 @@ async def caption_on_upload(event: Any) -> None:
 
 
 @functions_framework.aio.http
-async def caption_http(request: Request) -> JSONResponse:
+async def caption_http(request: Request) -> Response:
     """Caption objects, a prefix or image URLs on request (see README)."""
     from captioner.http_api import handle
 

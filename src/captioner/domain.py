@@ -79,6 +79,7 @@ class Outcome(enum.Enum):
     FAILED = "error"  # permanent: recorded on the object when possible
     SKIPPED = "skipped"  # nothing to do: done already, not an image, gone, superseded
     RETRY = "retry"  # transient and still failing: nothing recorded, try again later
+    PLANNED = "would-caption"  # a dry run's answer: this one needs a caption
 
 
 @dataclass(frozen=True, slots=True)

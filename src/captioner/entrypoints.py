@@ -48,14 +48,14 @@ def log_result(result: CaptionResult) -> None:
     log.log(
         level,
         "%s %s%s",
-        ref.uri,
+        result.source,
         result.outcome.value,
         f" ({result.reason})" if result.reason else "",
         extra={
             "fields": {
-                "bucket": ref.bucket,
-                "object": ref.name,
-                "generation": result.generation or ref.generation,
+                "bucket": ref.bucket if ref else None,
+                "object": ref.name if ref else result.source,
+                "generation": result.generation or (ref.generation if ref else None),
                 "outcome": result.outcome.value,
                 "reason": result.reason,
                 "detail": result.message,

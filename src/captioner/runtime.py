@@ -11,14 +11,23 @@ import asyncio
 import weakref
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from captioner.pipeline import Captioner, PipelineConfig
 from captioner.settings import Settings
 
+if TYPE_CHECKING:
+    from captioner.storage import StorageClient
+    from captioner.urls import UrlFetcher
+
 
 @dataclass(slots=True)
-class _LoopResources:
+class LoopResources:
+    """Everything bound to one event loop."""
+
     captioner: Captioner
+    storage: StorageClient
+    urls: UrlFetcher
     closers: list[object]
 
 
@@ -27,26 +36,30 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopResources] = (
+        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopResources] = (
             weakref.WeakKeyDictionary()
         )
 
-    def captioner(self) -> Captioner:
-        """The Captioner for the running loop, created on first use."""
+    def resources(self) -> LoopResources:
+        """The clients for the running loop, created on first use."""
         loop = asyncio.get_running_loop()
         resources = self._per_loop.get(loop)
         if resources is None:
             resources = self._build()
             self._per_loop[loop] = resources
-        return resources.captioner
+        return resources
 
-    def _build(self) -> _LoopResources:
+    def captioner(self) -> Captioner:
+        return self.resources().captioner
+
+    def _build(self) -> LoopResources:
         # Imported here so a cold start pays for google-genai only when it is used.
         import aiohttp
 
         from captioner.gemini import GeminiDescriber, make_client
         from captioner.images import prepare
         from captioner.storage import StorageClient
+        from captioner.urls import UrlFetcher
 
         s = self.settings
         connector = aiohttp.TCPConnector(limit=max(2 * s.max_concurrency, 10))
@@ -73,7 +86,14 @@ class Runtime:
                 metadata_prefix=s.metadata_prefix,
             ),
         )
-        return _LoopResources(captioner, [session, client])
+        urls = UrlFetcher.create(
+            max_bytes=s.max_bytes,
+            allowed_hosts=s.url_allowed_hosts,
+            max_redirects=s.url_max_redirects,
+            timeout=s.url_timeout,
+            limit=s.max_concurrency,
+        )
+        return LoopResources(captioner, storage, urls, [client, urls, session])
 
     async def aclose(self) -> None:
         """Close the running loop's clients (for CLIs and tests; servers just exit)."""
@@ -82,9 +102,8 @@ class Runtime:
         if resources is None:
             return
         for closer in resources.closers:
-            close = getattr(closer, "close", None)
             aio = getattr(closer, "aio", None)
             if aio is not None:
                 await aio.aclose()
-            elif close is not None:
-                await close()
+            else:
+                await closer.close()  # type: ignore[attr-defined]

@@ -54,8 +54,11 @@ class Settings(BaseModel):
     storage_attempts: Annotated[int, Field(ge=1, le=20)] = 5
     retry_max_wait: Annotated[float, Field(ge=0, le=300)] = 30.0
     log_format: Literal["json", "text"] = "json"
+    url_allowed_hosts: tuple[str, ...] = ()
+    url_timeout: Annotated[float, Field(gt=0, le=600)] = 30.0
+    url_max_redirects: Annotated[int, Field(ge=0, le=20)] = 5
 
-    @field_validator("allowed_buckets", "languages", mode="before")
+    @field_validator("allowed_buckets", "languages", "url_allowed_hosts", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_list(value)

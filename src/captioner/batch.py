@@ -1,0 +1,122 @@
+"""Many images at once, for the HTTP function and the command line.
+
+One request form each: named objects, a bucket prefix (a backfill), or URLs.
+Results stream out as they complete; counts are kept as they go, including the
+objects a backfill passes over without listing them one by one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from captioner.domain import CaptionResult, ObjectInfo, Outcome
+from captioner.http_requests import CaptionRequest, ObjectsRequest, PrefixRequest, UrlsRequest
+from captioner.pipeline import Captioner, bounded_as_completed
+
+
+class Lister(Protocol):
+    def list_objects(self, bucket: str, prefix: str = "") -> AsyncIterator[ObjectInfo]: ...
+
+
+Fetch = Callable[[str], Awaitable[bytes]]
+
+
+@dataclass
+class Totals:
+    counts: Counter[str] = field(default_factory=Counter)
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, outcome: Outcome, n: int = 1) -> None:
+        self.counts[outcome.value] += n
+
+    @property
+    def failed(self) -> int:
+        return self.counts[Outcome.FAILED.value] + self.counts[Outcome.RETRY.value]
+
+    def as_dict(self) -> dict[str, Any]:
+        seconds = time.monotonic() - self.started
+        described = self.counts[Outcome.CAPTIONED.value] + self.counts[Outcome.BLOCKED.value]
+        return {
+            **{o.value: self.counts[o.value] for o in Outcome},
+            "total": sum(self.counts.values()),
+            "seconds": round(seconds, 3),
+            "images_per_second": round(described / seconds, 2) if seconds > 0 else 0.0,
+        }
+
+
+def result_json(result: CaptionResult) -> dict[str, Any]:
+    entry: dict[str, Any] = {"source": result.source, "status": result.outcome.value}
+    if result.caption is not None:
+        entry["caption"] = result.caption
+    if result.reason:
+        entry["reason"] = result.reason
+    if result.message:
+        entry["error" if result.outcome in (Outcome.FAILED, Outcome.RETRY) else "detail"] = (
+            result.message
+        )
+    if result.generation is not None:
+        entry["generation"] = str(result.generation)
+    return entry
+
+
+class BatchRun:
+    """Carries out one request; iterate ``results()`` and read ``totals`` afterwards."""
+
+    def __init__(
+        self,
+        request: CaptionRequest,
+        *,
+        captioner: Captioner,
+        lister: Lister,
+        fetch: Fetch,
+        concurrency: int,
+    ) -> None:
+        self.request = request
+        self.totals = Totals()
+        self._captioner = captioner
+        self._lister = lister
+        self._fetch = fetch
+        self._concurrency = concurrency
+
+    async def results(self) -> AsyncIterator[CaptionResult]:
+        async for result in self._run():
+            self.totals.add(result.outcome)
+            yield result
+
+    def _run(self) -> AsyncIterator[CaptionResult]:
+        request = self.request
+        if isinstance(request, ObjectsRequest):
+            return self._captioner.caption_many(request.objects, overwrite=request.overwrite)
+        if isinstance(request, UrlsRequest):
+            return bounded_as_completed(request.urls, self._describe_url, self._concurrency)
+        if request.dry_run:
+            return self._plan(request)
+        return self._captioner.caption_many(self._candidates(request), overwrite=request.overwrite)
+
+    async def _describe_url(self, url: str) -> CaptionResult:
+        return await self._captioner.describe_source(url, lambda: self._fetch(url))
+
+    async def _candidates(self, request: PrefixRequest) -> AsyncIterator[ObjectInfo]:
+        """Listed objects that need a caption, up to ``limit``; the rest are only counted."""
+        chosen = 0
+        async for info in self._lister.list_objects(request.bucket, request.prefix):
+            if chosen >= request.limit:
+                return
+            if self._captioner.needs_caption(info, overwrite=request.overwrite) is None:
+                chosen += 1
+                yield info
+            else:
+                self.totals.add(Outcome.SKIPPED)
+
+    async def _plan(self, request: PrefixRequest) -> AsyncIterator[CaptionResult]:
+        async for info in self._candidates(request):
+            yield CaptionResult(
+                f"gs://{info.bucket}/{info.name}",
+                Outcome.PLANNED,
+                generation=info.generation,
+                message=f"{info.content_type}, {info.size} bytes",
+            )
