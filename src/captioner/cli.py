@@ -1,0 +1,257 @@
+"""``python -m captioner``: describe local files and URLs, or backfill a bucket in place.
+
+    python -m captioner describe photos/ cat.jpg https://example.com/dog.png
+    python -m captioner backfill gs://my-bucket/products/ [--dry-run] [--overwrite]
+
+Captions print as they complete. A progress bar (counts, rate, ETA) shows on a
+terminal only. A summary ends every run; the exit code is 1 when anything failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from captioner.batch import BatchRun, Totals, result_json
+from captioner.domain import CaptionResult, Outcome
+from captioner.errors import (
+    BadRequestError,
+    CaptionerError,
+    ObjectGoneError,
+    PermanentError,
+    SettingsError,
+    TransientError,
+)
+from captioner.http_requests import PrefixRequest, UrlsRequest
+from captioner.pipeline import bounded_as_completed
+from captioner.runtime import Runtime
+from captioner.settings import Settings
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif"})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m captioner",
+        description="Caption images with Gemini. Settings come from CAPTION_* variables.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    describe = sub.add_parser(
+        "describe", help="print captions for local files, folders and URLs (writes nothing)"
+    )
+    describe.add_argument(
+        "sources", nargs="+", help="image files, folders (searched recursively) or http(s) URLs"
+    )
+
+    backfill = sub.add_parser(
+        "backfill", help="caption every image under gs://bucket/prefix in place (resumable)"
+    )
+    backfill.add_argument("target", help="gs://bucket or gs://bucket/prefix")
+    backfill.add_argument("--overwrite", action="store_true", help="caption again even if done")
+    backfill.add_argument("--dry-run", action="store_true", help="list what would be captioned")
+    backfill.add_argument("--limit", type=int, default=1_000_000, help="at most this many images")
+
+    for command in (describe, backfill):
+        command.add_argument("--json", action="store_true", help="one JSON object per line")
+        command.add_argument(
+            "--concurrency", type=int, help="images in flight (CAPTION_MAX_CONCURRENCY)"
+        )
+        command.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(os.environ)
+        if args.concurrency is not None:
+            if not 1 <= args.concurrency <= 1000:
+                raise SettingsError("--concurrency must be from 1 to 1000")
+            settings = settings.model_copy(update={"max_concurrency": args.concurrency})
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_run(args, settings))
+    except KeyboardInterrupt:
+        print("interrupted; a second run resumes where this one stopped", file=sys.stderr)
+        return 130
+    except (BadRequestError, CaptionerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    runtime = Runtime(settings)
+    resources = runtime.resources()
+    totals = Totals()
+    try:
+        if args.command == "describe":
+            files, urls = _split_sources(args.sources)
+            total: int | None = len(files) + len(urls)
+            stream = _describe(runtime, files, urls, settings.max_concurrency)
+        else:
+            bucket, prefix = _parse_target(args.target)
+            run = BatchRun(
+                PrefixRequest(bucket, prefix, args.limit, args.overwrite, args.dry_run),
+                captioner=resources.captioner,
+                lister=resources.storage,
+                fetch=resources.urls.fetch,
+                concurrency=settings.max_concurrency,
+            )
+            totals = run.totals
+            total = None
+            stream = run.results()
+        await _report(stream, totals, total, as_json=args.json, progress=not args.no_progress)
+    except ObjectGoneError as exc:
+        print(f"error: {exc} (does the bucket exist?)", file=sys.stderr)
+        return 2
+    except (PermanentError, TransientError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await runtime.aclose()
+    _summary(totals, sys.stderr)
+    return 1 if totals.failed else 0
+
+
+async def _describe(
+    runtime: Runtime, files: list[Path], urls: list[str], concurrency: int
+) -> AsyncIterator[CaptionResult]:
+    resources = runtime.resources()
+    max_bytes = runtime.settings.max_bytes
+
+    async def one(source: Path | str) -> CaptionResult:
+        if isinstance(source, Path):
+            return await resources.captioner.describe_source(
+                str(source), lambda: _read_file(source, max_bytes)
+            )
+        return await resources.captioner.describe_source(
+            source, lambda: resources.urls.fetch(source)
+        )
+
+    sources: list[Path | str] = [*files, *urls]
+    async for result in bounded_as_completed(sources, one, concurrency):
+        yield result
+
+
+async def _read_file(path: Path, max_bytes: int) -> bytes:
+    return await asyncio.to_thread(_read_capped, path, max_bytes)
+
+
+def _read_capped(path: Path, max_bytes: int) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(max_bytes + 1)
+    except OSError as exc:
+        raise PermanentError("unreadable", f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > max_bytes:
+        raise PermanentError("too-large", f"over CAPTION_MAX_BYTES={max_bytes} bytes")
+    return data
+
+
+def _split_sources(sources: list[str]) -> tuple[list[Path], list[str]]:
+    files: list[Path] = []
+    urls: list[str] = []
+    for source in sources:
+        if source.startswith(("http://", "https://")):
+            UrlsRequest((source,))
+            urls.append(source)
+            continue
+        path = Path(source)
+        if path.is_dir():
+            files.extend(_images_under(path))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise BadRequestError(f"{source}: no such file, folder or http(s) URL")
+    return files, urls
+
+
+def _images_under(folder: Path) -> Iterator[Path]:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            yield path
+
+
+def _parse_target(target: str) -> tuple[str, str]:
+    if not target.startswith("gs://"):
+        raise BadRequestError(f"{target!r}: give gs://bucket or gs://bucket/prefix")
+    bucket, _, prefix = target[len("gs://") :].partition("/")
+    if not bucket:
+        raise BadRequestError(f"{target!r} names no bucket")
+    return bucket, prefix
+
+
+async def _report(
+    stream: AsyncIterator[CaptionResult],
+    totals: Totals,
+    total: int | None,
+    *,
+    as_json: bool,
+    progress: bool,
+) -> None:
+    bar = _progress_bar(total, enabled=progress and sys.stderr.isatty())
+    own_totals = totals.counts.total() == 0 and total is not None
+    try:
+        async for result in stream:
+            if own_totals:
+                totals.add(result.outcome)
+            _print_result(result, as_json, bar)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(_short(totals), refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        print(json.dumps({"totals": totals.as_dict()}), flush=True)
+
+
+def _progress_bar(total: int | None, *, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+
+
+def _print_result(result: CaptionResult, as_json: bool, bar: Any) -> None:
+    if as_json:
+        line = json.dumps(result_json(result), ensure_ascii=False)
+    elif result.outcome is Outcome.CAPTIONED:
+        line = f"{result.source}\t{result.caption}"
+    elif result.outcome is Outcome.PLANNED:
+        line = f"{result.source}\twould caption ({result.message})"
+    elif result.outcome is Outcome.SKIPPED:
+        line = f"{result.source}\tskipped: {result.reason}"
+    else:
+        detail = f": {result.message}" if result.message else ""
+        line = f"{result.source}\t{result.outcome.value} ({result.reason}){detail}"
+    if bar is not None:
+        bar.write(line, file=sys.stdout)
+    else:
+        print(line, flush=True)
+
+
+def _short(totals: Totals) -> str:
+    c = totals.counts
+    return f"ok={c['ok']} skipped={c['skipped']} blocked={c['blocked']} failed={totals.failed}"
+
+
+def _summary(totals: Totals, out: TextIO) -> None:
+    t = totals.as_dict()
+    print(
+        f"done {t['ok']}, skipped {t['skipped']}, blocked {t['blocked']}, "
+        f"failed {t['error']}, to retry {t['retry']}"
+        + (f", would caption {t['would-caption']}" if t["would-caption"] else "")
+        + f" in {t['seconds']:.1f} s ({t['images_per_second']:.1f} images/s)",
+        file=out,
+    )

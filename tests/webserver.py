@@ -1,0 +1,86 @@
+"""A small web server on 127.0.0.1 for URL-mode tests: images, redirects, slow and huge answers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from aiohttp import web
+
+from tests import images
+
+
+class ImageSite:
+    """Runs in its own thread and loop; ``url(path)`` builds addresses on it."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.hits: list[str] = []
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def start(self) -> ImageSite:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        async def cleanup() -> None:
+            if self._runner is not None:
+                await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_get("/photos/{name}", self._photo)
+        app.router.add_get("/redirect", self._redirect)
+        app.router.add_get("/loop", self._loop_redirect)
+        app.router.add_get("/huge", self._huge)
+        app.router.add_get("/slow", self._slow)
+        app.router.add_get("/missing", self._missing)
+        app.router.add_get("/text", self._text)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self.port = self._runner.addresses[0][1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _photo(self, request: web.Request) -> web.Response:
+        self.hits.append(request.path)
+        return web.Response(body=images.photo(request.match_info["name"]), content_type="image/jpeg")
+
+    async def _redirect(self, request: web.Request) -> web.Response:
+        self.hits.append(request.path_qs)
+        raise web.HTTPFound(request.query["to"])
+
+    async def _loop_redirect(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/loop")
+
+    async def _huge(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        await response.prepare(request)  # no Content-Length: the cap must hold while reading
+        for _ in range(1000):
+            await response.write(b"\xff" * 65536)
+        return response
+
+    async def _slow(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.Response(body=b"")
+
+    async def _missing(self, request: web.Request) -> Any:
+        raise web.HTTPNotFound()
+
+    async def _text(self, request: web.Request) -> web.Response:
+        return web.Response(text="not an image")
