@@ -55,7 +55,8 @@ _FIELDS: dict[str, frozenset[str]] = {
 def parse_body(raw: bytes) -> CaptionRequest:
     """Parse and check a request body. Every problem is a BadRequestError (400)."""
     try:
-        body = json.loads(raw)
+        # Decoded here: json.loads on bytes would also accept UTF-16 and UTF-32.
+        body = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise BadRequestError("the body is not UTF-8") from None
     except json.JSONDecodeError as exc:

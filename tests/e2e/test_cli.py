@@ -1,0 +1,141 @@
+"""``python -m captioner`` as users run it, against the local stack."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import struct
+import termios
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from captioner_dev.functions import REPO
+from tests import images
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "captioner", *args],
+        cwd=REPO,
+        env={**os.environ, **env, "PYTHONPATH": str(REPO / "src")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_describe_prints_a_caption_per_photo_in_a_folder(stack_env: dict[str, str], gemini: Any) -> None:
+    completed = run_cli(stack_env, "describe", str(images.PHOTOS))
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.strip().splitlines()
+    assert len(lines) == 7
+    assert any("chelsea.jpg\tOffline stand-in caption: a landscape 451x300" in line for line in lines)
+    assert "done 7, skipped 0, blocked 0, failed 0" in completed.stderr
+    assert "images/s" in completed.stderr
+    assert "\r" not in completed.stderr  # no progress bar when not on a terminal
+
+
+def test_describe_json_output_is_one_object_per_line(
+    stack_env: dict[str, str], gemini: Any, tmp_path: Path
+) -> None:
+    good = tmp_path / "good.png"
+    good.write_bytes(images.encode(images.solid((30, 20)), "PNG"))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    completed = run_cli(stack_env, "describe", "--json", str(good), str(bad))
+    assert completed.returncode == 1  # something failed
+    entries = [json.loads(line) for line in completed.stdout.splitlines()]
+    by_source = {e["source"]: e for e in entries[:-1]}
+    assert by_source[str(good)]["status"] == "ok"
+    assert by_source[str(bad)]["reason"] == "not-an-image"
+    assert entries[-1]["totals"]["error"] == 1
+
+
+def test_backfill_is_resumable_and_a_second_run_calls_gemini_never(
+    stack_env: dict[str, str], gemini: Any, bucket: Any
+) -> None:
+    for i in range(25):
+        bucket.blob(f"archive/{i:03}.png").upload_from_string(
+            images.encode(images.solid((20 + i, 20)), "PNG"), content_type="image/png"
+        )
+    target = f"gs://{bucket.name}/archive/"
+    dry = run_cli(stack_env, "backfill", target, "--dry-run")
+    assert "would caption 25" in dry.stderr
+    assert gemini.calls == 0
+
+    first = run_cli(stack_env, "backfill", target, "--concurrency", "8")
+    assert first.returncode == 0, first.stderr
+    assert "done 25, skipped 0" in first.stderr
+    assert gemini.calls == 25
+
+    second = run_cli(stack_env, "backfill", target)
+    assert second.returncode == 0
+    assert "done 0, skipped 25" in second.stderr
+    assert gemini.calls == 25
+    assert bucket.get_blob("archive/007.png").metadata["caption-status"] == "ok"
+
+
+def test_backfill_exits_non_zero_when_an_image_fails(
+    stack_env: dict[str, str], gemini: Any, bucket: Any
+) -> None:
+    bucket.blob("mixed/ok.jpg").upload_from_string(images.photo(), content_type="image/jpeg")
+    bucket.blob("mixed/broken.jpg").upload_from_string(images.truncated_jpeg(),
+                                                       content_type="image/jpeg")  # fmt: skip
+    completed = run_cli(stack_env, "backfill", f"gs://{bucket.name}/mixed/")
+    assert completed.returncode == 1
+    assert "done 1, skipped 0, blocked 0, failed 1" in completed.stderr
+    assert "broken.jpg\terror (corrupt-image)" in completed.stdout
+
+
+def test_progress_bar_shows_on_a_terminal(stack_env: dict[str, str], gemini: Any) -> None:
+    """Run under a pseudo-terminal and read what a person would see."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: becomes the CLI, on a 120-column terminal
+        fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        os.chdir(REPO)
+        env = {**os.environ, **stack_env, "PYTHONPATH": str(REPO / "src"), "COLUMNS": "120"}
+        os.execve(sys.executable, [sys.executable, "-m", "captioner", "describe",
+                                   str(images.PHOTOS)], env)  # fmt: skip
+    output = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    _, status = os.waitpid(pid, 0)
+    text = output.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "7/7" in text
+    assert "img/s" in text
+    assert "done 7" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["backfill", "s3://x"], "give gs://bucket"),
+        (["describe", "/no/such/file.jpg"], "no such file"),
+        (["describe", "x.jpg", "--concurrency", "0"], "--concurrency"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(
+    stack_env: dict[str, str], args: list[str], message: str
+) -> None:
+    completed = run_cli(stack_env, *args)
+    assert completed.returncode == 2
+    assert message in completed.stderr
+
+
+def test_backfill_of_a_missing_bucket_says_so(stack_env: dict[str, str], gcs: Any) -> None:
+    completed = run_cli(stack_env, "backfill", "gs://no-such-bucket-here/")
+    assert completed.returncode == 2
+    assert "does the bucket exist" in completed.stderr
