@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint unit check clean
+.PHONY: demo test lint unit checkov clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +15,13 @@ $(STAMP): requirements.txt requirements-dev.txt
 demo: $(STAMP)
 	PYTHONPATH=src $(BIN)/python -m captioner_dev.demo
 
-## Every test: lint, types, unit, integration, end to end.
-test: $(STAMP) lint
+## Every test: lint, types, unit, integration, end to end, Terraform checks.
+test: $(STAMP) lint checkov
 	$(BIN)/python -m pytest -q
+
+## Static security scan of terraform/ (checkov lives in its own .venv-checkov).
+checkov:
+	bash tests/terraform/run_checkov.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check src main.py tests
@@ -28,4 +32,4 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-checkov .pytest_cache .mypy_cache .ruff_cache

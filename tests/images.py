@@ -49,9 +49,11 @@ def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return (
-            struct.pack(">I", len(body)) + kind + body
+            struct.pack(">I", len(body))
+            + kind
+            + body
             + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-        )  # fmt: skip
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     row = b"\x00" + b"\x00" * width

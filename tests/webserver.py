@@ -59,7 +59,9 @@ class ImageSite:
 
     async def _photo(self, request: web.Request) -> web.Response:
         self.hits.append(request.path)
-        return web.Response(body=images.photo(request.match_info["name"]), content_type="image/jpeg")
+        return web.Response(
+            body=images.photo(request.match_info["name"]), content_type="image/jpeg"
+        )
 
     async def _redirect(self, request: web.Request) -> web.Response:
         self.hits.append(request.path_qs)

@@ -82,8 +82,10 @@ def parse_request(body: Any) -> CaptionRequest:
     unknown = sorted(set(body) - _FIELDS[form])
     if unknown:
         allowed = ", ".join(sorted(_FIELDS[form]))
-        raise BadRequestError(f"unknown field(s) {', '.join(map(repr, unknown))}; "
-                              f"with {form!r} the fields are: {allowed}")  # fmt: skip
+        raise BadRequestError(
+            f"unknown field(s) {', '.join(map(repr, unknown))}; "
+            f"with {form!r} the fields are: {allowed}"
+        )
     if form == "objects":
         items = _list_of_strings(body, "objects", MAX_OBJECTS)
         return ObjectsRequest(

@@ -168,9 +168,11 @@ class Captioner:
                 )
             else:
                 result = CaptionResult(
-                    source, Outcome.BLOCKED, reason=description.blocked_reason or "EMPTY",
+                    source,
+                    Outcome.BLOCKED,
+                    reason=description.blocked_reason or "EMPTY",
                     usage=description.usage,
-                )  # fmt: skip
+                )
         return replace(result, seconds=time.monotonic() - started)
 
     def needs_caption(self, info: ObjectInfo, *, overwrite: bool = False) -> str | None:
@@ -185,8 +187,14 @@ class Captioner:
 
     async def _caption_object(self, item: ObjectRef | ObjectInfo, overwrite: bool) -> CaptionResult:
         if isinstance(item, ObjectInfo):
-            ref = ObjectRef(item.bucket, item.name, item.generation, item.metageneration,
-                            item.content_type, item.size)  # fmt: skip
+            ref = ObjectRef(
+                item.bucket,
+                item.name,
+                item.generation,
+                item.metageneration,
+                item.content_type,
+                item.size,
+            )
             info = item
         else:
             ref = item

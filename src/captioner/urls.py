@@ -105,8 +105,9 @@ class UrlFetcher:
             headers={"User-Agent": USER_AGENT, "Accept": "image/*"},
             trust_env=False,  # never route through a proxy taken from the environment
         )
-        return cls(session, resolver, max_bytes=max_bytes, max_redirects=max_redirects,
-                   timeout=timeout)  # fmt: skip
+        return cls(
+            session, resolver, max_bytes=max_bytes, max_redirects=max_redirects, timeout=timeout
+        )
 
     async def close(self) -> None:
         await self._session.close()

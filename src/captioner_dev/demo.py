@@ -66,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
 
             stub_thread = GeminiStub().start_in_thread()
             env |= {"GOOGLE_GEMINI_BASE_URL": stub_thread.base_url, "GEMINI_API_KEY": "offline"}
-            print(f"Gemini: the offline stand-in at {stub_thread.base_url} (set GEMINI_API_KEY "
-                  "to use the real API)")  # fmt: skip
+            print(
+                f"Gemini: the offline stand-in at {stub_thread.base_url} (set GEMINI_API_KEY "
+                "to use the real API)"
+            )
         print(f"Cloud Storage: fake-gcs-server at {gcs.url}")
 
         client = storage.Client(

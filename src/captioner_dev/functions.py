@@ -46,18 +46,25 @@ class FunctionServer:
         self.started_at = time.monotonic()
         self._process = subprocess.Popen(
             [
-                sys.executable, "-m", "functions_framework",
-                "--target", self.target,
-                "--source", str(REPO / "main.py"),
-                "--signature-type", self._signature_type,
-                "--host", "127.0.0.1",
-                "--port", str(self.port),
+                sys.executable,
+                "-m",
+                "functions_framework",
+                "--target",
+                self.target,
+                "--source",
+                str(REPO / "main.py"),
+                "--signature-type",
+                self._signature_type,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
             ],
             cwd=REPO,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

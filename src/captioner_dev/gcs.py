@@ -46,17 +46,24 @@ class FakeGcs:
         self._process = subprocess.Popen(
             [
                 str(_binary()),
-                "-scheme", "http",
-                "-backend", "memory",
-                "-host", "127.0.0.1",
-                "-port", str(self.port),
-                "-external-url", self.url,
-                "-public-host", f"127.0.0.1:{self.port}",
-                "-log-level", "warn",
+                "-scheme",
+                "http",
+                "-backend",
+                "memory",
+                "-host",
+                "127.0.0.1",
+                "-port",
+                str(self.port),
+                "-external-url",
+                self.url,
+                "-public-host",
+                f"127.0.0.1:{self.port}",
+                "-log-level",
+                "warn",
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:

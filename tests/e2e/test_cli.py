@@ -7,9 +7,9 @@ import json
 import os
 import pty
 import struct
-import termios
 import subprocess
 import sys
+import termios
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,16 @@ def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
     )
 
 
-def test_describe_prints_a_caption_per_photo_in_a_folder(stack_env: dict[str, str], gemini: Any) -> None:
+def test_describe_prints_a_caption_per_photo_in_a_folder(
+    stack_env: dict[str, str], gemini: Any
+) -> None:
     completed = run_cli(stack_env, "describe", str(images.PHOTOS))
     assert completed.returncode == 0, completed.stderr
     lines = completed.stdout.strip().splitlines()
     assert len(lines) == 7
-    assert any("chelsea.jpg\tOffline stand-in caption: a landscape 451x300" in line for line in lines)
+    assert any(
+        "chelsea.jpg\tOffline stand-in caption: a landscape 451x300" in line for line in lines
+    )
     assert "done 7, skipped 0, blocked 0, failed 0" in completed.stderr
     assert "images/s" in completed.stderr
     assert "\r" not in completed.stderr  # no progress bar when not on a terminal
@@ -85,8 +89,9 @@ def test_backfill_exits_non_zero_when_an_image_fails(
     stack_env: dict[str, str], gemini: Any, bucket: Any
 ) -> None:
     bucket.blob("mixed/ok.jpg").upload_from_string(images.photo(), content_type="image/jpeg")
-    bucket.blob("mixed/broken.jpg").upload_from_string(images.truncated_jpeg(),
-                                                       content_type="image/jpeg")  # fmt: skip
+    bucket.blob("mixed/broken.jpg").upload_from_string(
+        images.truncated_jpeg(), content_type="image/jpeg"
+    )
     completed = run_cli(stack_env, "backfill", f"gs://{bucket.name}/mixed/")
     assert completed.returncode == 1
     assert "done 1, skipped 0, blocked 0, failed 1" in completed.stderr
@@ -100,8 +105,9 @@ def test_progress_bar_shows_on_a_terminal(stack_env: dict[str, str], gemini: Any
         fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
         os.chdir(REPO)
         env = {**os.environ, **stack_env, "PYTHONPATH": str(REPO / "src"), "COLUMNS": "120"}
-        os.execve(sys.executable, [sys.executable, "-m", "captioner", "describe",
-                                   str(images.PHOTOS)], env)  # fmt: skip
+        os.execve(
+            sys.executable, [sys.executable, "-m", "captioner", "describe", str(images.PHOTOS)], env
+        )
     output = b""
     while True:
         try:

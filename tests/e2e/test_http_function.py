@@ -63,8 +63,13 @@ def test_objects_mode_captions_named_objects(
 ) -> None:
     upload(allowed_bucket, "o/cat #1.jpg", images.photo("chelsea.jpg"))
     upload(allowed_bucket, "o/notes.txt", b"hi", "text/plain")
-    body = {"objects": [f"gs://{ALLOWED}/o/cat #1.jpg", f"gs://{ALLOWED}/o/notes.txt",
-                        f"gs://{ALLOWED}/o/missing.jpg"]}  # fmt: skip
+    body = {
+        "objects": [
+            f"gs://{ALLOWED}/o/cat #1.jpg",
+            f"gs://{ALLOWED}/o/notes.txt",
+            f"gs://{ALLOWED}/o/missing.jpg",
+        ]
+    }
     answer = post(http_function, body)
     assert answer.status_code == 200, answer.text
     by_source = {r["source"]: r for r in answer.json()["results"]}
@@ -80,8 +85,12 @@ def test_prefix_mode_backfills_then_skips_what_is_done(
     http_function: FunctionServer, allowed_bucket: Any, gemini: Any
 ) -> None:
     for i in range(5):
-        upload(allowed_bucket, f"backfill/{i}.png", images.encode(images.solid((40 + i, 30)), "PNG"),
-               "image/png")  # fmt: skip
+        upload(
+            allowed_bucket,
+            f"backfill/{i}.png",
+            images.encode(images.solid((40 + i, 30)), "PNG"),
+            "image/png",
+        )
     upload(allowed_bucket, "backfill/readme.txt", b"x", "text/plain")
 
     dry = post(http_function, {"bucket": ALLOWED, "prefix": "backfill/", "dry_run": True})
@@ -133,9 +142,20 @@ def test_urls_mode_returns_captions_and_writes_nothing(
         (lambda s: s.url("/huge"), "too-large"),
         (lambda s: s.url("/text"), "not-an-image"),
     ],
-    ids=["loopback-ip", "localhost-name", "ipv6-loopback", "metadata-server", "private-10",
-         "private-192", "redirect-to-127", "redirect-to-localhost", "redirect-to-metadata",
-         "redirect-loop", "huge", "not-an-image"],  # fmt: skip
+    ids=[
+        "loopback-ip",
+        "localhost-name",
+        "ipv6-loopback",
+        "metadata-server",
+        "private-10",
+        "private-192",
+        "redirect-to-127",
+        "redirect-to-localhost",
+        "redirect-to-metadata",
+        "redirect-loop",
+        "huge",
+        "not-an-image",
+    ],
 )
 def test_url_mode_refuses_internal_and_oversized_targets(
     http_function: FunctionServer, site: ImageSite, gemini: Any, make_url: Any, reason: str
@@ -210,13 +230,15 @@ def test_results_stream_as_ndjson_when_asked(
         (b'{"urls": ["ftp://x/y.jpg"]}', 400, "only http and https"),
         (b'{"urls": ["http://"]}', 400, "no host"),
         (b'{"urls": ["http://x:99999/"]}', 400, "not a valid URL"),
-        (json.dumps({"objects": [f"gs://{ALLOWED}/{i}" for i in range(1001)]}).encode(), 400,
-         "at most 1000"),
-        (json.dumps({"urls": [f"http://x/{i}" for i in range(101)]}).encode(), 400,
-         "at most 100"),
+        (
+            json.dumps({"objects": [f"gs://{ALLOWED}/{i}" for i in range(1001)]}).encode(),
+            400,
+            "at most 1000",
+        ),
+        (json.dumps({"urls": [f"http://x/{i}" for i in range(101)]}).encode(), 400, "at most 100"),
         (b"[" * 100000, 400, "nested too deeply"),
     ],
-)  # fmt: skip
+)
 def test_bad_bodies_get_a_4xx_that_says_what_is_wrong(
     http_function: FunctionServer, body: bytes, status: int, message: str
 ) -> None:
@@ -232,8 +254,9 @@ def test_wrong_method_is_405(http_function: FunctionServer) -> None:
 
 
 def test_wrong_content_type_is_415(http_function: FunctionServer) -> None:
-    answer = requests.post(http_function.url, data="{}", headers={"Content-Type": "text/plain"},
-                           timeout=10)  # fmt: skip
+    answer = requests.post(
+        http_function.url, data="{}", headers={"Content-Type": "text/plain"}, timeout=10
+    )
     assert answer.status_code == 415
 
 
@@ -244,27 +267,36 @@ def test_oversized_body_is_413(http_function: FunctionServer) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=12,
 )
 request_like = st.fixed_dictionaries(
     {},
     optional={
-        "objects": st.lists(st.text(max_size=40).map(lambda s: f"gs://{ALLOWED}/{s}") | json_values,
-                            max_size=3) | json_values,
+        "objects": st.lists(
+            st.text(max_size=40).map(lambda s: f"gs://{ALLOWED}/{s}") | json_values, max_size=3
+        )
+        | json_values,
         "bucket": st.sampled_from([ALLOWED, "other"]) | json_values,
         "prefix": st.text(max_size=20) | json_values,
         "limit": st.integers(-5, 200_000) | json_values,
         "overwrite": st.booleans() | json_values,
         "dry_run": st.just(True) | json_values,
-        "urls": st.lists(st.sampled_from(["http://10.0.0.1/a", "ftp://x", "http://[::1]/"])
-                         | st.text(max_size=30), max_size=3) | json_values,
+        "urls": st.lists(
+            st.sampled_from(["http://10.0.0.1/a", "ftp://x", "http://[::1]/"])
+            | st.text(max_size=30),
+            max_size=3,
+        )
+        | json_values,
     },
-)  # fmt: skip
+)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(body=json_values | request_like)
 def test_no_request_body_can_cause_a_5xx(http_function: FunctionServer, body: Any) -> None:
     answer = post(http_function, body)
@@ -272,7 +304,9 @@ def test_no_request_body_can_cause_a_5xx(http_function: FunctionServer, body: An
     assert answer.headers["content-type"].startswith("application/json")
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(raw=st.binary(max_size=200))
 def test_no_raw_bytes_can_cause_a_5xx(http_function: FunctionServer, raw: bytes) -> None:
     assert post(http_function, raw).status_code < 500

@@ -41,8 +41,13 @@ def deliver(server: FunctionServer, headers: dict[str, str], body: bytes) -> req
     return requests.post(server.url, headers=headers, data=body, timeout=60)
 
 
-def upload(bucket: Any, name: str, data: bytes, content_type: str = "image/jpeg",
-           metadata: dict[str, str] | None = None) -> None:  # fmt: skip
+def upload(
+    bucket: Any,
+    name: str,
+    data: bytes,
+    content_type: str = "image/jpeg",
+    metadata: dict[str, str] | None = None,
+) -> None:
     blob = bucket.blob(name)
     blob.metadata = metadata
     blob.upload_from_string(data, content_type=content_type)
@@ -87,9 +92,15 @@ def test_duplicate_delivery_is_a_no_op(
     ],
 )
 def test_bad_images_return_200_and_record_the_error(
-    gcs: Any, bucket: Any, gemini: Any, upload_function: FunctionServer,
-    name: str, data: bytes, content_type: str, status: str,
-) -> None:  # fmt: skip
+    gcs: Any,
+    bucket: Any,
+    gemini: Any,
+    upload_function: FunctionServer,
+    name: str,
+    data: bytes,
+    content_type: str,
+    status: str,
+) -> None:
     upload(bucket, name, data, content_type, metadata={"owner": "kept"})
     response = deliver(upload_function, *binary_event(resource(gcs, bucket.name, name)))
     assert response.status_code == 200  # permanent: no redelivery storm
@@ -168,8 +179,12 @@ def test_other_event_types_are_acknowledged_and_ignored(
 def test_bad_setting_stops_the_instance_at_start_naming_the_variable() -> None:
     env = {"CAPTION_MAX_EDGE": "huge", "PATH": "/usr/bin:/bin"}
     completed = subprocess.run(
-        [sys.executable, "-c", "import main"], cwd=REPO, env=env, capture_output=True,
-        text=True, timeout=60,
-    )  # fmt: skip
+        [sys.executable, "-c", "import main"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert completed.returncode != 0
     assert "CAPTION_MAX_EDGE" in completed.stderr

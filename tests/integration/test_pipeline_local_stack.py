@@ -19,14 +19,26 @@ from tests.integration.test_storage_adapter import ODD_NAMES
 
 @pytest.fixture
 async def runtime(gcs: Any, gemini: Any) -> AsyncIterator[Runtime]:
-    rt = Runtime(Settings.from_env({"CAPTION_GEMINI_ATTEMPTS": "3", "CAPTION_RETRY_MAX_WAIT": "0.2",
-                                    "CAPTION_GEMINI_TIMEOUT": "5"}))  # fmt: skip
+    rt = Runtime(
+        Settings.from_env(
+            {
+                "CAPTION_GEMINI_ATTEMPTS": "3",
+                "CAPTION_RETRY_MAX_WAIT": "0.2",
+                "CAPTION_GEMINI_TIMEOUT": "5",
+            }
+        )
+    )
     yield rt
     await rt.aclose()
 
 
-def upload(bucket: Any, name: str, data: bytes, content_type: str = "image/jpeg",
-           metadata: dict[str, str] | None = None) -> ObjectRef:  # fmt: skip
+def upload(
+    bucket: Any,
+    name: str,
+    data: bytes,
+    content_type: str = "image/jpeg",
+    metadata: dict[str, str] | None = None,
+) -> ObjectRef:
     blob = bucket.blob(name)
     blob.metadata = metadata
     blob.upload_from_string(data, content_type=content_type)

@@ -54,9 +54,12 @@ async def test_odd_object_names_round_trip(
     )
     assert data == b"bytes of " + name.encode()
     await storage_client.patch_metadata(
-        bucket.name, name, {"caption": "hi"}, if_generation_match=info.generation,
+        bucket.name,
+        name,
+        {"caption": "hi"},
+        if_generation_match=info.generation,
         if_metageneration_match=info.metageneration,
-    )  # fmt: skip
+    )
     blob.reload()
     assert blob.metadata == {"owner": "alice", "caption": "hi"}
 
@@ -70,8 +73,9 @@ async def test_download_refuses_more_than_the_limit(bucket, storage_client: Stor
     bucket.blob("big.bin").upload_from_string(b"x" * 5000)
     info = await storage_client.get_object(bucket.name, "big.bin")
     with pytest.raises(PermanentError, match="CAPTION_MAX_BYTES"):
-        await storage_client.download(bucket.name, "big.bin", generation=info.generation,
-                                      max_bytes=4999)  # fmt: skip
+        await storage_client.download(
+            bucket.name, "big.bin", generation=info.generation, max_bytes=4999
+        )
 
 
 async def test_download_of_a_replaced_generation_is_gone(
@@ -82,8 +86,9 @@ async def test_download_of_a_replaced_generation_is_gone(
     old = await storage_client.get_object(bucket.name, "v.jpg")
     blob.upload_from_string(b"two")
     with pytest.raises(ObjectGoneError):
-        await storage_client.download(bucket.name, "v.jpg", generation=old.generation,
-                                      max_bytes=100)  # fmt: skip
+        await storage_client.download(
+            bucket.name, "v.jpg", generation=old.generation, max_bytes=100
+        )
 
 
 async def test_listing_pages_through_a_prefix(bucket, storage_client: StorageClient) -> None:  # type: ignore[no-untyped-def]
@@ -100,7 +105,8 @@ async def test_unreachable_storage_is_transient() -> None:
     from captioner_dev.gcs import free_port
 
     async with aiohttp.ClientSession() as session:
-        client = StorageClient(session, endpoint=f"http://127.0.0.1:{free_port()}",
-                               emulator=True, attempts=2)  # fmt: skip
+        client = StorageClient(
+            session, endpoint=f"http://127.0.0.1:{free_port()}", emulator=True, attempts=2
+        )
         with pytest.raises(TransientError):
             await client.get_object("b", "n")

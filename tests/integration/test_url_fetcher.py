@@ -35,8 +35,16 @@ class FixedResolver(AbstractResolver):
         if host not in self.table:
             return await self.system.resolve(host, port, family)
         address = self.table[host]
-        return [{"hostname": host, "host": address, "port": port, "family": socket.AF_INET,
-                 "proto": 0, "flags": 0}]  # fmt: skip
+        return [
+            {
+                "hostname": host,
+                "host": address,
+                "port": port,
+                "family": socket.AF_INET,
+                "proto": 0,
+                "flags": 0,
+            }
+        ]
 
     async def close(self) -> None:
         pass
@@ -50,10 +58,14 @@ async def fetcher(site: ImageSite) -> AsyncIterator[UrlFetcher]:
         max_redirects=3,
         timeout=2,
         inner_resolver=FixedResolver(
-            {"images.test": "127.0.0.1", "intranet.test": "10.1.2.3",
-             "metadata.test": "169.254.169.254", "cgnat.test": "100.64.0.1"}
+            {
+                "images.test": "127.0.0.1",
+                "intranet.test": "10.1.2.3",
+                "metadata.test": "169.254.169.254",
+                "cgnat.test": "100.64.0.1",
+            }
         ),
-    )  # fmt: skip
+    )
     yield f
     await f.close()
 

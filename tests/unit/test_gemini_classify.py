@@ -49,12 +49,15 @@ def test_text_answer_is_a_caption_with_usage() -> None:
     d = _description(
         response(
             candidates=[{"content": {"parts": [{"text": "A cat."}]}, "finish_reason": "STOP"}],
-            usage_metadata={"prompt_token_count": 260, "candidates_token_count": 3,
-                            "total_token_count": 263},
+            usage_metadata={
+                "prompt_token_count": 260,
+                "candidates_token_count": 3,
+                "total_token_count": 263,
+            },
             model_version="gemini-x",
         ),
         "m",
-    )  # fmt: skip
+    )
     assert d.text == "A cat."
     assert d.model == "gemini-x"
     assert d.usage.prompt_tokens == 260

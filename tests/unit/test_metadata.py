@@ -22,8 +22,12 @@ KEYS = MetadataKeys()
 
 def test_keys_follow_the_prefix() -> None:
     assert MetadataKeys("ai").all() == (
-        "ai", "ai-status", "ai-model", "ai-generation", "ai-created"
-    )  # fmt: skip
+        "ai",
+        "ai-status",
+        "ai-model",
+        "ai-generation",
+        "ai-created",
+    )
 
 
 def test_done_only_for_the_same_generation_with_a_status() -> None:
@@ -94,9 +98,13 @@ def test_a_single_value_stays_under_four_kib() -> None:
 def test_a_failure_blanks_a_stale_caption_from_an_older_generation() -> None:
     existing = {"caption": "old content", "caption-generation": "1", "caption-status": "ok"}
     updates = caption_updates(
-        existing=existing, keys=KEYS, generation=2, status="error:corrupt-image", model="m",
+        existing=existing,
+        keys=KEYS,
+        generation=2,
+        status="error:corrupt-image",
+        model="m",
         caption=None,
-    )  # fmt: skip
+    )
     assert updates["caption"] == ""
     assert updates["caption-status"] == "error:corrupt-image"
 
@@ -104,6 +112,10 @@ def test_a_failure_blanks_a_stale_caption_from_an_older_generation() -> None:
 def test_no_room_at_all_raises() -> None:
     with pytest.raises(NoRoomError):
         caption_updates(
-            existing={"k": "v" * 8180}, keys=KEYS, generation=1, status="ok", model="m",
+            existing={"k": "v" * 8180},
+            keys=KEYS,
+            generation=1,
+            status="ok",
+            model="m",
             caption="x",
-        )  # fmt: skip
+        )

@@ -54,8 +54,12 @@ async def test_caption_is_written_with_every_contract_key_and_owner_keys_survive
     # Only our keys are sent: a merge-PATCH can then never touch the owner's.
     (patch,) = storage.patches
     assert set(patch["metadata"]) == {  # type: ignore[arg-type]
-        "caption", "caption-status", "caption-model", "caption-generation", "caption-created"
-    }  # fmt: skip
+        "caption",
+        "caption-status",
+        "caption-model",
+        "caption-generation",
+        "caption-created",
+    }
 
 
 async def test_patch_carries_generation_and_metageneration_preconditions() -> None:

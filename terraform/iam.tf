@@ -1,0 +1,140 @@
+# Least privilege, in one place. Project-level grants are limited to what has no
+# narrower scope: receiving Eventarc events, calling Vertex AI, and letting the
+# Cloud Storage service agent publish its notifications. Object access is granted
+# bucket by bucket, through a custom role that can read, list and update metadata
+# and nothing more (no create, no delete, no bucket or IAM changes).
+
+data "google_project" "this" {
+  project_id = var.project_id
+}
+
+# ---------------------------------------------------------------------------
+# Identities
+# ---------------------------------------------------------------------------
+
+resource "google_service_account" "runtime" {
+  project      = var.project_id
+  account_id   = "${var.name_prefix}-runtime"
+  display_name = "Captioner runtime"
+  description  = "Runs both captioner functions: reads images and writes caption metadata in the allowed buckets, calls Gemini."
+
+  depends_on = [google_project_service.enabled]
+}
+
+resource "google_service_account" "trigger" {
+  project      = var.project_id
+  account_id   = "${var.name_prefix}-trigger"
+  display_name = "Captioner Eventarc trigger"
+  description  = "Identity Eventarc uses to deliver storage events to the caption_on_upload function."
+
+  depends_on = [google_project_service.enabled]
+}
+
+# ---------------------------------------------------------------------------
+# Runtime: objects of the allowed buckets only
+# ---------------------------------------------------------------------------
+
+resource "google_project_iam_custom_role" "object_captioner" {
+  project     = var.project_id
+  role_id     = "${replace(var.name_prefix, "-", "_")}_objectCaptioner"
+  title       = "Captioner object access"
+  description = "Read objects, list them, and update their metadata. Granted on buckets, never on the project."
+  permissions = [
+    "storage.objects.get",
+    "storage.objects.list",
+    "storage.objects.update",
+  ]
+}
+
+resource "google_storage_bucket_iam_member" "runtime_objects" {
+  for_each = local.runtime_buckets
+
+  bucket = each.value
+  role   = google_project_iam_custom_role.object_captioner.id
+  member = google_service_account.runtime.member
+
+  depends_on = [google_storage_bucket.watched]
+}
+
+# ---------------------------------------------------------------------------
+# Runtime: Gemini
+# ---------------------------------------------------------------------------
+
+# Vertex AI has no narrower scope than the project for online predictions, and
+# aiplatform.user is the smallest predefined role that allows them.
+resource "google_project_iam_member" "runtime_vertex" {
+  count = local.use_vertex ? 1 : 0
+
+  project = var.project_id
+  role    = "roles/aiplatform.user"
+  member  = google_service_account.runtime.member
+}
+
+resource "google_secret_manager_secret_iam_member" "runtime_api_key" {
+  count = local.use_api_key ? 1 : 0
+
+  project   = var.project_id
+  secret_id = google_secret_manager_secret.gemini_api_key[0].id
+  role      = "roles/secretmanager.secretAccessor"
+  member    = google_service_account.runtime.member
+}
+
+# ---------------------------------------------------------------------------
+# Event delivery: Cloud Storage -> Pub/Sub -> Eventarc -> caption_on_upload
+# ---------------------------------------------------------------------------
+
+data "google_storage_project_service_account" "gcs" {
+  project = var.project_id
+
+  depends_on = [google_project_service.enabled]
+}
+
+# Cloud Storage publishes the object notifications Eventarc listens to.
+resource "google_project_iam_member" "gcs_pubsub_publisher" {
+  project = var.project_id
+  role    = "roles/pubsub.publisher"
+  member  = "serviceAccount:${data.google_storage_project_service_account.gcs.email_address}"
+}
+
+# Eventarc requires it of a trigger's service account for Google-sourced events;
+# it carries only eventarc.events.receiveEvent.
+resource "google_project_iam_member" "trigger_event_receiver" {
+  project = var.project_id
+  role    = "roles/eventarc.eventReceiver"
+  member  = google_service_account.trigger.member
+}
+
+# The trigger's identity may invoke the event function's Cloud Run service, and
+# nothing else. (A 2nd-gen function is served by Cloud Run, which checks
+# run.invoker; roles/cloudfunctions.invoker on the function does not admit calls.)
+resource "google_cloud_run_v2_service_iam_member" "trigger_invokes_on_upload" {
+  project  = var.project_id
+  location = google_cloudfunctions2_function.caption_on_upload.location
+  name     = google_cloudfunctions2_function.caption_on_upload.service_config[0].service
+  role     = "roles/run.invoker"
+  member   = google_service_account.trigger.member
+}
+
+# Pub/Sub mints the trigger account's OIDC tokens for the push. Only service agents
+# created on or before 2021-04-08 lack this by default; granted on the one account.
+resource "google_service_account_iam_member" "pubsub_token_creator" {
+  count = var.grant_pubsub_token_creator ? 1 : 0
+
+  service_account_id = google_service_account.trigger.name
+  role               = "roles/iam.serviceAccountTokenCreator"
+  member             = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+}
+
+# ---------------------------------------------------------------------------
+# HTTP callers: named members only, never allUsers / allAuthenticatedUsers
+# ---------------------------------------------------------------------------
+
+resource "google_cloud_run_v2_service_iam_member" "http_invokers" {
+  for_each = toset(var.http_invokers)
+
+  project  = var.project_id
+  location = google_cloudfunctions2_function.caption_http.location
+  name     = google_cloudfunctions2_function.caption_http.service_config[0].service
+  role     = "roles/run.invoker"
+  member   = each.value
+}

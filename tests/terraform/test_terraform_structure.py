@@ -1,0 +1,931 @@
+"""Offline checks of terraform/: structure, references and least privilege.
+
+No provider can be downloaded here, so `terraform validate` cannot run. Instead the
+configuration is parsed with python-hcl2 and its real structure is checked. Where
+the terraform binary is on PATH, variable validations are also exercised for real:
+variables.tf alone needs no provider, so `terraform plan` on a copy of it evaluates
+every validation rule offline.
+
+python-hcl2 8.x keeps the source form of values: a string literal is returned with
+its quotes ('"python312"'), an expression as '${...}', block labels quoted, plus
+'__is_block__' / '__comments__' bookkeeping keys. The helpers below normalise that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hcl2
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TERRAFORM_DIR = REPO_ROOT / "terraform"
+
+PUBLIC_MEMBERS = ("allUsers", "allAuthenticatedUsers")
+CAPTION_SETTINGS = {
+    "CAPTION_MODEL",
+    "CAPTION_PROMPT",
+    "CAPTION_MAX_CONCURRENCY",
+    "CAPTION_MAX_EDGE",
+    "CAPTION_MAX_BYTES",
+    "CAPTION_ALLOWED_BUCKETS",
+    "CAPTION_LANGUAGES",
+    "CAPTION_METADATA_PREFIX",
+}
+API_KEY_NAMES = {"GEMINI_API_KEY", "GOOGLE_API_KEY"}
+VERTEX_SETTINGS = {"GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _clean(node: Any) -> Any:
+    """Drop hcl2 bookkeeping keys and unquote block labels, recursively."""
+    if isinstance(node, dict):
+        return {
+            _unquote_label(key): _clean(value)
+            for key, value in node.items()
+            if not key.startswith("__")
+        }
+    if isinstance(node, list):
+        return [_clean(item) for item in node]
+    return node
+
+
+def _unquote_label(key: str) -> str:
+    return key[1:-1] if len(key) >= 2 and key[0] == key[-1] == '"' else key
+
+
+def is_expression(raw: Any) -> bool:
+    return isinstance(raw, str) and raw.startswith("${") and raw.endswith("}")
+
+
+def literal(raw: Any) -> Any:
+    """The value of a literal: strings unquoted, other scalars as they are.
+
+    Raises for an expression, so a test never mistakes `var.x` for a fixed value.
+    """
+    if is_expression(raw):
+        raise AssertionError(f"expected a literal, got the expression {raw}")
+    if isinstance(raw, str) and len(raw) >= 2 and raw[0] == raw[-1] == '"':
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            return raw[1:-1]
+    return raw
+
+
+def expression_parts(raw: str) -> Iterator[str]:
+    """The expression text inside a value: the whole '${...}', or each interpolation."""
+    if is_expression(raw):
+        yield raw[2:-1]
+        return
+    start = raw.find("${")
+    while start != -1:
+        depth, index = 0, start + 1
+        while index < len(raw):
+            if raw[index] == "{":
+                depth += 1
+            elif raw[index] == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+            index += 1
+        yield raw[start + 2 : index]
+        start = raw.find("${", index)
+
+
+def walk_strings(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from walk_strings(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from walk_strings(item)
+    elif isinstance(node, str):
+        yield node
+
+
+def expressions_in(node: Any) -> list[str]:
+    return [part for raw in walk_strings(node) for part in expression_parts(raw)]
+
+
+def single_block(body: dict[str, Any], name: str) -> dict[str, Any]:
+    blocks = body.get(name)
+    assert isinstance(blocks, list), f"block {name!r} missing"
+    assert len(blocks) == 1, f"expected one {name!r} block, found {len(blocks)}"
+    block = blocks[0]
+    assert isinstance(block, dict)
+    return block
+
+
+def dynamic_blocks(body: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """The `content` of every `dynamic "<name>"` block in body."""
+    found = []
+    for dynamic in body.get("dynamic", []):
+        if name in dynamic:
+            found.append(single_block(dynamic[name], "content"))
+    return found
+
+
+REFERENCE_PATTERNS = {
+    "var": re.compile(r"(?<![\w.])var\.([A-Za-z_][\w-]*)"),
+    "local": re.compile(r"(?<![\w.])local\.([A-Za-z_][\w-]*)"),
+    "data": re.compile(r"(?<![\w.])data\.([A-Za-z_][\w-]*)\.([A-Za-z_][\w-]*)"),
+    "module": re.compile(r"(?<![\w.])module\.([A-Za-z_][\w-]*)"),
+    "resource": re.compile(r"(?<![\w.])((?:google|google_beta|archive)_\w+)\.([A-Za-z_][\w-]*)"),
+}
+
+
+@dataclass
+class Config:
+    variables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    locals: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    data: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    modules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    terraform: list[dict[str, Any]] = field(default_factory=list)
+    providers: list[dict[str, Any]] = field(default_factory=list)
+
+    def resource(self, rtype: str, name: str) -> dict[str, Any]:
+        assert name in self.resources.get(rtype, {}), f"resource {rtype}.{name} missing"
+        return self.resources[rtype][name]
+
+    def iam_resources(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        for rtype, named in self.resources.items():
+            if re.search(r"_iam_(member|binding|policy|audit_config)$", rtype):
+                for name, body in named.items():
+                    yield rtype, name, body
+
+    def everything(self) -> list[Any]:
+        return [
+            self.variables,
+            self.locals,
+            self.resources,
+            self.data,
+            self.outputs,
+            self.modules,
+            self.terraform,
+            self.providers,
+        ]
+
+
+def load_config(directory: Path) -> Config:
+    config = Config()
+    files = sorted(directory.glob("*.tf"))
+    assert files, f"no .tf files in {directory}"
+    for path in files:
+        with path.open(encoding="utf-8") as handle:
+            parsed = _clean(hcl2.load(handle))
+        for entry in parsed.get("variable", []):
+            for name, body in entry.items():
+                assert name not in config.variables, f"variable {name} declared twice"
+                config.variables[name] = body
+        for entry in parsed.get("locals", []):
+            for name, value in entry.items():
+                assert name not in config.locals, f"local {name} declared twice"
+                config.locals[name] = value
+        for kind, target in (("resource", config.resources), ("data", config.data)):
+            for entry in parsed.get(kind, []):
+                for rtype, named in entry.items():
+                    for name, body in named.items():
+                        assert name not in target.get(rtype, {}), f"{rtype}.{name} twice"
+                        target.setdefault(rtype, {})[name] = body
+        for entry in parsed.get("output", []):
+            config.outputs.update(entry)
+        for entry in parsed.get("module", []):
+            config.modules.update(entry)
+        config.terraform.extend(parsed.get("terraform", []))
+        config.providers.extend(parsed.get("provider", []))
+    return config
+
+
+def local_closure(config: Config, expression_text: str) -> str:
+    """The expression plus, transitively, the definitions of the locals it uses."""
+    seen: set[str] = set()
+    texts = [expression_text]
+    pending = REFERENCE_PATTERNS["local"].findall(expression_text)
+    while pending:
+        name = pending.pop()
+        if name in seen or name not in config.locals:
+            continue
+        seen.add(name)
+        for part in expressions_in(config.locals[name]):
+            texts.append(part)
+            pending.extend(REFERENCE_PATTERNS["local"].findall(part))
+    return "\n".join(texts)
+
+
+def map_keys(expression_text: str) -> set[str]:
+    """Keys written in map literals of an expression (`{ KEY = value }`)."""
+    return set(re.findall(r"(?:[{,]|^)\s*\"?([A-Z][A-Z0-9_]*)\"?\s*=(?!=)", expression_text, re.M))
+
+
+def role_permissions(config: Config, role_raw: str) -> set[str] | None:
+    """Permissions of a custom role referenced by expression, or None for a literal role."""
+    if not is_expression(role_raw):
+        return None
+    match = re.fullmatch(r"google_project_iam_custom_role\.(\w+)\.(id|name)", role_raw[2:-1])
+    assert match, f"role must be a literal or a module custom role, got {role_raw}"
+    role = config.resource("google_project_iam_custom_role", match.group(1))
+    return {literal(permission) for permission in role["permissions"]}
+
+
+@pytest.fixture(scope="module")
+def config() -> Config:
+    return load_config(TERRAFORM_DIR)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def test_expected_files_exist() -> None:
+    for name in (
+        "versions.tf",
+        "variables.tf",
+        "main.tf",
+        "iam.tf",
+        "outputs.tf",
+        "terraform.tfvars.example",
+    ):
+        assert (TERRAFORM_DIR / name).is_file(), name
+
+
+def test_versions_pin_terraform_and_providers(config: Config) -> None:
+    (block,) = config.terraform
+    assert re.fullmatch(r">=\s*1\.5(\.0)?", literal(block["required_version"]))
+    (required,) = block["required_providers"]
+    assert literal(required["google"]["source"]) == "hashicorp/google"
+    assert literal(required["archive"]["source"]) == "hashicorp/archive"
+    for name, spec in required.items():
+        assert "version" in spec, f"provider {name} has no version constraint"
+        assert "<" in literal(spec["version"]), f"provider {name} has no upper bound"
+
+
+# --------------------------------------------------------------------------- variables
+
+
+def test_every_variable_has_type_and_description(config: Config) -> None:
+    assert config.variables
+    for name, body in config.variables.items():
+        assert "type" in body, f"variable {name} has no type"
+        description = literal(body.get("description"))
+        assert isinstance(description, str), f"variable {name} has no description"
+        assert len(description.strip()) >= 10, f"variable {name}: description too short"
+
+
+def test_constrained_variables_are_validated(config: Config) -> None:
+    must_validate = {
+        "project_id",
+        "region",
+        "name_prefix",
+        "bucket_name",
+        "allowed_buckets",
+        "gemini_mode",
+        "vertex_location",
+        "http_invokers",
+        "http_ingress",
+        "min_instances",
+        "max_instances",
+        "max_instance_request_concurrency",
+        "cpu",
+        "memory",
+        "event_timeout_seconds",
+        "http_timeout_seconds",
+        "caption_max_concurrency",
+        "caption_max_edge",
+        "caption_max_bytes",
+        "caption_languages",
+        "caption_metadata_prefix",
+    }
+    for name in must_validate:
+        assert name in config.variables, f"variable {name} missing"
+        validations = config.variables[name].get("validation", [])
+        assert validations, f"variable {name} has no validation"
+        for validation in validations:
+            condition = " ".join(expressions_in(validation["condition"]))
+            assert f"var.{name}" in condition, f"{name}: validation ignores the variable"
+            assert literal(validation["error_message"]).strip()
+
+
+def test_every_declared_variable_is_used_and_every_used_one_declared(config: Config) -> None:
+    used: set[str] = set()
+    outside_variables = [part for node in config.everything()[1:] for part in expressions_in(node)]
+    for part in outside_variables:
+        used.update(REFERENCE_PATTERNS["var"].findall(part))
+    declared = set(config.variables)
+    assert used - declared == set(), "undeclared variables used"
+    assert declared - used == set(), "declared variables never used"
+
+
+def test_timeout_and_ingress_limits_are_in_the_validations(config: Config) -> None:
+    event_timeout = " ".join(expressions_in(config.variables["event_timeout_seconds"]))
+    assert "<= 540" in event_timeout
+    assert literal(config.variables["event_timeout_seconds"]["default"]) == 540
+    http_timeout = " ".join(expressions_in(config.variables["http_timeout_seconds"]))
+    assert "<= 3600" in http_timeout
+    ingress = " ".join(expressions_in(config.variables["http_ingress"]["validation"]))
+    for value in ("ALLOW_ALL", "ALLOW_INTERNAL_ONLY", "ALLOW_INTERNAL_AND_GCLB"):
+        assert f'"{value}"' in ingress
+
+
+def test_http_invokers_validation_names_the_public_members(config: Config) -> None:
+    conditions = [
+        " ".join(expressions_in(validation["condition"]))
+        for validation in config.variables["http_invokers"]["validation"]
+    ]
+    assert any(
+        all(f'"{member}"' in condition for member in PUBLIC_MEMBERS) and "!contains(" in condition
+        for condition in conditions
+    ), "no validation of http_invokers rejects allUsers and allAuthenticatedUsers"
+
+
+def test_no_secret_has_a_default_and_no_variable_carries_a_key(config: Config) -> None:
+    for name, body in config.variables.items():
+        assert name not in {"gemini_api_key", "api_key", "google_api_key"}, name
+        if "sensitive" in body:
+            assert body.get("default") is None, f"sensitive variable {name} has a default"
+
+
+# --------------------------------------------------------------------------- references
+
+
+def _declared_references(config: Config) -> dict[str, set[Any]]:
+    return {
+        "local": set(config.locals),
+        "data": {(rtype, name) for rtype, named in config.data.items() for name in named},
+        "module": set(config.modules),
+        "resource": {(rtype, name) for rtype, named in config.resources.items() for name in named},
+    }
+
+
+def test_every_reference_resolves(config: Config) -> None:
+    declared = _declared_references(config)
+    missing: set[str] = set()
+    for part in (part for node in config.everything() for part in expressions_in(node)):
+        for name in REFERENCE_PATTERNS["local"].findall(part):
+            if name not in declared["local"]:
+                missing.add(f"local.{name}")
+        for found in REFERENCE_PATTERNS["data"].findall(part):
+            if found not in declared["data"]:
+                missing.add("data.{}.{}".format(*found))
+        for name in REFERENCE_PATTERNS["module"].findall(part):
+            if name not in declared["module"]:
+                missing.add(f"module.{name}")
+        for found in REFERENCE_PATTERNS["resource"].findall(part):
+            if found not in declared["resource"]:
+                missing.add("{}.{}".format(*found))
+    assert missing == set()
+
+
+def test_every_local_is_used(config: Config) -> None:
+    used: set[str] = set()
+    for part in (part for node in config.everything() for part in expressions_in(node)):
+        used.update(REFERENCE_PATTERNS["local"].findall(part))
+    assert set(config.locals) - used == set()
+
+
+def test_reference_patterns_see_what_they_should() -> None:
+    # Guards the regular expressions the reference tests rely on.
+    text = (
+        "var.a ? google_storage_bucket.b[0].name : data.google_project.c.number"
+        " + local.d + module.e.x + each.value.f + path.module + g.h"
+    )
+    assert REFERENCE_PATTERNS["var"].findall(text) == ["a"]
+    assert REFERENCE_PATTERNS["resource"].findall(text) == [("google_storage_bucket", "b")]
+    assert REFERENCE_PATTERNS["data"].findall(text) == [("google_project", "c")]
+    assert REFERENCE_PATTERNS["local"].findall(text) == ["d"]
+    assert REFERENCE_PATTERNS["module"].findall(text) == ["e"]
+
+
+def test_outputs_are_few_and_described(config: Config) -> None:
+    assert 1 <= len(config.outputs) <= 6
+    for name, body in config.outputs.items():
+        description = literal(body.get("description"))
+        assert isinstance(description, str), f"output {name} has no description"
+        assert description.strip(), f"output {name} has an empty description"
+    for name in (
+        "http_function_url",
+        "watched_bucket_name",
+        "runtime_service_account_email",
+        "event_function_name",
+    ):
+        assert name in config.outputs, name
+
+
+# --------------------------------------------------------------------------- APIs
+
+
+def test_required_apis_are_enabled_and_never_disabled(config: Config) -> None:
+    services = config.resources["google_project_service"]
+    texts = [literal(body.get("disable_on_destroy")) for body in services.values()]
+    assert texts
+    assert all(value is False for value in texts)
+    enabled = " ".join(
+        local_closure(config, part) for body in services.values() for part in expressions_in(body)
+    )
+    for api in (
+        "cloudfunctions",
+        "run",
+        "cloudbuild",
+        "artifactregistry",
+        "eventarc",
+        "pubsub",
+        "storage",
+        "iam",
+        "aiplatform",
+        "secretmanager",
+    ):
+        assert f'"{api}.googleapis.com"' in enabled, api
+
+
+# --------------------------------------------------------------------------- functions
+
+
+def _functions(config: Config) -> dict[str, dict[str, Any]]:
+    return config.resources["google_cloudfunctions2_function"]
+
+
+def test_both_functions_are_gen2_python312_with_their_entry_points(config: Config) -> None:
+    functions = _functions(config)
+    assert set(functions) == {"caption_on_upload", "caption_http"}
+    for name, body in functions.items():
+        build = single_block(body, "build_config")
+        assert literal(build["runtime"]) == "python312"
+        assert literal(build["entry_point"]) == name
+        storage_source = single_block(single_block(build, "source"), "storage_source")
+        assert is_expression(storage_source["object"])
+        assert "google_storage_bucket_object.source" in storage_source["object"]
+
+
+def test_source_object_name_changes_with_the_code(config: Config) -> None:
+    obj = config.resource("google_storage_bucket_object", "source")
+    name_expressions = " ".join(expression_parts(obj["name"]))
+    assert re.search(
+        r"data\.archive_file\.source\.output_(md5|sha\w*|base64sha\w*)", name_expressions
+    )
+    assert "data.archive_file.source.output_path" in obj["source"]
+
+
+def test_both_functions_run_as_the_module_runtime_account(config: Config) -> None:
+    for body in _functions(config).values():
+        service = single_block(body, "service_config")
+        assert service["service_account_email"] == "${google_service_account.runtime.email}"
+    assert "runtime" in config.resources["google_service_account"]
+
+
+def test_event_function_trigger(config: Config) -> None:
+    body = _functions(config)["caption_on_upload"]
+    trigger = single_block(body, "event_trigger")
+    assert literal(trigger["event_type"]) == "google.cloud.storage.object.v1.finalized"
+    assert literal(trigger["retry_policy"]) == "RETRY_POLICY_RETRY"
+    filters = trigger["event_filters"]
+    assert [literal(item["attribute"]) for item in filters] == ["bucket"]
+    assert "operator" not in filters[0]
+    watched = local_closure(config, " ".join(expression_parts(filters[0]["value"])))
+    assert "google_storage_bucket.watched" in watched
+    assert "data.google_storage_bucket.existing" in watched
+    # Its own identity, not the runtime one.
+    assert trigger["service_account_email"] == "${google_service_account.trigger.email}"
+    assert literal(single_block(body, "service_config")["ingress_settings"]) == (
+        "ALLOW_INTERNAL_ONLY"
+    )
+
+
+def test_http_function_has_no_trigger_and_configurable_ingress(config: Config) -> None:
+    body = _functions(config)["caption_http"]
+    assert "event_trigger" not in body
+    assert single_block(body, "service_config")["ingress_settings"] == "${var.http_ingress}"
+
+
+def test_concurrency_above_one_requires_a_whole_cpu(config: Config) -> None:
+    for name, body in _functions(config).items():
+        conditions = [
+            " ".join(expressions_in(pre["condition"]))
+            for pre in single_block(body, "lifecycle")["precondition"]
+        ]
+        assert any(
+            "var.max_instance_request_concurrency" in c and "var.cpu" in c for c in conditions
+        ), name
+        service = single_block(body, "service_config")
+        assert service["available_cpu"] == "${var.cpu}"
+        assert service["max_instance_request_concurrency"] == (
+            "${var.max_instance_request_concurrency}"
+        )
+
+
+def test_environment_carries_the_caption_settings_and_never_the_key(config: Config) -> None:
+    for name, body in _functions(config).items():
+        service = single_block(body, "service_config")
+        raw = service["environment_variables"]
+        if isinstance(raw, dict):
+            keys, text = set(raw), json.dumps(raw)
+        else:
+            text = local_closure(config, " ".join(expression_parts(raw)))
+            keys = map_keys(text)
+        assert keys & API_KEY_NAMES == set(), name
+        assert "google_secret_manager" not in text, name
+        caption_keys = {key for key in keys if key.startswith("CAPTION_")}
+        assert caption_keys == CAPTION_SETTINGS, name
+        assert keys >= VERTEX_SETTINGS, name
+        # CAPTION_PROMPT is optional: only set when the variable is.
+        assert re.search(r"var\.caption_prompt\s*==\s*null\s*\?\s*\{\}", text), name
+
+
+def test_api_key_arrives_only_as_a_secret_environment_variable(config: Config) -> None:
+    for name, body in _functions(config).items():
+        service = single_block(body, "service_config")
+        secrets = list(service.get("secret_environment_variables", []))
+        secrets += dynamic_blocks(service, "secret_environment_variables")
+        assert [literal(secret["key"]) for secret in secrets] == ["GEMINI_API_KEY"], name
+    # The key's value never passes through Terraform: no version resource, no data source.
+    assert "google_secret_manager_secret_version" not in config.resources
+    assert "google_secret_manager_secret_version" not in config.data
+    assert "google_secret_manager_secret" in config.resources
+
+
+def test_api_key_names_appear_nowhere_but_in_secret_mounts(config: Config) -> None:
+    def strip_secret_mounts(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                key: strip_secret_mounts(value)
+                for key, value in node.items()
+                if key != "secret_environment_variables"
+            }
+        if isinstance(node, list):
+            return [strip_secret_mounts(item) for item in node]
+        return node
+
+    rest = strip_secret_mounts(
+        [config.locals, config.resources, config.data, config.outputs, config.modules]
+    )
+    for raw in walk_strings(rest):
+        for name in API_KEY_NAMES:
+            assert name not in raw, f"{name} appears outside a secret mount: {raw}"
+
+
+# --------------------------------------------------------------------------- IAM
+
+
+def test_no_public_member_anywhere(config: Config) -> None:
+    # The only place the public principals may be written is the validation that rejects them.
+    without_validations = {
+        name: {key: value for key, value in body.items() if key != "validation"}
+        for name, body in config.variables.items()
+    }
+    nodes = [without_validations, *config.everything()[1:]]
+    for raw in walk_strings(nodes):
+        for member in PUBLIC_MEMBERS:
+            assert member not in raw, f"{member} in {raw}"
+    for rtype, name, body in config.iam_resources():
+        members = body.get("members", []) + ([body["member"]] if "member" in body else [])
+        assert members, f"{rtype}.{name} grants to nobody"
+        for member in members:
+            if not is_expression(member):
+                assert literal(member) not in PUBLIC_MEMBERS, f"{rtype}.{name}"
+
+
+def test_no_authoritative_iam(config: Config) -> None:
+    authoritative = [
+        rtype
+        for rtype in config.resources
+        if re.search(r"_iam_(binding|policy|audit_config)$", rtype)
+    ]
+    assert authoritative == []
+    assert "google_iam_policy" not in config.data
+
+
+def test_no_broad_project_roles(config: Config) -> None:
+    forbidden = {"roles/owner", "roles/editor", "roles/viewer", "roles/iam.securityAdmin"}
+    for rtype in ("google_project_iam_member", "google_project_iam_binding"):
+        for name, body in config.resources.get(rtype, {}).items():
+            role = body["role"]
+            permissions = role_permissions(config, role)
+            if permissions is None:
+                role_name = literal(role)
+                assert role_name not in forbidden, f"{rtype}.{name}: {role_name}"
+                assert not role_name.startswith("roles/storage."), f"{rtype}.{name}"
+                assert not role_name.endswith(".admin"), f"{rtype}.{name}"
+            else:
+                assert not any(p.startswith("storage.") for p in permissions), name
+
+
+def test_storage_access_is_granted_on_buckets_only(config: Config) -> None:
+    storage_grants = []
+    for rtype, name, body in config.iam_resources():
+        permissions = role_permissions(config, body["role"])
+        touches_storage = (
+            any(p.startswith("storage.") for p in permissions)
+            if permissions is not None
+            else literal(body["role"]).startswith("roles/storage.")
+        )
+        if touches_storage:
+            assert rtype == "google_storage_bucket_iam_member", f"{rtype}.{name}"
+            storage_grants.append(body)
+    assert storage_grants, "the runtime gets no object access at all"
+
+
+def test_object_role_is_minimal_and_covers_every_allowed_bucket(config: Config) -> None:
+    (role,) = config.resources["google_project_iam_custom_role"].values()
+    assert {literal(p) for p in role["permissions"]} == {
+        "storage.objects.get",
+        "storage.objects.list",
+        "storage.objects.update",
+    }
+    grant = config.resource("google_storage_bucket_iam_member", "runtime_objects")
+    assert grant["member"] == "${google_service_account.runtime.member}"
+    assert role_permissions(config, grant["role"]) is not None
+    buckets = local_closure(config, " ".join(expression_parts(grant["for_each"])))
+    assert "var.bucket_name" in buckets
+    assert "var.allowed_buckets" in buckets
+    assert grant["bucket"] == "${each.value}"
+
+
+def test_gemini_access_is_narrow(config: Config) -> None:
+    (vertex,) = [
+        body
+        for body in config.resources["google_project_iam_member"].values()
+        if literal(body["role"]) == "roles/aiplatform.user"
+    ]
+    assert "local.use_vertex" in vertex["count"] or "var.gemini_mode" in vertex["count"]
+    assert vertex["member"] == "${google_service_account.runtime.member}"
+    (accessor,) = config.resources["google_secret_manager_secret_iam_member"].values()
+    assert literal(accessor["role"]) == "roles/secretmanager.secretAccessor"
+    assert "google_secret_manager_secret.gemini_api_key" in accessor["secret_id"]
+    assert accessor["member"] == "${google_service_account.runtime.member}"
+
+
+def test_event_delivery_grants(config: Config) -> None:
+    project_roles = {
+        (literal(body["role"]), body["member"])
+        for body in config.resources["google_project_iam_member"].values()
+    }
+    assert ("roles/eventarc.eventReceiver", "${google_service_account.trigger.member}") in (
+        project_roles
+    )
+    assert any(
+        role == "roles/pubsub.publisher" and "data.google_storage_project_service_account" in member
+        for role, member in project_roles
+    )
+    invokers = [
+        body
+        for body in config.resources["google_cloud_run_v2_service_iam_member"].values()
+        if "google_cloudfunctions2_function.caption_on_upload" in body["name"]
+    ]
+    assert len(invokers) == 1
+    assert literal(invokers[0]["role"]) == "roles/run.invoker"
+    assert invokers[0]["member"] == "${google_service_account.trigger.member}"
+
+
+def test_http_callers_are_exactly_http_invokers(config: Config) -> None:
+    grants = [
+        body
+        for body in config.resources["google_cloud_run_v2_service_iam_member"].values()
+        if "google_cloudfunctions2_function.caption_http" in body["name"]
+    ]
+    assert len(grants) == 1
+    assert "var.http_invokers" in grants[0]["for_each"]
+    assert grants[0]["member"] == "${each.value}"
+    assert literal(grants[0]["role"]) == "roles/run.invoker"
+
+
+def test_created_bucket_is_locked_down(config: Config) -> None:
+    for name, body in config.resources["google_storage_bucket"].items():
+        assert literal(body["uniform_bucket_level_access"]) is True, name
+        assert literal(body["public_access_prevention"]) == "enforced", name
+    watched = config.resource("google_storage_bucket", "watched")
+    assert single_block(watched, "versioning")["enabled"] == "${var.bucket_versioning}"
+    assert watched["force_destroy"] == "${var.bucket_force_destroy}"
+
+
+# --------------------------------------------------------------------------- source archive
+
+
+def _doublestar_regex(pattern: str) -> re.Pattern[str]:
+    """Translate a doublestar glob (what the archive provider's excludes use) to a regex."""
+    assert not set(pattern) & set("[]{}\\"), f"unsupported glob syntax in {pattern!r}"
+    components = pattern.split("/")
+    regex = ""
+    for index, component in enumerate(components):
+        last = index == len(components) - 1
+        if component == "**":
+            regex += ".*" if last else "(?:[^/]+/)*"
+            continue
+        regex += "".join(
+            "[^/]*" if char == "*" else "[^/]" if char == "?" else re.escape(char)
+            for char in component
+        )
+        regex += "" if last else "/"
+    return re.compile(regex + r"\Z")
+
+
+def _archive(config: Config) -> dict[str, Any]:
+    return config.data["archive_file"]["source"]
+
+
+def _excluded(patterns: list[re.Pattern[str]], relative: str) -> bool:
+    return any(pattern.match(relative) for pattern in patterns)
+
+
+def _excluded_path(patterns: list[re.Pattern[str]], relative: str) -> bool:
+    """Whether the walk drops this file, itself or through one of its directories."""
+    parts = relative.split("/")
+    return any(_excluded(patterns, "/".join(parts[: depth + 1])) for depth in range(len(parts)))
+
+
+def _archived_files(root: Path, patterns: list[re.Pattern[str]]) -> list[str]:
+    """Mimic the provider's walk: a matching directory is skipped with its contents."""
+    kept = []
+    for current, dirs, files in os.walk(root):
+        relative_dir = Path(current).relative_to(root).as_posix()
+        prefix = "" if relative_dir == "." else relative_dir + "/"
+        dirs[:] = [d for d in dirs if not _excluded(patterns, prefix + d)]
+        kept.extend(prefix + f for f in files if not _excluded(patterns, prefix + f))
+    return sorted(kept)
+
+
+def test_doublestar_translation() -> None:
+    assert _doublestar_regex("**/__pycache__").match("__pycache__")
+    assert _doublestar_regex("**/__pycache__").match("src/captioner/__pycache__")
+    assert _doublestar_regex(".venv*").match(".venv-checkov")
+    assert not _doublestar_regex(".venv*").match("src/.venv")
+    assert not _doublestar_regex("tests").match("src/tests")
+    assert not _doublestar_regex("*.pyc").match("src/a.pyc")
+
+
+def test_archive_is_the_repository_root(config: Config) -> None:
+    archive = _archive(config)
+    assert literal(archive["type"]) == "zip"
+    assert literal(archive["source_dir"]) == "${path.module}/.."
+
+
+def test_archive_excludes_everything_but_the_function(config: Config) -> None:
+    patterns = [_doublestar_regex(literal(raw)) for raw in _archive(config)["excludes"]]
+    for path in (
+        "tests/unit/test_pipeline.py",
+        "tests/terraform/run_checkov.sh",
+        "terraform/main.tf",
+        "terraform/.terraform/captioner-source.zip",
+        "bench/run.py",
+        "docs/deploy.md",
+        ".git/HEAD",
+        ".venv/bin/python",
+        ".venv-checkov/bin/checkov",
+        ".ci/run",
+        "src/captioner_dev/fake_gemini.py",
+        "src/captioner/__pycache__/pipeline.cpython-312.pyc",
+        "__pycache__/main.cpython-312.pyc",
+        ".pytest_cache/v/cache/nodeids",
+        ".mypy_cache/3.11/main.meta.json",
+        ".ruff_cache/CACHEDIR.TAG",
+        ".hypothesis/examples/x",
+        "Makefile",
+        "requirements-dev.txt",
+    ):
+        assert _excluded_path(patterns, path), f"{path} would be deployed"
+    for path in (
+        "main.py",
+        "requirements.txt",
+        "src/captioner/__init__.py",
+        "src/captioner/pipeline.py",
+    ):
+        assert not _excluded_path(patterns, path), f"{path} would be left out"
+
+
+def test_archive_of_this_checkout_holds_only_the_function(config: Config) -> None:
+    patterns = [_doublestar_regex(literal(raw)) for raw in _archive(config)["excludes"]]
+    files = _archived_files(REPO_ROOT, patterns)
+    tolerated = re.compile(
+        r"main\.py|requirements\.txt|src/captioner/.+|LICENSE.*|\.python-version"
+    )
+    unexpected = [path for path in files if not tolerated.fullmatch(path)]
+    assert unexpected == [], (
+        "these files would be deployed with the functions; exclude them in "
+        "data.archive_file.source (terraform/main.tf) or extend this list"
+    )
+
+
+# --------------------------------------------------------------------------- terraform binary
+
+TERRAFORM = shutil.which("terraform")
+needs_terraform = pytest.mark.skipif(TERRAFORM is None, reason="terraform binary not on PATH")
+REQUIRED_VARS = {"project_id": "my-project-123", "bucket_name": "my-photos-1"}
+
+
+def _terraform(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    assert TERRAFORM is not None
+    env = {
+        **os.environ,
+        "CHECKPOINT_DISABLE": "1",
+        "TF_IN_AUTOMATION": "1",
+        "TF_INPUT": "0",
+        "TF_CLI_CONFIG_FILE": os.devnull,
+    }
+    return subprocess.run(
+        [TERRAFORM, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def variables_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root module holding only variables.tf: it needs no provider, so it plans offline."""
+    directory = tmp_path_factory.mktemp("tf-variables")
+    shutil.copy(TERRAFORM_DIR / "variables.tf", directory / "variables.tf")
+    result = _terraform(["init", "-no-color", "-backend=false"], directory)
+    assert result.returncode == 0, result.stderr
+    return directory
+
+
+def _plan(directory: Path, **overrides: str) -> subprocess.CompletedProcess[str]:
+    values = {**REQUIRED_VARS, **overrides}
+    args = ["plan", "-no-color", "-lock=false", "-refresh=false"]
+    for name, value in values.items():
+        args += ["-var", f"{name}={value}"]
+    return _terraform(args, directory)
+
+
+@needs_terraform
+def test_terraform_fmt_is_clean() -> None:
+    result = _terraform(["fmt", "-check", "-no-color", "."], TERRAFORM_DIR)
+    assert result.returncode == 0, f"not formatted: {result.stdout}{result.stderr}"
+
+
+@needs_terraform
+def test_defaults_pass_their_own_validations(variables_only: Path) -> None:
+    result = _plan(variables_only)
+    assert result.returncode == 0, result.stderr
+
+
+@needs_terraform
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("http_invokers", '["allUsers"]'),
+        ("http_invokers", '["user:a@example.com", "allAuthenticatedUsers"]'),
+        ("http_invokers", '["a@example.com"]'),
+        ("http_ingress", "ALLOW_SOME"),
+        ("gemini_mode", "openai"),
+        ("event_timeout_seconds", "541"),
+        ("http_timeout_seconds", "3601"),
+        ("cpu", "3"),
+        ("cpu", "fast"),
+        ("memory", "1GB"),
+        ("name_prefix", "Captioner"),
+        ("bucket_name", "gs://photos"),
+        ("allowed_buckets", '["gs://other"]'),
+        ("caption_prompt", "   "),
+        ("caption_languages", "[]"),
+        ("caption_languages", '["en", "en"]'),
+        ("caption_metadata_prefix", "c" * 33),
+        ("caption_prompt", "x" * 4001),
+        ("min_instances", "-1"),
+        ("max_instance_request_concurrency", "0"),
+        ("gemini_api_key_secret_version", "0"),
+        ("labels", '{"Team" = "x"}'),
+    ],
+)
+def test_validations_reject_bad_values(variables_only: Path, name: str, value: str) -> None:
+    result = _plan(variables_only, **{name: value})
+    assert result.returncode != 0, f"{name}={value} was accepted"
+    assert "Invalid value for variable" in result.stderr, result.stderr
+
+
+@needs_terraform
+def test_public_invokers_are_rejected_with_the_reason(variables_only: Path) -> None:
+    for member in PUBLIC_MEMBERS:
+        result = _plan(variables_only, http_invokers=f'["{member}"]')
+        assert result.returncode != 0
+        assert "never public" in " ".join(result.stderr.split())
+
+
+@needs_terraform
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("http_invokers", '["user:a@example.com", "serviceAccount:b@p.iam.gserviceaccount.com"]'),
+        ("http_timeout_seconds", "3600"),
+        ("cpu", "0.5"),
+        ("caption_prompt", "Describe the photo."),
+        ("gemini_mode", "api_key"),
+        ("build_service_account", "projects/p/serviceAccounts/b@p.iam.gserviceaccount.com"),
+        ("caption_languages", '["en", "pt-BR"]'),
+    ],
+)
+def test_validations_accept_good_values(variables_only: Path, name: str, value: str) -> None:
+    result = _plan(variables_only, **{name: value})
+    assert result.returncode == 0, result.stderr
