@@ -7,6 +7,7 @@ redelivers; a return means done, whatever the outcome for the image.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -29,7 +30,14 @@ async def on_upload(runtime: Runtime, event_type: str | None, data: Any) -> Capt
         )
         return None
     ref = object_ref_from_event(data)
-    result = await runtime.captioner().caption_object(ref)
+    try:
+        # Inside the function's own timeout, so a slow image ends as a retry, not a kill.
+        async with asyncio.timeout(runtime.settings.deadline):
+            result = await runtime.captioner().caption_object(ref)
+    except TimeoutError:
+        raise TransientError(
+            f"{ref.uri}: not done within CAPTION_DEADLINE={runtime.settings.deadline:g}s"
+        ) from None
     log_result(result)
     if result.outcome is Outcome.RETRY:
         raise TransientError(f"{ref.uri}: {result.message}")

@@ -21,6 +21,7 @@ from google.genai import types
 
 from captioner.domain import Description, PreparedImage, Usage
 from captioner.errors import PermanentError, TransientError
+from captioner.limiter import AdaptiveLimiter
 from captioner.retrying import with_retries
 
 _TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
@@ -78,8 +79,12 @@ class GeminiDescriber:
         attempts: int,
         timeout: float,
         max_wait: float = 30.0,
+        deadline: float | None = None,
+        limiter: AdaptiveLimiter | None = None,
     ) -> None:
         self._client = client
+        self._limiter = limiter or AdaptiveLimiter(1_000_000)
+        self._deadline = deadline
         self.model = model
         self._prompt = prompt
         self._attempts = attempts
@@ -100,20 +105,30 @@ class GeminiDescriber:
         )
 
         async def once() -> Any:
-            try:
-                return await self._client.aio.models.generate_content(
-                    model=self.model, contents=contents, config=self._config
-                )
-            except genai_errors.APIError as exc:
-                raise _classify(exc) from exc
-            except TimeoutError as exc:
-                raise TransientError(f"Gemini did not answer within {self._timeout:g}s") from exc
-            except aiohttp.ClientError as exc:
-                raise TransientError(f"Gemini connection failed: {exc!r}") from exc
+            # A slot per attempt: waiting out a backoff holds no slot.
+            async with self._limiter.slot() as slot:
+                try:
+                    response = await self._client.aio.models.generate_content(
+                        model=self.model, contents=contents, config=self._config
+                    )
+                except genai_errors.APIError as exc:
+                    if exc.code == 429:
+                        slot.throttled()
+                    raise _classify(exc) from exc
+                except TimeoutError as exc:
+                    raise TransientError(
+                        f"Gemini did not answer within {self._timeout:g}s"
+                    ) from exc
+                except aiohttp.ClientError as exc:
+                    raise TransientError(f"Gemini connection failed: {exc!r}") from exc
+                slot.succeeded()
+                return response
 
         # The whole retry sequence is bounded, so one image cannot hold an
         # invocation past its deadline.
-        deadline = self._timeout * self._attempts + self._max_wait * (self._attempts - 1)
+        deadline = self._deadline or (
+            self._timeout * self._attempts + self._max_wait * (self._attempts - 1)
+        )
         response = await with_retries(
             once,
             attempts=self._attempts,

@@ -71,6 +71,8 @@ def owner_conflict(metadata: Mapping[str, str], keys: MetadataKeys) -> str | Non
 
 def clean_caption(text: str) -> str:
     """One line of printable text: models sometimes add newlines, quotes or control codes."""
+    # Lone surrogates (a model's broken UTF-8, escaped in JSON) cannot be stored.
+    text = text.encode("utf-8", "ignore").decode("utf-8")
     text = unicodedata.normalize("NFC", text)
     text = _CONTROL.sub(" ", text)
     text = _SPACES.sub(" ", text).strip()

@@ -1,11 +1,14 @@
 """Retry policy shared by the adapters, built on stamina (tenacity underneath).
 
-Only TransientError is retried. When the service named a delay (Gemini's
-RetryInfo, an HTTP Retry-After), that delay is used instead of the backoff.
+Only TransientError is retried, with exponential backoff and full jitter (a wait
+drawn uniformly from zero to the exponential bound, so many clients that failed
+together do not retry together). When the service named a delay (Gemini's
+RetryInfo, an HTTP Retry-After), that delay is used instead.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -16,13 +19,21 @@ from captioner.errors import TransientError
 T = TypeVar("T")
 
 
-def _retry_hook(max_wait: float) -> Callable[[Exception], bool | float]:
+def backoff_hook(
+    wait_initial: float, wait_max: float, rng: random.Random | None = None
+) -> Callable[[Exception], bool | float]:
+    """Stamina hook: False for errors not worth retrying, else the seconds to wait."""
+    draw = (rng or random.Random()).uniform
+    failures = 0
+
     def hook(exc: Exception) -> bool | float:
+        nonlocal failures
         if not isinstance(exc, TransientError):
             return False
+        failures += 1
         if exc.retry_after is not None:
-            return min(max(exc.retry_after, 0.0), max_wait)
-        return True
+            return min(max(exc.retry_after, 0.0), wait_max)
+        return draw(0.0, min(wait_max, wait_initial * 2 ** (failures - 1)))
 
     return hook
 
@@ -37,15 +48,15 @@ async def with_retries(
 ) -> T:
     """Await ``call()`` until it succeeds, raises a non-transient error, or attempts run out.
 
-    Backoff is exponential with jitter; ``deadline`` (seconds) bounds the whole sequence.
+    ``deadline`` (seconds) bounds the whole sequence, waits included.
     """
     async for attempt in stamina.retry_context(
-        on=_retry_hook(wait_max),
+        on=backoff_hook(wait_initial, wait_max),
         attempts=attempts,
         timeout=deadline,
         wait_initial=wait_initial,
         wait_max=wait_max,
-        wait_jitter=wait_initial,
+        wait_jitter=0.0,
     ):
         with attempt:
             return await call()

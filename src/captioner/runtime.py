@@ -58,6 +58,7 @@ class Runtime:
 
         from captioner.gemini import GeminiDescriber, make_client
         from captioner.images import prepare
+        from captioner.limiter import AdaptiveLimiter
         from captioner.storage import StorageClient
         from captioner.urls import UrlFetcher
 
@@ -75,6 +76,8 @@ class Runtime:
             attempts=s.gemini_attempts,
             timeout=s.gemini_timeout,
             max_wait=s.retry_max_wait,
+            deadline=s.deadline,
+            limiter=AdaptiveLimiter(s.max_concurrency),
         )
         captioner = Captioner(
             storage=storage,

@@ -51,6 +51,8 @@ def test_owner_caption_key_without_our_generation_key_is_a_conflict() -> None:
         ("bell\x07 and\x00 nul", "bell and nul"),
         ("zero\u200bwidth", "zero width"),
         ("  ", ""),
+        ("broken \udcff utf-8 \ud800", "broken utf-8"),
+        ("\x1b[31mred\x1b[0m", "[31mred [0m"),
     ],
 )
 def test_clean_caption_makes_one_printable_line(raw: str, clean: str) -> None:
