@@ -1402,8 +1402,14 @@ def _model_version(model: str) -> str:
 
 
 def _dumps(value: Any) -> str:
-    # Non-ASCII captions stay readable in logs and payloads, as Gemini sends them.
-    return json.dumps(value, ensure_ascii=False)
+    # Non-ASCII captions stay readable in logs and payloads, as Gemini sends them;
+    # text that is not valid UTF-8 (lone surrogates, for fault tests) goes out escaped.
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value)
+    return text
 
 
 def _json_error(error: _ApiError) -> web.Response:

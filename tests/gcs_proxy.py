@@ -1,0 +1,224 @@
+"""A fault-injecting HTTP proxy in front of fake-gcs-server.
+
+fake-gcs-server ignores ``ifGenerationMatch`` / ``ifMetagenerationMatch`` on
+PATCH and never bumps an object's metageneration, so this proxy keeps the
+metageneration itself (every PATCH through it adds one, and object resources it
+passes on carry its count), enforces both preconditions (under a lock, like the
+real service's atomic check), records every request so tests can assert what was sent, answers with
+chosen statuses or dropped connections on demand, and runs hooks just before a
+PATCH to simulate what other writers do meanwhile (overwrite, edit, delete).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from aiohttp import web
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: dict[str, str]
+    status: int = 0
+
+
+@dataclass
+class Fault:
+    method: str
+    path_contains: str
+    status: int | None = None  # None: drop the connection
+    count: int = 1
+
+
+@dataclass
+class ProxyState:
+    requests: list[Recorded] = field(default_factory=list)
+    faults: list[Fault] = field(default_factory=list)
+    before_patch: list[Callable[[], None]] = field(default_factory=list)
+
+
+class GcsProxy:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.state = ProxyState()
+        self.port = 0
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._patch_lock: asyncio.Lock | None = None
+        self._metagenerations: dict[str, tuple[str, int]] = {}
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> GcsProxy:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        async def cleanup() -> None:
+            if self._runner is not None:
+                await self._runner.cleanup()
+            if self._session is not None:
+                await self._session.close()
+
+        asyncio.run_coroutine_threadsafe(cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.state = ProxyState()
+            self._metagenerations.clear()
+
+    def add_fault(
+        self, method: str, path_contains: str, status: int | None, count: int = 1
+    ) -> None:
+        with self._lock:
+            self.state.faults.append(Fault(method, path_contains, status, count))
+
+    def before_next_patch(self, action: Callable[[], None]) -> None:
+        """Run ``action`` (in a thread) just before the next PATCH is looked at."""
+        with self._lock:
+            self.state.before_patch.append(action)
+
+    def recorded(self, method: str | None = None) -> list[Recorded]:
+        with self._lock:
+            return [r for r in self.state.requests if method is None or r.method == method]
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._patch_lock = asyncio.Lock()
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self.port = self._runner.addresses[0][1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    def _take_fault(self, method: str, path: str) -> Fault | None:
+        with self._lock:
+            for fault in self.state.faults:
+                if fault.method == method and fault.path_contains in path and fault.count > 0:
+                    fault.count -= 1
+                    return fault
+        return None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raw_path = request.raw_path.split("?", 1)[0]
+        record = Recorded(request.method, raw_path, dict(request.query))
+        with self._lock:
+            self.state.requests.append(record)
+        fault = self._take_fault(request.method, request.path)
+        if fault is not None:
+            if fault.status is None:
+                assert request.transport is not None
+                request.transport.close()  # a reset: the client sees a dropped connection
+                record.status = -1
+                raise asyncio.CancelledError
+            record.status = fault.status
+            return web.json_response(
+                {"error": {"code": fault.status, "message": "injected"}}, status=fault.status
+            )
+        if request.method == "PATCH":
+            assert self._patch_lock is not None
+            with self._lock:
+                hooks, self.state.before_patch = self.state.before_patch, []
+            for hook in hooks:  # outside the lock: a hook may PATCH through us too
+                await asyncio.to_thread(hook)
+            async with self._patch_lock:
+                refusal = await self._precondition_refusal(raw_path, request.query)
+                if refusal is not None:
+                    record.status = refusal
+                    return web.json_response(
+                        {"error": {"code": refusal, "message": "precondition"}}, status=refusal
+                    )
+                response = await self._forward(request, raw_path, bump=True)
+        else:
+            response = await self._forward(request, raw_path)
+        record.status = response.status
+        return response
+
+    async def _precondition_refusal(self, raw_path: str, query: Any) -> int | None:
+        wanted_gen = query.get("ifGenerationMatch")
+        wanted_meta = query.get("ifMetagenerationMatch")
+        if wanted_gen is None and wanted_meta is None:
+            return None
+        session = self._client()
+        async with session.get(self.upstream + raw_path) as current:
+            if current.status == 404:
+                return 404
+            body = await current.json(content_type=None)
+        if wanted_gen is not None and str(body.get("generation")) != wanted_gen:
+            return 412
+        if wanted_meta is not None and str(self._metageneration(raw_path, body)) != wanted_meta:
+            return 412
+        return None
+
+    def _metageneration(self, path: str, resource: dict[str, Any], bump: bool = False) -> int:
+        generation = str(resource.get("generation"))
+        with self._lock:
+            known_generation, count = self._metagenerations.get(path, (generation, 1))
+            if known_generation != generation:
+                count = 1
+            if bump:
+                count += 1
+            self._metagenerations[path] = (generation, count)
+            return count
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(auto_decompress=False)
+        return self._session
+
+    async def _forward(
+        self, request: web.Request, raw_path: str, bump: bool = False
+    ) -> web.Response:
+        session = self._client()
+        query = request.raw_path.split("?", 1)[1] if "?" in request.raw_path else ""
+        url = self.upstream + raw_path + (f"?{query}" if query else "")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host",)}
+        async with session.request(
+            request.method, url, data=await request.read(), headers=headers
+        ) as upstream:
+            body = await upstream.read()
+            if upstream.status == 200 and "alt=media" not in query and "/o" in raw_path:
+                body = self._with_metagenerations(raw_path, body, bump)
+            passed = {
+                k: v
+                for k, v in upstream.headers.items()
+                if k.lower() not in ("content-length", "transfer-encoding", "connection")
+            }
+            return web.Response(body=body, status=upstream.status, headers=passed)
+
+    def _with_metagenerations(self, raw_path: str, body: bytes, bump: bool) -> bytes:
+        try:
+            resource = json.loads(body)
+        except ValueError:
+            return body
+        if not isinstance(resource, dict):
+            return body
+        if "generation" in resource and "name" in resource:
+            count = self._metageneration(raw_path, resource, bump)
+            resource["metageneration"] = str(count)
+        for item in resource.get("items", []):
+            path = f"/storage/v1/b/{item['bucket']}/o/{quote(item['name'], safe='')}"
+            item["metageneration"] = str(self._metageneration(path, item))
+        return json.dumps(resource).encode()
