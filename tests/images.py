@@ -69,3 +69,45 @@ def jpeg_with_orientation(orientation: int, size: tuple[int, int] = (80, 40)) ->
     exif = Image.Exif()
     exif[0x0112] = orientation
     return encode(image, "JPEG", exif=exif)
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A real JPEG whose frame header claims other dimensions."""
+    data = bytearray(photo("chelsea.jpg"))
+    for marker in (b"\xff\xc0", b"\xff\xc2"):
+        at = data.find(marker)
+        if at != -1:
+            data[at + 5 : at + 9] = struct.pack(">HH", height, width)
+            return bytes(data)
+    raise ValueError("no SOF marker")
+
+
+def gif_claiming(width: int, height: int) -> bytes:
+    data = bytearray(encode(solid((8, 8)), "GIF"))
+    data[6:10] = struct.pack("<HH", width, height)
+    return bytes(data)
+
+
+def webp_canvas(width: int, height: int) -> bytes:
+    """A WebP extended header (VP8X) announcing a huge canvas, with no image data."""
+    vp8x = b"VP8X" + struct.pack("<I", 10) + b"\x00\x00\x00\x00"
+    vp8x += (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    return b"RIFF" + struct.pack("<I", 4 + len(vp8x)) + b"WEBP" + vp8x
+
+
+def animated_gif(frames: int, size: tuple[int, int] = (16, 16)) -> bytes:
+    first = solid(size, (255, 0, 0))
+    rest = [solid(size, (i % 255, 0, 255)) for i in range(frames - 1)]
+    out = io.BytesIO()
+    first.save(out, "GIF", save_all=True, append_images=rest, duration=10, loop=0)
+    return out.getvalue()
+
+
+def truncated(fmt: str) -> bytes:
+    data = encode(Image.open(io.BytesIO(photo("coffee.jpg"))).convert("RGB"), fmt)
+    return data[: len(data) // 2]
+
+
+def garbage_after_header(fmt: str, keep: int = 16) -> bytes:
+    data = encode(Image.open(io.BytesIO(photo("coffee.jpg"))).convert("RGB"), fmt)
+    return data[:keep] + random.Random(5).randbytes(len(data) - keep)

@@ -115,6 +115,9 @@ class Captioner:
         self._prepare = prepare
         self._config = config
         self._keys = MetadataKeys(config.metadata_prefix)
+        # Shared by every request on this loop: CAPTION_MAX_CONCURRENCY bounds the
+        # images in flight per instance, however many events arrive at once.
+        self._in_flight = asyncio.Semaphore(config.max_concurrency)
 
     async def caption_object(
         self, ref: ObjectRef | ObjectInfo, *, overwrite: bool = False
@@ -126,7 +129,8 @@ class Captioner:
         ``overwrite`` captions again even when this generation already has one.
         """
         started = time.monotonic()
-        result = await self._caption_object(ref, overwrite)
+        async with self._in_flight:
+            result = await self._caption_object(ref, overwrite)
         return _with_seconds(result, time.monotonic() - started)
 
     async def caption_many(
@@ -151,6 +155,13 @@ class Captioner:
     ) -> CaptionResult:
         """Describe an image that is not ours to write on (a local file, a URL)."""
         started = time.monotonic()
+        async with self._in_flight:
+            result = await self._describe_source(source, load)
+        return replace(result, seconds=time.monotonic() - started)
+
+    async def _describe_source(
+        self, source: str, load: Callable[[], Awaitable[bytes]]
+    ) -> CaptionResult:
         try:
             data = await load()
             prepared = await asyncio.to_thread(self._prepare, data)
@@ -173,7 +184,7 @@ class Captioner:
                     reason=description.blocked_reason or "EMPTY",
                     usage=description.usage,
                 )
-        return replace(result, seconds=time.monotonic() - started)
+        return result
 
     def needs_caption(self, info: ObjectInfo, *, overwrite: bool = False) -> str | None:
         """Why a listed object would be skipped, or None if it needs a caption."""

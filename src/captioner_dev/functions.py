@@ -79,6 +79,20 @@ class FunctionServer:
         self.stop()
         raise RuntimeError(f"functions-framework was not ready within {timeout:g}s")
 
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise RuntimeError("not running")
+        return self._process.pid
+
+    def peak_rss_mib(self) -> float:
+        """Peak resident memory so far (VmHWM) of the busiest process of the server, in MiB.
+
+        functions-framework runs gunicorn: the function lives in a worker process,
+        a child of the one we started.
+        """
+        return max(_peak_rss_mib(pid) for pid in _process_tree(self.pid))
+
     def log_text(self) -> str:
         return Path(self._log.name).read_text(errors="replace")
 
@@ -103,3 +117,19 @@ class FunctionServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _process_tree(pid: int) -> list[int]:
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        for child in children:
+            pids.extend(_process_tree(int(child)))
+    return pids
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for process {pid}")
