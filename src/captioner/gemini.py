@@ -9,8 +9,11 @@ module classifies failures and ``captioner.retrying`` retries them.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -84,6 +87,7 @@ class GeminiDescriber:
     ) -> None:
         self._client = client
         self._limiter = limiter or AdaptiveLimiter(1_000_000)
+        self._rng = random.Random()
         self._deadline = deadline
         self.model = model
         self._prompt = prompt
@@ -104,31 +108,44 @@ class GeminiDescriber:
             ],
         )
 
-        async def once() -> Any:
-            # A slot per attempt: waiting out a backoff holds no slot.
-            async with self._limiter.slot() as slot:
-                try:
-                    response = await self._client.aio.models.generate_content(
-                        model=self.model, contents=contents, config=self._config
-                    )
-                except genai_errors.APIError as exc:
-                    if exc.code == 429:
-                        slot.throttled()
-                    raise _classify(exc) from exc
-                except TimeoutError as exc:
-                    raise TransientError(
-                        f"Gemini did not answer within {self._timeout:g}s"
-                    ) from exc
-                except aiohttp.ClientError as exc:
-                    raise TransientError(f"Gemini connection failed: {exc!r}") from exc
-                slot.succeeded()
-                return response
-
-        # The whole retry sequence is bounded, so one image cannot hold an
-        # invocation past its deadline.
+        # The whole sequence is bounded, so one image cannot hold an invocation
+        # past its deadline.
         deadline = self._deadline or (
             self._timeout * self._attempts + self._max_wait * (self._attempts - 1)
         )
+        give_up_at = time.monotonic() + deadline
+
+        async def once() -> Any:
+            # Rate limits (429) are waited out here, up to the deadline, without
+            # using up the attempts meant for failures; the limiter meanwhile
+            # lowers the calls in flight. A slot is held per call, not per wait.
+            throttled = 0
+            while True:
+                async with self._limiter.slot() as slot:
+                    try:
+                        response = await self._client.aio.models.generate_content(
+                            model=self.model, contents=contents, config=self._config
+                        )
+                    except genai_errors.APIError as exc:
+                        error = _classify(exc)
+                        if exc.code != 429 or not isinstance(error, TransientError):
+                            raise error from exc
+                        slot.throttled(error.retry_after)
+                        throttled += 1
+                        wait = self._throttle_wait(error.retry_after, throttled)
+                        if time.monotonic() + wait > give_up_at:
+                            raise error from exc
+                    except TimeoutError as exc:
+                        raise TransientError(
+                            f"Gemini did not answer within {self._timeout:g}s"
+                        ) from exc
+                    except aiohttp.ClientError as exc:
+                        raise TransientError(f"Gemini connection failed: {exc!r}") from exc
+                    else:
+                        slot.succeeded()
+                        return response
+                await asyncio.sleep(wait)
+
         response = await with_retries(
             once,
             attempts=self._attempts,
@@ -137,6 +154,15 @@ class GeminiDescriber:
             wait_max=self._max_wait,
         )
         return _description(response, self.model)
+
+    def _throttle_wait(self, retry_after: float | None, throttled: int) -> float:
+        """The server's delay (or an exponential one), plus up to as much again at random.
+
+        The random part spreads out the many calls that were refused together.
+        """
+        base = retry_after if retry_after is not None else 0.5 * 2 ** min(throttled - 1, 10)
+        base = min(base, self._max_wait)
+        return base + self._rng.uniform(0, base)
 
 
 def _classify(exc: genai_errors.APIError) -> Exception:

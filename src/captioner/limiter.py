@@ -27,7 +27,7 @@ class AdaptiveLimiter:
     """Bounds calls in flight to a limit that follows the service's answers."""
 
     def __init__(
-        self, maximum: int, *, minimum: int = 1, initial: int | None = None, cooldown: float = 1.0
+        self, maximum: int, *, minimum: int = 1, initial: int | None = None, cooldown: float = 0.25
     ) -> None:
         if not 1 <= minimum <= maximum:
             raise ValueError("need 1 <= minimum <= maximum")
@@ -40,6 +40,10 @@ class AdaptiveLimiter:
         self._decreases = 0
         self._throttled = 0
         self._condition: asyncio.Condition | None = None
+        self._resume_at = 0.0
+        # Slow start, as in TCP: +1 per success (doubling per round of calls) until
+        # the first 429, then +1 per round.
+        self._slow_start = True
 
     @property
     def stats(self) -> LimiterStats:
@@ -52,9 +56,17 @@ class AdaptiveLimiter:
     async def slot(self) -> AsyncIterator[Slot]:
         if self._condition is None:
             self._condition = asyncio.Condition()
-        async with self._condition:
-            await self._condition.wait_for(self._allowed)
-            self._in_flight += 1
+        while True:
+            # After a 429 that named a delay, nobody starts a call before it is over:
+            # the whole herd waits, instead of each call finding out for itself.
+            pause = self._resume_at - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            async with self._condition:
+                await self._condition.wait_for(self._allowed)
+                if self._resume_at <= time.monotonic():
+                    self._in_flight += 1
+                    break
         slot = Slot()
         try:
             yield slot
@@ -68,24 +80,30 @@ class AdaptiveLimiter:
         if slot.outcome == "throttled":
             self._throttled += 1
             now = time.monotonic()
+            if slot.retry_after:
+                self._resume_at = max(self._resume_at, now + slot.retry_after)
+            self._slow_start = False
             if now - self._last_decrease >= self._cooldown:
                 self._limit = max(self._min, self._limit / 2)
                 self._last_decrease = now
                 self._decreases += 1
         elif slot.outcome == "ok":
-            self._limit = min(self._max, self._limit + 1 / self._limit)
+            step = 1.0 if self._slow_start else 1 / self._limit
+            self._limit = min(self._max, self._limit + step)
 
 
 class Slot:
     """What happened during one call; undecided calls (other errors) change nothing."""
 
-    __slots__ = ("outcome",)
+    __slots__ = ("outcome", "retry_after")
 
     def __init__(self) -> None:
         self.outcome: str | None = None
+        self.retry_after: float | None = None
 
     def succeeded(self) -> None:
         self.outcome = "ok"
 
-    def throttled(self) -> None:
+    def throttled(self, retry_after: float | None = None) -> None:
         self.outcome = "throttled"
+        self.retry_after = retry_after

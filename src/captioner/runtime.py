@@ -77,7 +77,7 @@ class Runtime:
             timeout=s.gemini_timeout,
             max_wait=s.retry_max_wait,
             deadline=s.deadline,
-            limiter=AdaptiveLimiter(s.max_concurrency),
+            limiter=AdaptiveLimiter(s.max_concurrency, initial=max(1, s.max_concurrency // 4)),
         )
         captioner = Captioner(
             storage=storage,

@@ -42,6 +42,7 @@ async def runtime(
                 "CAPTION_STORAGE_ATTEMPTS": "3",
                 "CAPTION_RETRY_MAX_WAIT": "0.2",
                 "CAPTION_GEMINI_TIMEOUT": "1",
+                "CAPTION_DEADLINE": "3",
             }
         )
     )

@@ -40,16 +40,33 @@ async def test_throttling_halves_the_limit_once_per_burst() -> None:
     assert limiter.stats.throttled == 5
 
 
-async def test_successes_raise_the_limit_additively_up_to_the_maximum() -> None:
-    limiter = AdaptiveLimiter(10, initial=2, cooldown=0)
+async def test_slow_start_grows_fast_until_the_first_throttle_then_additively() -> None:
+    limiter = AdaptiveLimiter(100, initial=2, cooldown=0)
     for _ in range(4):
         async with limiter.slot() as slot:
             slot.succeeded()
-    assert 3.0 < limiter.stats.limit < 4.0  # about +1 per round of `limit` calls
-    for _ in range(500):
+    assert limiter.stats.limit == 6  # +1 per success: doubling per round
+    async with limiter.slot() as slot:
+        slot.throttled()
+    assert limiter.stats.limit == 3
+    for _ in range(6):
         async with limiter.slot() as slot:
             slot.succeeded()
-    assert limiter.stats.limit == 10
+    assert 4.0 < limiter.stats.limit < 5.0  # now about +1 per round of `limit` calls
+    for _ in range(5000):
+        async with limiter.slot() as slot:
+            slot.succeeded()
+    assert limiter.stats.limit == 100
+
+
+async def test_a_named_retry_delay_pauses_every_new_call() -> None:
+    limiter = AdaptiveLimiter(8, cooldown=0)
+    async with limiter.slot() as slot:
+        slot.throttled(retry_after=0.2)
+    started = time.monotonic()
+    async with limiter.slot():
+        pass
+    assert time.monotonic() - started >= 0.19
 
 
 async def test_limit_never_falls_below_the_minimum() -> None:
