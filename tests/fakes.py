@@ -123,7 +123,7 @@ class ScriptedDescriber:
     in_flight: int = 0
     peak_in_flight: int = 0
 
-    async def describe(self, image: PreparedImage) -> Description:
+    async def describe(self, image: PreparedImage, spec: object = None) -> Description:
         self.calls += 1
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)

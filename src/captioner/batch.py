@@ -52,6 +52,12 @@ def result_json(result: CaptionResult) -> dict[str, Any]:
     entry: dict[str, Any] = {"source": result.source, "status": result.outcome.value}
     if result.caption is not None:
         entry["caption"] = result.caption
+    if result.alt:
+        entry["alt"] = result.alt
+    if result.tags:
+        entry["tags"] = list(result.tags)
+    if result.translations:
+        entry["translations"] = dict(result.translations)
     if result.reason:
         entry["reason"] = result.reason
     if result.message:

@@ -69,6 +69,9 @@ class Description:
     model: str
     blocked_reason: str | None = None
     usage: Usage = Usage()
+    alt: str | None = None
+    tags: tuple[str, ...] = ()
+    translations: Mapping[str, str] = field(default_factory=dict)
 
 
 class Outcome(enum.Enum):
@@ -100,3 +103,6 @@ class CaptionResult:
     usage: Usage = Usage()
     seconds: float = 0.0
     ref: ObjectRef | None = None
+    alt: str | None = None
+    tags: tuple[str, ...] = ()
+    translations: Mapping[str, str] = field(default_factory=dict)

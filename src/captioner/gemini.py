@@ -15,6 +15,7 @@ import random
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -22,6 +23,7 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
+from captioner.captions import CaptionSpec, InvalidAnswerError
 from captioner.domain import Description, PreparedImage, Usage
 from captioner.errors import PermanentError, TransientError
 from captioner.limiter import AdaptiveLimiter
@@ -94,19 +96,51 @@ class GeminiDescriber:
         self._attempts = attempts
         self._timeout = timeout
         self._max_wait = max_wait
-        self._config = types.GenerateContentConfig(
-            max_output_tokens=max_output_tokens,
-            temperature=temperature,
+        self._max_output_tokens = max_output_tokens
+        self._temperature = temperature
+        self._default_spec = CaptionSpec(prompt, structured=False)
+
+    def _config_for(self, spec: CaptionSpec) -> types.GenerateContentConfig:
+        schema = spec.response_schema()
+        return types.GenerateContentConfig(
+            max_output_tokens=self._max_output_tokens,
+            temperature=self._temperature,
+            response_mime_type="application/json" if schema else None,
+            response_json_schema=schema,
         )
 
-    async def describe(self, image: PreparedImage) -> Description:
+    async def describe(self, image: PreparedImage, spec: CaptionSpec | None = None) -> Description:
+        """Caption one image as ``spec`` asks; an answer off the schema is asked for again
+        once, then is a permanent ``invalid-answer``."""
+        spec = spec or self._default_spec
+        for attempt in (1, 2):
+            description = await self._describe_once(image, spec)
+            if description.text is None:
+                return description
+            try:
+                captions = spec.parse(description.text)
+            except InvalidAnswerError as exc:
+                if attempt == 2:
+                    raise PermanentError("invalid-answer", f"Gemini's answer: {exc}") from None
+                continue
+            return replace(
+                description,
+                text=captions.caption,
+                alt=captions.alt,
+                tags=captions.tags,
+                translations=captions.translations,
+            )
+        raise AssertionError("unreachable")
+
+    async def _describe_once(self, image: PreparedImage, spec: CaptionSpec) -> Description:
         contents = types.Content(
             role="user",
             parts=[
                 types.Part.from_bytes(data=image.data, mime_type=image.mime_type),
-                types.Part.from_text(text=self._prompt),
+                types.Part.from_text(text=spec.full_prompt()),
             ],
         )
+        config = self._config_for(spec)
 
         # The whole sequence is bounded, so one image cannot hold an invocation
         # past its deadline.
@@ -124,7 +158,7 @@ class GeminiDescriber:
                 async with self._limiter.slot() as slot:
                     try:
                         response = await self._client.aio.models.generate_content(
-                            model=self.model, contents=contents, config=self._config
+                            model=self.model, contents=contents, config=config
                         )
                     except genai_errors.APIError as exc:
                         error = _classify(exc)

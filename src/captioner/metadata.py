@@ -22,9 +22,10 @@ _SPACES = re.compile(r"\s+")
 
 @dataclass(frozen=True, slots=True)
 class MetadataKeys:
-    """The key names for one prefix (``caption`` by default)."""
+    """The key names for one prefix (``caption`` by default) and language list."""
 
     prefix: str = "caption"
+    languages: tuple[str, ...] = ("en",)
 
     @property
     def caption(self) -> str:
@@ -46,8 +47,35 @@ class MetadataKeys:
     def created(self) -> str:
         return f"{self.prefix}-created"
 
+    @property
+    def alt(self) -> str:
+        return f"{self.prefix}-alt"
+
+    @property
+    def tags(self) -> str:
+        return f"{self.prefix}-tags"
+
+    @property
+    def rule(self) -> str:
+        return f"{self.prefix}-rule"
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.prefix}-prompt"
+
+    def language(self, code: str) -> str:
+        """The key of the caption in ``code``: the first language is plain ``caption``."""
+        return self.caption if code == self.languages[0] else f"{self.prefix}-{code}"
+
+    def text_keys(self) -> tuple[str, ...]:
+        return (self.caption, self.alt, self.tags, *(self.language(c) for c in self.languages[1:]))
+
     def all(self) -> tuple[str, ...]:
-        return (self.caption, self.status, self.model, self.generation, self.created)
+        return (
+            self.caption, self.status, self.model, self.generation, self.created,
+            self.alt, self.tags, self.rule, self.prompt,
+            *(self.language(c) for c in self.languages[1:]),
+        )  # fmt: skip
 
 
 def is_done(metadata: Mapping[str, str], generation: int, keys: MetadataKeys) -> bool:
@@ -106,6 +134,29 @@ class NoRoomError(Exception):
     """The owner's metadata leaves no room even for our status keys."""
 
 
+def fit_fairly(texts: Mapping[str, str], room: int) -> dict[str, str]:
+    """Shorten values so that keys and values fit ``room`` bytes, sharing the cuts fairly.
+
+    Water-filling: short values keep all they have; the long ones share what is
+    left equally. No value exceeds VALUE_BUDGET.
+    """
+    available = room - sum(len(k.encode()) for k in texts)
+    sizes = {k: min(len(v.encode()), VALUE_BUDGET) for k, v in texts.items()}
+    allowance: dict[str, int] = {}
+    remaining = dict(sizes)
+    while remaining:
+        share = max(available, 0) // len(remaining)
+        small = {k: n for k, n in remaining.items() if n <= share}
+        if not small:
+            allowance.update(dict.fromkeys(remaining, share))
+            break
+        for k, n in small.items():
+            allowance[k] = n
+            available -= n
+            del remaining[k]
+    return {k: truncate_utf8(v, allowance[k]) for k, v in texts.items()}
+
+
 def caption_updates(
     *,
     existing: Mapping[str, str],
@@ -113,13 +164,15 @@ def caption_updates(
     generation: int,
     status: str,
     model: str,
-    caption: str | None,
+    texts: Mapping[str, str] | None,
+    provenance: Mapping[str, str] | None = None,
     now: datetime | None = None,
 ) -> dict[str, str]:
     """The keys to PATCH for this outcome, fitted into the metadata budget.
 
-    Only our keys appear, so a merge-PATCH leaves every owner key as it was. A
-    caption that does not fit is shortened at a character boundary.
+    Only our keys appear, so a merge-PATCH leaves every owner key as it was.
+    ``texts`` (caption, alt text, tags, other languages) are shortened fairly, at
+    character boundaries, when the owner's keys leave too little room.
     """
     created = (now or datetime.now(UTC)).isoformat(timespec="seconds").replace("+00:00", "Z")
     updates = {
@@ -127,16 +180,17 @@ def caption_updates(
         keys.model: model,
         keys.generation: str(generation),
         keys.created: created,
+        **(provenance or {}),
     }
     ours = set(keys.all())
     owners = {k: v for k, v in existing.items() if k not in ours}
     used = size_of(owners) + size_of(updates)
     if used > TOTAL_BUDGET:
         raise NoRoomError(f"owner metadata uses {size_of(owners)} of {TOTAL_BUDGET} bytes")
-    if caption is not None:
-        room = min(VALUE_BUDGET, TOTAL_BUDGET - used - len(keys.caption.encode()))
-        updates[keys.caption] = truncate_utf8(caption, max(room, 0))
-    elif keys.caption in existing:
-        # A caption left from an older generation would describe other content.
-        updates[keys.caption] = ""
+    if texts is not None:
+        updates.update(fit_fairly(texts, TOTAL_BUDGET - used))
+    # Text left from an older generation (or another mode) would describe other content.
+    for key in keys.text_keys():
+        if key in existing and key not in updates:
+            updates[key] = ""
     return updates

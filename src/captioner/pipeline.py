@@ -21,6 +21,7 @@ from collections.abc import (
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
+from captioner.captions import DEFAULT_PROMPT, CaptionSpec
 from captioner.domain import (
     CaptionResult,
     Description,
@@ -44,6 +45,7 @@ from captioner.metadata import (
     is_done,
     owner_conflict,
 )
+from captioner.rules import RuleBook
 
 log = logging.getLogger("captioner")
 
@@ -78,7 +80,9 @@ class Storage(Protocol):
 class Describer(Protocol):
     model: str
 
-    async def describe(self, image: PreparedImage) -> Description: ...
+    async def describe(
+        self, image: PreparedImage, spec: CaptionSpec | None = None
+    ) -> Description: ...
 
 
 Preparer = Callable[[bytes], PreparedImage]
@@ -89,6 +93,7 @@ class PipelineConfig:
     max_bytes: int
     max_concurrency: int
     metadata_prefix: str = "caption"
+    rules: RuleBook = RuleBook(CaptionSpec(DEFAULT_PROMPT, structured=False))  # noqa: RUF009 - frozen
 
 
 def looks_like_image(info: ObjectInfo) -> bool:
@@ -114,23 +119,25 @@ class Captioner:
         self._describer = describer
         self._prepare = prepare
         self._config = config
-        self._keys = MetadataKeys(config.metadata_prefix)
+        self._keys = MetadataKeys(config.metadata_prefix, config.rules.default.languages)
+        self._rules = config.rules
         # Shared by every request on this loop: CAPTION_MAX_CONCURRENCY bounds the
         # images in flight per instance, however many events arrive at once.
         self._in_flight = asyncio.Semaphore(config.max_concurrency)
 
     async def caption_object(
-        self, ref: ObjectRef | ObjectInfo, *, overwrite: bool = False
+        self, ref: ObjectRef | ObjectInfo, *, overwrite: bool = False, if_stale: bool = False
     ) -> CaptionResult:
         """Caption one object; never raises for a per-object problem (see the Outcome).
 
         Given an ObjectInfo (from a listing), that is used instead of a fresh read;
         the write's preconditions still catch anything that changed since.
-        ``overwrite`` captions again even when this generation already has one.
+        ``overwrite`` captions again even when this generation already has one;
+        ``if_stale`` only when it was made by another model, prompt or rule.
         """
         started = time.monotonic()
         async with self._in_flight:
-            result = await self._caption_object(ref, overwrite)
+            result = await self._caption_object(ref, overwrite, if_stale)
         return _with_seconds(result, time.monotonic() - started)
 
     async def caption_many(
@@ -138,6 +145,7 @@ class Captioner:
         refs: Iterable[ObjectRef | ObjectInfo] | AsyncIterable[ObjectRef | ObjectInfo],
         *,
         overwrite: bool = False,
+        if_stale: bool = False,
     ) -> AsyncIterator[CaptionResult]:
         """Results as they complete, with at most ``max_concurrency`` objects in flight.
 
@@ -145,7 +153,7 @@ class Captioner:
         """
 
         async def one(ref: ObjectRef | ObjectInfo) -> CaptionResult:
-            return await self.caption_object(ref, overwrite=overwrite)
+            return await self.caption_object(ref, overwrite=overwrite, if_stale=if_stale)
 
         async for result in bounded_as_completed(refs, one, self._config.max_concurrency):
             yield result
@@ -166,7 +174,7 @@ class Captioner:
             data = await load()
             prepared = await asyncio.to_thread(self._prepare, data)
             del data
-            description = await self._describer.describe(prepared)
+            description = await self._describer.describe(prepared, self._rules.default)
         except PermanentError as exc:
             result = CaptionResult(source, Outcome.FAILED, reason=exc.reason, message=str(exc))
         except TransientError as exc:
@@ -175,7 +183,13 @@ class Captioner:
             caption = clean_caption(description.text) if description.text else ""
             if caption:
                 result = CaptionResult(
-                    source, Outcome.CAPTIONED, caption=caption, usage=description.usage
+                    source,
+                    Outcome.CAPTIONED,
+                    caption=caption,
+                    usage=description.usage,
+                    alt=description.alt,
+                    tags=description.tags,
+                    translations=description.translations,
                 )
             else:
                 result = CaptionResult(
@@ -186,17 +200,34 @@ class Captioner:
                 )
         return result
 
-    def needs_caption(self, info: ObjectInfo, *, overwrite: bool = False) -> str | None:
+    def needs_caption(
+        self, info: ObjectInfo, *, overwrite: bool = False, if_stale: bool = False
+    ) -> str | None:
         """Why a listed object would be skipped, or None if it needs a caption."""
         if owner_conflict(info.metadata, self._keys) is not None:
             return "metadata-conflict"
-        if not overwrite and is_done(info.metadata, info.generation, self._keys):
-            return "already-captioned"
         if not looks_like_image(info):
             return "not-an-image"
+        spec = self._rules.spec_for(info.name)
+        if spec is None:
+            return "excluded-by-rule"
+        if not overwrite and self._done(info, spec, if_stale):
+            return "already-captioned"
         return None
 
-    async def _caption_object(self, item: ObjectRef | ObjectInfo, overwrite: bool) -> CaptionResult:
+    def _done(self, info: ObjectInfo, spec: CaptionSpec, if_stale: bool) -> bool:
+        """Has this generation our final word, and (with ``if_stale``) a current one?"""
+        if not is_done(info.metadata, info.generation, self._keys):
+            return False
+        if not if_stale or info.metadata.get(self._keys.status, "").startswith("error:"):
+            return True
+        return info.metadata.get(self._keys.model) == self._describer.model and (
+            info.metadata.get(self._keys.prompt) == spec.fingerprint
+        )
+
+    async def _caption_object(
+        self, item: ObjectRef | ObjectInfo, overwrite: bool, if_stale: bool = False
+    ) -> CaptionResult:
         if isinstance(item, ObjectInfo):
             ref = ObjectRef(
                 item.bucket,
@@ -235,7 +266,8 @@ class Captioner:
                 message=f"the owner already uses the key {key!r}; set CAPTION_METADATA_PREFIX",
                 generation=info.generation,
             )
-        if not overwrite and is_done(info.metadata, info.generation, self._keys):
+        spec = self._rules.spec_for(info.name)
+        if not overwrite and self._done(info, spec or self._rules.default, if_stale):
             return _result(
                 ref,
                 Outcome.SKIPPED,
@@ -251,11 +283,20 @@ class Captioner:
                 message=f"content type {info.content_type!r}",
                 generation=info.generation,
             )
+        if spec is None:
+            rule = self._rules.rule_for(info.name)
+            return _result(
+                ref,
+                Outcome.SKIPPED,
+                reason="excluded-by-rule",
+                message=f"rule {rule.name if rule else '?'!r} excludes it",
+                generation=info.generation,
+            )
 
         try:
-            description = await self._describe(info)
+            description = await self._describe(info, spec)
         except PermanentError as exc:
-            return await self._record(ref, info, status=f"error:{exc.reason}", error=exc)
+            return await self._record(ref, info, spec, status=f"error:{exc.reason}", error=exc)
         except ObjectGoneError:
             return _result(
                 ref, Outcome.SKIPPED, reason="gone", message="deleted or replaced while captioning"
@@ -266,8 +307,20 @@ class Captioner:
             )
 
         if description.text is None:
-            return await self._record(ref, info, status="blocked", description=description)
-        return await self._record(ref, info, status="ok", description=description)
+            return await self._record(ref, info, spec, status="blocked", description=description)
+        return await self._record(ref, info, spec, status="ok", description=description)
+
+    def _texts(self, description: Description, caption: str) -> dict[str, str]:
+        keys = self._keys
+        texts = {keys.caption: caption}
+        if description.alt:
+            texts[keys.alt] = description.alt
+        if description.tags:
+            texts[keys.tags] = ",".join(description.tags)
+        for code, translation in description.translations.items():
+            if code in keys.languages[1:]:
+                texts[keys.language(code)] = translation
+        return texts
 
     def _captioned_since(self, before: ObjectInfo, now: ObjectInfo) -> bool:
         """Did someone else (a duplicate event) record a result after ``before`` was read?"""
@@ -278,7 +331,7 @@ class Captioner:
             now.metadata.get(created) != before.metadata.get(created)
         )
 
-    async def _describe(self, info: ObjectInfo) -> Description:
+    async def _describe(self, info: ObjectInfo, spec: CaptionSpec) -> Description:
         if info.size == 0:
             raise PermanentError("empty", "the object has no bytes")
         if info.size > self._config.max_bytes:
@@ -292,12 +345,13 @@ class Captioner:
         # Pillow releases the GIL while decoding; a thread keeps the loop serving others.
         prepared = await asyncio.to_thread(self._prepare, data)
         del data
-        return await self._describer.describe(prepared)
+        return await self._describer.describe(prepared, spec)
 
     async def _record(
         self,
         ref: ObjectRef,
         info: ObjectInfo,
+        spec: CaptionSpec,
         *,
         status: str,
         description: Description | None = None,
@@ -307,7 +361,11 @@ class Captioner:
         caption = clean_caption(description.text) if description and description.text else None
         if status == "ok" and not caption:
             status, caption = "blocked", None
-        model = description.model if description else self._describer.model
+        texts = self._texts(description, caption) if caption and description else None
+        provenance = {self._keys.rule: spec.rule, self._keys.prompt: spec.fingerprint}
+        # The configured model, not the version that answered, so that --if-stale
+        # compares like with like.
+        model = self._describer.model
         usage = description.usage if description else None
         outcome = {"ok": Outcome.CAPTIONED, "blocked": Outcome.BLOCKED}.get(status, Outcome.FAILED)
         reason = error.reason if error else (description.blocked_reason if description else None)
@@ -322,7 +380,8 @@ class Captioner:
                     generation=current.generation,
                     status=status,
                     model=model,
-                    caption=caption,
+                    texts=texts,
+                    provenance=provenance,
                 )
             except NoRoomError as exc:
                 return _result(
@@ -381,6 +440,9 @@ class Captioner:
                 generation=current.generation,
                 recorded=True,
                 usage=usage or Usage(),
+                alt=description.alt if description and caption else None,
+                tags=description.tags if description and caption else (),
+                translations=description.translations if description and caption else {},
             )
         return _result(
             ref,

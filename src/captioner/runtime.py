@@ -87,6 +87,7 @@ class Runtime:
                 max_bytes=s.max_bytes,
                 max_concurrency=s.max_concurrency,
                 metadata_prefix=s.metadata_prefix,
+                rules=s.rule_book(),
             ),
         )
         urls = UrlFetcher.create(

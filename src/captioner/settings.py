@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from captioner.captions import DEFAULT_PROMPT
 from captioner.errors import SettingsError
+
+if TYPE_CHECKING:
+    from captioner.rules import RuleBook
 
 ENV_PREFIX = "CAPTION_"
 
-DEFAULT_PROMPT = (
-    "Write one factual sentence (at most 30 words) describing this image, usable as "
-    "its caption and alt text. Name the main subject, the setting and notable "
-    "colours. Answer with the sentence only."
-)
 
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _LANGUAGE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
@@ -55,6 +54,8 @@ class Settings(BaseModel):
     retry_max_wait: Annotated[float, Field(ge=0, le=300)] = 30.0
     deadline: Annotated[float, Field(gt=0, le=3600)] = 480.0
     log_format: Literal["json", "text"] = "json"
+    mode: Literal["structured", "sentence"] = "structured"
+    rules: str = ""
     url_allowed_hosts: tuple[str, ...] = ()
     url_timeout: Annotated[float, Field(gt=0, le=600)] = 30.0
     url_max_redirects: Annotated[int, Field(ge=0, le=20)] = 5
@@ -83,6 +84,21 @@ class Settings(BaseModel):
         if len(set(value)) != len(value):
             raise ValueError("lists a language twice")
         return value
+
+    @field_validator("rules")
+    @classmethod
+    def _rules(cls, value: str) -> str:
+        from captioner.rules import parse_rules
+
+        parse_rules(value)
+        return value
+
+    def rule_book(self) -> RuleBook:
+        from captioner.captions import CaptionSpec
+        from captioner.rules import RuleBook, parse_rules
+
+        default = CaptionSpec(self.prompt, self.mode == "structured", self.languages)
+        return RuleBook(default, parse_rules(self.rules))
 
     @field_validator("metadata_prefix")
     @classmethod

@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gs://{BUCKET}/{name}")
             print(f"  caption-status: {status}   caption-model: {meta.get('caption-model')}")
             print(f"  caption: {meta.get('caption', '(none)')}")
+            print(f"  alt text: {meta.get('caption-alt', '(none)')}")
+            print(f"  tags: {meta.get('caption-tags', '(none)')}")
             print(f"  kept owner key uploaded-by={meta.get('uploaded-by')}")
         print()
         print(f"process start → first caption written: {cold:.2f} s")

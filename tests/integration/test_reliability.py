@@ -43,6 +43,7 @@ async def runtime(
                 "CAPTION_RETRY_MAX_WAIT": "0.2",
                 "CAPTION_GEMINI_TIMEOUT": "1",
                 "CAPTION_DEADLINE": "3",
+                "CAPTION_MODE": "sentence",
             }
         )
     )

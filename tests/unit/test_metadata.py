@@ -10,6 +10,7 @@ from captioner.metadata import (
     MetadataKeys,
     NoRoomError,
     caption_updates,
+    fit_fairly,
     clean_caption,
     is_done,
     owner_conflict,
@@ -20,14 +21,14 @@ from captioner.metadata import (
 KEYS = MetadataKeys()
 
 
-def test_keys_follow_the_prefix() -> None:
-    assert MetadataKeys("ai").all() == (
-        "ai",
-        "ai-status",
-        "ai-model",
-        "ai-generation",
-        "ai-created",
-    )
+def test_keys_follow_the_prefix_and_languages() -> None:
+    keys = MetadataKeys("ai", ("en", "de", "ja"))
+    assert keys.all() == (
+        "ai", "ai-status", "ai-model", "ai-generation", "ai-created", "ai-alt", "ai-tags",
+        "ai-rule", "ai-prompt", "ai-de", "ai-ja",
+    )  # fmt: skip
+    assert keys.language("en") == "ai"
+    assert keys.language("de") == "ai-de"
 
 
 def test_done_only_for_the_same_generation_with_a_status() -> None:
@@ -81,10 +82,16 @@ def test_updates_hold_only_our_keys_and_fit_the_budget() -> None:
         generation=9,
         status="ok",
         model="m",
-        caption="c" * 9000,
+        texts={"caption": "c" * 9000},
         now=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
     )
-    assert set(updates) == set(KEYS.all())
+    assert set(updates) == {
+        "caption",
+        "caption-status",
+        "caption-model",
+        "caption-generation",
+        "caption-created",
+    }
     assert updates["caption-created"] == "2026-01-02T03:04:05Z"
     assert size_of({**owner, **updates}) <= TOTAL_BUDGET
     assert len(updates["caption"].encode()) <= VALUE_BUDGET
@@ -92,7 +99,7 @@ def test_updates_hold_only_our_keys_and_fit_the_budget() -> None:
 
 def test_a_single_value_stays_under_four_kib() -> None:
     updates = caption_updates(
-        existing={}, keys=KEYS, generation=1, status="ok", model="m", caption="c" * 9000
+        existing={}, keys=KEYS, generation=1, status="ok", model="m", texts={"caption": "c" * 9000}
     )
     assert len(updates["caption"].encode()) <= VALUE_BUDGET
 
@@ -105,7 +112,7 @@ def test_a_failure_blanks_a_stale_caption_from_an_older_generation() -> None:
         generation=2,
         status="error:corrupt-image",
         model="m",
-        caption=None,
+        texts=None,
     )
     assert updates["caption"] == ""
     assert updates["caption-status"] == "error:corrupt-image"
@@ -119,5 +126,32 @@ def test_no_room_at_all_raises() -> None:
             generation=1,
             status="ok",
             model="m",
-            caption="x",
+            texts={"caption": "x"},
         )
+
+
+def test_tight_budget_is_shared_fairly_between_languages() -> None:
+    keys = MetadataKeys("caption", ("en", "de", "ja"))
+    texts = {
+        "caption": "e" * 3000,
+        "caption-de": "d" * 3000,
+        "caption-ja": "日" * 1000,
+        "caption-tags": "cat,floor",
+    }
+    updates = caption_updates(
+        existing={"notes": "n" * 3000},
+        keys=keys,
+        generation=1,
+        status="ok",
+        model="m",
+        texts=texts,
+    )
+    assert size_of({"notes": "n" * 3000, **updates}) <= TOTAL_BUDGET
+    assert updates["caption-tags"] == "cat,floor"  # short values keep everything
+    lengths = [len(updates[k].encode()) for k in ("caption", "caption-de", "caption-ja")]
+    assert max(lengths) - min(lengths) <= 20  # the long ones share the cut
+    assert all(updates[k].endswith("…") for k in ("caption", "caption-de", "caption-ja"))
+
+
+def test_fit_fairly_leaves_values_that_fit_alone() -> None:
+    assert fit_fairly({"a": "x", "b": "y"}, 100) == {"a": "x", "b": "y"}

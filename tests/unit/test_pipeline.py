@@ -59,6 +59,8 @@ async def test_caption_is_written_with_every_contract_key_and_owner_keys_survive
         "caption-model",
         "caption-generation",
         "caption-created",
+        "caption-rule",
+        "caption-prompt",
     }
 
 
@@ -232,9 +234,9 @@ async def test_owner_metadata_change_during_captioning_survives_the_write() -> N
     storage.put(B, "cat.jpg", images.photo(), metadata={"owner": "alice"})
 
     class EditingDescriber(ScriptedDescriber):
-        async def describe(self, image):  # type: ignore[no-untyped-def]
+        async def describe(self, image, spec=None):  # type: ignore[no-untyped-def]
             storage.owner_edits(B, "cat.jpg", {"reviewed": "yes"})
-            return await super().describe(image)
+            return await super().describe(image, spec)
 
     result = await make(storage, EditingDescriber()).caption_object(ref_for(storage, "cat.jpg"))
     assert result.outcome is Outcome.CAPTIONED
@@ -250,9 +252,9 @@ async def test_overwrite_during_captioning_never_gets_the_old_caption() -> None:
     storage.put(B, "cat.jpg", images.photo())
 
     class OverwritingDescriber(ScriptedDescriber):
-        async def describe(self, image):  # type: ignore[no-untyped-def]
+        async def describe(self, image, spec=None):  # type: ignore[no-untyped-def]
             storage.put(B, "cat.jpg", images.photo("coffee.jpg"))
-            return await super().describe(image)
+            return await super().describe(image, spec)
 
     result = await make(storage, OverwritingDescriber()).caption_object(ref_for(storage, "cat.jpg"))
     assert result.outcome is Outcome.SKIPPED
