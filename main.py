@@ -23,7 +23,7 @@ from starlette.responses import Response  # noqa: E402
 
 from captioner.entrypoints import on_upload  # noqa: E402
 from captioner.errors import BadRequestError, TransientError  # noqa: E402
-from captioner.logs import configure_logging  # noqa: E402
+from captioner.logs import configure_logging, trace_id, traced  # noqa: E402
 from captioner.runtime import Runtime  # noqa: E402
 from captioner.settings import Settings  # noqa: E402
 
@@ -39,7 +39,8 @@ log = logging.getLogger("captioner")
 async def caption_on_upload(event: Any) -> None:
     """Caption the object named by a ``google.cloud.storage.object.v1.finalized`` event."""
     try:
-        await on_upload(RUNTIME, event["type"], event.data)
+        with traced(trace_id(event.get("traceparent"))):
+            await on_upload(RUNTIME, event["type"], event.data)
     except BadRequestError as exc:
         log.error("malformed event: %s", exc, extra={"fields": {"event_id": event["id"]}})
         raise HTTPException(exc.status, detail=f"malformed event: {exc}") from None
@@ -54,4 +55,8 @@ async def caption_http(request: Request) -> Response:
     """Caption objects, a prefix or image URLs on request (see README)."""
     from captioner.http_api import handle
 
-    return await handle(RUNTIME, request)
+    trace = trace_id(
+        request.headers.get("traceparent"), request.headers.get("x-cloud-trace-context")
+    )
+    with traced(trace):
+        return await handle(RUNTIME, request)

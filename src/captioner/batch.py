@@ -112,7 +112,10 @@ class BatchRun:
         async for info in self._lister.list_objects(request.bucket, request.prefix):
             if chosen >= request.limit:
                 return
-            if self._captioner.needs_caption(info, overwrite=request.overwrite) is None:
+            reason = self._captioner.needs_caption(
+                info, overwrite=request.overwrite, if_stale=request.if_stale
+            )
+            if reason is None:
                 chosen += 1
                 yield info
             else:

@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("target", help="gs://bucket or gs://bucket/prefix")
     backfill.add_argument("--overwrite", action="store_true", help="caption again even if done")
     backfill.add_argument("--dry-run", action="store_true", help="list what would be captioned")
+    backfill.add_argument(
+        "--if-stale",
+        action="store_true",
+        help="caption again where the model, prompt or rule has changed since",
+    )
     backfill.add_argument("--limit", type=int, default=1_000_000, help="at most this many images")
 
     for command in (describe, backfill):
@@ -100,7 +105,9 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         else:
             bucket, prefix = _parse_target(args.target)
             run = BatchRun(
-                PrefixRequest(bucket, prefix, args.limit, args.overwrite, args.dry_run),
+                PrefixRequest(
+                    bucket, prefix, args.limit, args.overwrite, args.dry_run, args.if_stale
+                ),
                 captioner=resources.captioner,
                 lister=resources.storage,
                 fetch=resources.urls.fetch,

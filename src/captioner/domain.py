@@ -106,3 +106,4 @@ class CaptionResult:
     alt: str | None = None
     tags: tuple[str, ...] = ()
     translations: Mapping[str, str] = field(default_factory=dict)
+    stages: Mapping[str, float] = field(default_factory=dict)

@@ -14,6 +14,7 @@ from typing import Any
 from captioner.domain import CaptionResult, Outcome
 from captioner.errors import TransientError
 from captioner.events import FINALIZED, object_ref_from_event
+from captioner.logs import LABELS_KEY
 from captioner.runtime import Runtime
 
 log = logging.getLogger("captioner")
@@ -39,6 +40,11 @@ async def on_upload(runtime: Runtime, event_type: str | None, data: Any) -> Capt
             f"{ref.uri}: not done within CAPTION_DEADLINE={runtime.settings.deadline:g}s"
         ) from None
     log_result(result)
+    log.info(
+        "caption_on_upload done: %s in %.2fs", result.outcome.value, result.seconds,
+        extra={"fields": {"summary": True, "outcome": result.outcome.value,
+                          "seconds": round(result.seconds, 3)}},
+    )  # fmt: skip
     if result.outcome is Outcome.RETRY:
         raise TransientError(f"{ref.uri}: {result.message}")
     return result
@@ -51,8 +57,12 @@ def log_result(result: CaptionResult) -> None:
         Outcome.BLOCKED: logging.WARNING,
         Outcome.FAILED: logging.ERROR,
         Outcome.RETRY: logging.WARNING,
+        Outcome.PLANNED: logging.INFO,
     }[result.outcome]
     ref = result.ref
+    labels = {"bucket": ref.bucket, "object": ref.name} if ref else {"source": result.source}
+    if result.generation or (ref and ref.generation):
+        labels["generation"] = str(result.generation or (ref.generation if ref else ""))
     log.log(
         level,
         "%s %s%s",
@@ -61,6 +71,7 @@ def log_result(result: CaptionResult) -> None:
         f" ({result.reason})" if result.reason else "",
         extra={
             "fields": {
+                LABELS_KEY: labels,
                 "bucket": ref.bucket if ref else None,
                 "object": ref.name if ref else result.source,
                 "generation": result.generation or (ref.generation if ref else None),
@@ -71,6 +82,7 @@ def log_result(result: CaptionResult) -> None:
                 "prompt_tokens": result.usage.prompt_tokens,
                 "output_tokens": result.usage.output_tokens,
                 "seconds": round(result.seconds, 3),
+                "stages": dict(result.stages),
             }
         },
     )

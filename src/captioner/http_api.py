@@ -15,6 +15,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from captioner.batch import BatchRun, result_json
+from captioner.entrypoints import log_result
 from captioner.errors import BadRequestError, ObjectGoneError, PermanentError, TransientError
 from captioner.http_requests import CaptionRequest, ObjectsRequest, PrefixRequest, parse_body
 from captioner.runtime import Runtime
@@ -49,6 +50,7 @@ async def handle(runtime: Runtime, request: Request) -> Response:
     results: list[dict[str, Any]] = []
     try:
         async for result in run.results():
+            log_result(result)
             results.append(result_json(result))
     except ObjectGoneError as exc:
         return error(404, str(exc))
@@ -56,16 +58,28 @@ async def handle(runtime: Runtime, request: Request) -> Response:
         return error(400, str(exc))
     except TransientError as exc:
         return error(503, f"try again later: {exc}")
+    _log_summary(run)
     return JSONResponse({"results": results, "totals": run.totals.as_dict()})
+
+
+def _log_summary(run: BatchRun) -> None:
+    totals = run.totals.as_dict()
+    log.info(
+        "caption_http done: %s",
+        ", ".join(f"{k} {v}" for k, v in totals.items() if v),
+        extra={"fields": {"summary": True, "request": type(run.request).__name__, **totals}},
+    )
 
 
 async def _ndjson(run: BatchRun) -> AsyncIterator[bytes]:
     """One JSON line per image as it completes, then one line of totals."""
     try:
         async for result in run.results():
+            log_result(result)
             yield _line(result_json(result))
     except (ObjectGoneError, PermanentError, TransientError) as exc:
         yield _line({"error": {"message": str(exc)}})
+    _log_summary(run)
     yield _line({"totals": run.totals.as_dict()})
 
 

@@ -36,6 +36,7 @@ class PrefixRequest:
     limit: int = 1000
     overwrite: bool = False
     dry_run: bool = False
+    if_stale: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +48,7 @@ CaptionRequest = ObjectsRequest | PrefixRequest | UrlsRequest
 
 _FIELDS: dict[str, frozenset[str]] = {
     "objects": frozenset({"objects", "overwrite"}),
-    "bucket": frozenset({"bucket", "prefix", "limit", "overwrite", "dry_run"}),
+    "bucket": frozenset({"bucket", "prefix", "limit", "overwrite", "dry_run", "if_stale"}),
     "urls": frozenset({"urls"}),
 }
 
@@ -112,6 +113,7 @@ def parse_request(body: Any) -> CaptionRequest:
         limit=limit,
         overwrite=_bool(body, "overwrite"),
         dry_run=_bool(body, "dry_run"),
+        if_stale=_bool(body, "if_stale"),
     )
 
 

@@ -9,8 +9,39 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
+
+TRACE_KEY = "logging.googleapis.com/trace"
+LABELS_KEY = "logging.googleapis.com/labels"
+_TRACE: ContextVar[str | None] = ContextVar("captioner_trace", default=None)
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+_CLOUD_TRACE = re.compile(r"^([0-9a-fA-F]{32})(?:/\d+)?(?:;o=\d)?$")
+
+
+def trace_id(traceparent: str | None, cloud_trace_context: str | None = None) -> str | None:
+    """The trace id from a W3C ``traceparent`` or an ``X-Cloud-Trace-Context`` header."""
+    if traceparent and (match := _TRACEPARENT.match(traceparent.strip().lower())):
+        return match.group(1)
+    if cloud_trace_context and (match := _CLOUD_TRACE.match(cloud_trace_context.strip())):
+        return match.group(1).lower()
+    return None
+
+
+@contextmanager
+def traced(trace: str | None) -> Iterator[None]:
+    """Every log line inside carries this trace, as Cloud Logging links them."""
+    token = _TRACE.set(trace)
+    try:
+        yield
+    finally:
+        _TRACE.reset(token)
+
 
 _SEVERITY = {
     logging.DEBUG: "DEBUG",
@@ -31,6 +62,10 @@ class JsonFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             entry.update(fields)
+        trace = _TRACE.get()
+        if trace:
+            project = os.environ.get("GOOGLE_CLOUD_PROJECT")
+            entry[TRACE_KEY] = f"projects/{project}/traces/{trace}" if project else trace
         if record.exc_info:
             entry["message"] += "\n" + self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False, default=str)

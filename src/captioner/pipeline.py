@@ -16,8 +16,11 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
+    Iterator,
     Mapping,
 )
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
@@ -136,9 +139,14 @@ class Captioner:
         ``if_stale`` only when it was made by another model, prompt or rule.
         """
         started = time.monotonic()
-        async with self._in_flight:
-            result = await self._caption_object(ref, overwrite, if_stale)
-        return _with_seconds(result, time.monotonic() - started)
+        stages = Stages()
+        token = _CURRENT_STAGES.set(stages)
+        try:
+            async with self._in_flight:
+                result = await self._caption_object(ref, overwrite, if_stale)
+        finally:
+            _CURRENT_STAGES.reset(token)
+        return replace(result, seconds=time.monotonic() - started, stages=dict(stages.seconds))
 
     async def caption_many(
         self,
@@ -339,13 +347,20 @@ class Captioner:
                 "too-large",
                 f"{info.size} bytes is over CAPTION_MAX_BYTES={self._config.max_bytes}",
             )
-        data = await self._storage.download(
-            info.bucket, info.name, generation=info.generation, max_bytes=self._config.max_bytes
-        )
+        stages = _stages()
+        with stages.measure("fetch"):
+            data = await self._storage.download(
+                info.bucket,
+                info.name,
+                generation=info.generation,
+                max_bytes=self._config.max_bytes,
+            )
         # Pillow releases the GIL while decoding; a thread keeps the loop serving others.
-        prepared = await asyncio.to_thread(self._prepare, data)
+        with stages.measure("prepare"):
+            prepared = await asyncio.to_thread(self._prepare, data)
         del data
-        return await self._describer.describe(prepared, spec)
+        with stages.measure("describe"):
+            return await self._describer.describe(prepared, spec)
 
     async def _record(
         self,
@@ -393,13 +408,14 @@ class Captioner:
                     generation=current.generation,
                 )
             try:
-                written = await self._storage.patch_metadata(
-                    ref.bucket,
-                    ref.name,
-                    updates,
-                    if_generation_match=current.generation,
-                    if_metageneration_match=current.metageneration,
-                )
+                with _stages().measure("write"):
+                    written = await self._storage.patch_metadata(
+                        ref.bucket,
+                        ref.name,
+                        updates,
+                        if_generation_match=current.generation,
+                        if_metageneration_match=current.metageneration,
+                    )
             except PreconditionFailedError:
                 try:
                     latest = await self._storage.get_object(ref.bucket, ref.name)
@@ -495,9 +511,29 @@ async def _aiter(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
             yield item
 
 
+class Stages:
+    """Seconds spent in each stage of one object (fetch, prepare, describe, write)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def measure(self, stage: str) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            elapsed = time.monotonic() - started
+            self.seconds[stage] = round(self.seconds.get(stage, 0.0) + elapsed, 4)
+
+
+_CURRENT_STAGES: ContextVar[Stages | None] = ContextVar("captioner_stages", default=None)
+
+
+def _stages() -> Stages:
+    """The stopwatch of the object being captioned in this task (a spare one outside)."""
+    return _CURRENT_STAGES.get() or Stages()
+
+
 def _result(ref: ObjectRef, outcome: Outcome, **fields: Any) -> CaptionResult:
     return CaptionResult(ref.uri, outcome, ref=ref, **fields)
-
-
-def _with_seconds(result: CaptionResult, seconds: float) -> CaptionResult:
-    return replace(result, seconds=seconds)

@@ -106,6 +106,7 @@ class FunctionServer:
                 self._process.wait()
             self._process = None
         self._log.close()
+        Path(self._log.name).unlink(missing_ok=True)
 
     def __enter__(self) -> FunctionServer:
         return self.start()
