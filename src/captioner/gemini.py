@@ -54,20 +54,32 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def make_client(timeout_seconds: float, environ: Mapping[str, str] | None = None) -> genai.Client:
-    """A client for the current event loop, configured from the SDK's own variables."""
+def make_client(
+    timeout_seconds: float,
+    environ: Mapping[str, str] | None = None,
+    *,
+    credentials: Any = None,
+) -> genai.Client:
+    """A client for the current event loop, configured from the SDK's own variables.
+
+    ``environ`` defaults to the process environment; ``credentials`` (Vertex AI
+    only) default to Application Default Credentials.
+    """
     env = os.environ if environ is None else environ
-    http_options = types.HttpOptions(timeout=int(timeout_seconds * 1000))
-    if _truthy(env.get("GOOGLE_GENAI_USE_VERTEXAI")) and env.get("GOOGLE_GEMINI_BASE_URL"):
-        # With a custom base URL the SDK does not read project and location from the
-        # environment and would post to the bare base URL.
+    base_url = env.get("GOOGLE_GEMINI_BASE_URL") or None
+    http_options = types.HttpOptions(timeout=int(timeout_seconds * 1000), base_url=base_url)
+    if _truthy(env.get("GOOGLE_GENAI_USE_VERTEXAI")):
+        # Passed explicitly: with a custom base URL the SDK does not read project and
+        # location from the environment and would post to the bare base URL.
         return genai.Client(
             vertexai=True,
             project=env.get("GOOGLE_CLOUD_PROJECT"),
             location=env.get("GOOGLE_CLOUD_LOCATION") or "global",
+            credentials=credentials,
             http_options=http_options,
         )
-    return genai.Client(http_options=http_options)
+    api_key = env.get("GEMINI_API_KEY") or env.get("GOOGLE_API_KEY")
+    return genai.Client(api_key=api_key, http_options=http_options)
 
 
 class GeminiDescriber:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,13 +18,16 @@ from captioner_dev.functions import REPO, FunctionServer
 from tests import images
 from tests.integration.test_storage_adapter import ODD_NAMES
 
+SECRET_KEY = "AIza-secret-that-must-never-be-logged-7d1e"
+
 
 @pytest.fixture(scope="module")
 def upload_function(gcs: Any, gemini_thread: Any) -> Iterator[FunctionServer]:
     env = {
         "STORAGE_EMULATOR_HOST": gcs.url,
         "GOOGLE_GEMINI_BASE_URL": gemini_thread.base_url,
-        "GEMINI_API_KEY": "test-key",
+        "GEMINI_API_KEY": SECRET_KEY,
+        "GOOGLE_CLOUD_PROJECT": "demo-project",
         "CAPTION_GEMINI_ATTEMPTS": "2",
         "CAPTION_RETRY_MAX_WAIT": "0.2",
     }
@@ -188,3 +192,40 @@ def test_bad_setting_stops_the_instance_at_start_naming_the_variable() -> None:
     )
     assert completed.returncode != 0
     assert "CAPTION_MAX_EDGE" in completed.stderr
+
+
+def test_log_lines_are_cloud_logging_json_with_trace_labels_and_stages(
+    gcs: Any, bucket: Any, gemini: Any, upload_function: FunctionServer
+) -> None:
+    upload(bucket, "logged.jpg", images.photo("rocket.jpg"))
+    headers, body = binary_event(resource(gcs, bucket.name, "logged.jpg"))
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    headers["ce-traceparent"] = f"00-{trace}-00f067aa0ba902b7-01"
+    assert deliver(upload_function, headers, body).status_code == 200
+
+    lines = [json.loads(line) for line in upload_function.log_text().splitlines()
+             if line.startswith("{")]  # fmt: skip
+    mine = [e for e in lines if e.get("object") == "logged.jpg"]
+    assert len(mine) == 1
+    entry = mine[0]
+    assert entry["severity"] == "INFO"
+    assert entry["logging.googleapis.com/trace"] == f"projects/demo-project/traces/{trace}"
+    labels = entry["logging.googleapis.com/labels"]
+    assert labels["bucket"] == bucket.name
+    assert labels["object"] == "logged.jpg"
+    assert labels["generation"] == str(bucket.get_blob("logged.jpg").generation)
+    assert entry["prompt_tokens"] > 258
+    assert set(entry["stages"]) == {"fetch", "prepare", "describe", "write"}
+    summaries = [e for e in lines if e.get("summary") and e.get("logging.googleapis.com/trace")]
+    assert summaries
+
+
+def test_logs_never_contain_the_api_key_or_image_bytes(
+    gcs: Any, bucket: Any, gemini: Any, upload_function: FunctionServer
+) -> None:
+    upload(bucket, "private.jpg", images.photo("astronaut.jpg"))
+    gemini.add_fault("invalid_argument", count=1)  # an error path logs more
+    deliver(upload_function, *binary_event(resource(gcs, bucket.name, "private.jpg")))
+    text = upload_function.log_text()
+    assert SECRET_KEY not in text
+    assert not re.search(r"[A-Za-z0-9+/_-]{200,}", text)  # no base64 payloads
