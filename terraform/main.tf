@@ -38,8 +38,10 @@ locals {
       CAPTION_ALLOWED_BUCKETS = join(",", sort(local.runtime_buckets))
       CAPTION_LANGUAGES       = join(",", var.caption_languages)
       CAPTION_METADATA_PREFIX = var.caption_metadata_prefix
+      CAPTION_MODE            = var.caption_mode
     },
     var.caption_prompt == null ? {} : { CAPTION_PROMPT = var.caption_prompt },
+    length(var.caption_rules) == 0 ? {} : { CAPTION_RULES = jsonencode(var.caption_rules) },
   )
 
   # Vertex AI is reached with the runtime service account (ADC); the API key, in the

@@ -309,6 +309,35 @@ variable "caption_prompt" {
   }
 }
 
+variable "caption_mode" {
+  type        = string
+  description = "CAPTION_MODE: \"structured\" (caption, alt text and tags under a response schema) or \"sentence\" (one plain sentence)."
+  default     = "structured"
+
+  validation {
+    condition     = contains(["structured", "sentence"], var.caption_mode)
+    error_message = "caption_mode must be \"structured\" or \"sentence\"."
+  }
+}
+
+variable "caption_rules" {
+  type = list(object({
+    name    = string
+    match   = optional(string)
+    prefix  = optional(string)
+    exclude = optional(bool)
+    prompt  = optional(string)
+    mode    = optional(string)
+  }))
+  description = "Per-prefix rules (CAPTION_RULES), first match wins: a glob \"match\" or a \"prefix\", and either exclude = true or a prompt and mode."
+  default     = []
+
+  validation {
+    condition     = alltrue([for r in var.caption_rules : (r.match == null) != (r.prefix == null)])
+    error_message = "Each rule in caption_rules needs exactly one of match or prefix."
+  }
+}
+
 variable "caption_max_concurrency" {
   type        = number
   description = "Images in flight at most per instance (CAPTION_MAX_CONCURRENCY)."

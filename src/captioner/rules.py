@@ -93,6 +93,8 @@ def parse_rules(text: str) -> tuple[Rule, ...]:
         for key in ("match", "prefix", "prompt"):
             if item.get(key) is not None and not isinstance(item[key], str):
                 raise ValueError(f"{where} ({name}): {key!r} must be a string")
+        # Terraform's jsonencode writes unset optional attributes as null.
+        item = {k: v for k, v in item.items() if v is not None}
         if not isinstance(item.get("exclude", False), bool):
             raise ValueError(f"{where} ({name}): 'exclude' must be true or false")
         if item.get("mode") not in (None, "structured", "sentence"):
