@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -104,19 +105,36 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             stream = _describe(runtime, files, urls, settings.max_concurrency)
         else:
             bucket, prefix = _parse_target(args.target)
-            run = BatchRun(
-                PrefixRequest(
-                    bucket, prefix, args.limit, args.overwrite, args.dry_run, args.if_stale
-                ),
-                captioner=resources.captioner,
-                lister=resources.storage,
-                fetch=resources.urls.fetch,
-                concurrency=settings.max_concurrency,
+            request = PrefixRequest(
+                bucket, prefix, args.limit, args.overwrite, args.dry_run, args.if_stale
             )
-            totals = run.totals
+
+            def batch(request: PrefixRequest) -> BatchRun:
+                return BatchRun(
+                    request,
+                    captioner=resources.captioner,
+                    lister=resources.storage,
+                    fetch=resources.urls.fetch,
+                    concurrency=settings.max_concurrency,
+                )
+
             total = None
+            if _shows_progress(args) and not args.dry_run:
+                # A listing pass first, so the bar can show an ETA: listing costs
+                # milliseconds per thousand objects, captioning seconds per image.
+                plan = batch(replace(request, dry_run=True))
+                total = sum([1 async for _ in plan.results()])
+            run = batch(request)
+            totals = run.totals
             stream = run.results()
-        await _report(stream, totals, total, as_json=args.json, progress=not args.no_progress)
+        await _report(
+            stream,
+            totals,
+            total,
+            as_json=args.json,
+            progress=not args.no_progress,
+            count_here=args.command == "describe",
+        )
     except ObjectGoneError as exc:
         print(f"error: {exc} (does the bucket exist?)", file=sys.stderr)
         return 2
@@ -204,9 +222,10 @@ async def _report(
     *,
     as_json: bool,
     progress: bool,
+    count_here: bool,
 ) -> None:
     bar = _progress_bar(total, enabled=progress and sys.stderr.isatty())
-    own_totals = totals.counts.total() == 0 and total is not None
+    own_totals = count_here
     try:
         async for result in stream:
             if own_totals:
@@ -220,6 +239,10 @@ async def _report(
             bar.close()
     if as_json:
         print(json.dumps({"totals": totals.as_dict()}), flush=True)
+
+
+def _shows_progress(args: argparse.Namespace) -> bool:
+    return not args.no_progress and sys.stderr.isatty()
 
 
 def _progress_bar(total: int | None, *, enabled: bool) -> Any:
