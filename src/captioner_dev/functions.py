@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 
 from captioner_dev.gcs import free_port
+from captioner_dev.process import LoggedProcess
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-class FunctionServer:
+class FunctionServer(LoggedProcess):
     """``functions-framework --target TARGET --source main.py`` on 127.0.0.1."""
 
     def __init__(
@@ -29,22 +27,19 @@ class FunctionServer:
         signature_type: str = "http",
         port: int | None = None,
     ) -> None:
+        super().__init__(f"ff-{target}-")
         self.target = target
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._env = dict(env)
         self._signature_type = signature_type
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
-            prefix=f"ff-{target}-", suffix=".log", delete=False
-        )
         self.started_at = 0.0
 
     def start(self, timeout: float = 30.0) -> FunctionServer:
         env = {**os.environ, **self._env}
         env.pop("PYTHONPATH", None)  # main.py must find src/ by itself, as when deployed
         self.started_at = time.monotonic()
-        self._process = subprocess.Popen(
+        self._spawn(
             [
                 sys.executable,
                 "-m",
@@ -62,12 +57,10 @@ class FunctionServer:
             ],
             cwd=REPO,
             env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._process.poll() is not None:
+            if self.exited():
                 raise RuntimeError(f"functions-framework exited:\n{self.log_text()[-3000:]}")
             try:
                 urllib.request.urlopen(f"{self.url}/robots.txt", timeout=1)
@@ -92,32 +85,6 @@ class FunctionServer:
         a child of the one we started.
         """
         return max(_peak_rss_mib(pid) for pid in _process_tree(self.pid))
-
-    def log_text(self) -> str:
-        return Path(self._log.name).read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-            self._process = None
-        self._log.close()
-        Path(self._log.name).unlink(missing_ok=True)
-
-    def __enter__(self) -> FunctionServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _process_tree(pid: int) -> list[int]:

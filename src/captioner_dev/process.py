@@ -1,0 +1,60 @@
+"""A child process of the local stack, with its output kept in a temporary log file."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+
+class LoggedProcess:
+    """Starts with ``_spawn``; ``stop`` ends it and removes its log. Subclasses add ``start``."""
+
+    def __init__(self, log_prefix: str) -> None:
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
+            prefix=log_prefix, suffix=".log", delete=False
+        )
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def _spawn(
+        self, args: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None
+    ) -> subprocess.Popen[bytes]:
+        self._process = subprocess.Popen(
+            list(args), cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        return self._process
+
+    def exited(self) -> bool:
+        return self._process is None or self._process.poll() is not None
+
+    def log_text(self) -> str:
+        return Path(self._log.name).read_text(errors="replace")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+        self._log.close()
+        Path(self._log.name).unlink(missing_ok=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
