@@ -24,8 +24,8 @@ checkov:
 	bash tests/terraform/run_checkov.sh
 
 lint: $(STAMP)
-	$(BIN)/ruff check src main.py tests
-	$(BIN)/ruff format --check src main.py tests
+	$(BIN)/ruff check src main.py tests bench
+	$(BIN)/ruff format --check src main.py tests bench
 	$(BIN)/mypy
 
 unit: $(STAMP)

@@ -1,0 +1,43 @@
+"""The benchmark's smoke mode runs end to end and produces its table (not a performance test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_bench_smoke_mode_writes_its_table(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTION_")}
+    process = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--out", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    approaches = {run["run"]["approach"] for run in results["runs"]}
+    assert approaches == {"sequential", "naive", "pipeline"}
+    for run in results["runs"]:
+        if run["run"]["quota_rps"] is None:
+            assert run["captioned"] == run["run"]["count"], run
+        assert run["peak_rss_mib"] > 0
+    assert results["cold_start"]["statuses"] == ["200/ok"]
+    assert results["elapsed_s"] < 60
+
+    table = (tmp_path / "RESULTS.md").read_text()
+    assert "| approach | images | n | concurrency | wall (s) | images/s |" in table
+    assert "| target | goal | measured | verdict |" in table
+    for label in ("(a) sequential", "(b) naive as_completed", "(c) pipeline"):
+        assert label in table
