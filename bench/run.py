@@ -60,7 +60,7 @@ def full_plan() -> Plan:
         Run("photos-pipeline-64-few", "pipeline", "photos", 250, 64),
         Run("photos-pipeline-16", "pipeline", "photos", 250, 16),
         Run("photos-naive", "naive", "photos", 1000, None),
-        Run("quota", "pipeline", "mix", 400, 64, quota_rps=20.0),
+        Run("quota", "pipeline", "mix", 1000, 64, quota_rps=20.0),
     )
     return Plan(False, 1000, 1000, runs, LATENCY, 9, 5, 5, 1000, 90.0)
 
@@ -134,6 +134,35 @@ def drain_ceiling(
     }
 
 
+def only(plan: Plan, keys: list[str]) -> int:
+    """Just the named runs, for trying a change; nothing is written."""
+    known = {run.key: run for run in plan.runs}
+    if unknown := [key for key in keys if key not in known]:
+        print(f"unknown run keys {unknown}; known: {', '.join(known)}", file=sys.stderr)
+        return 2
+    catalogue = data.build()
+    with FakeGcs() as gcs, StubProcess() as stub:
+        stack = Stack(gcs, stub)
+        stack.create_bucket(BUCKET)
+        runs = [known[key] for key in keys]
+        sets = {
+            "mix": data.plan(catalogue, "mix/", plan.mix_count),
+            "photos": data.plan(catalogue, "photos/", plan.photo_count, kinds="photo"),
+        }
+        needed = {run.images for run in runs}
+        stack.upload(BUCKET, [p for kind in needed for p in sets[kind]])
+        for run in runs:
+            names = [p.name for p in sets[run.images]]
+            measured = measure(stack, run, names, plan.latency)
+            print(json.dumps(measured.summary()), flush=True)
+            _progress(
+                f"{run.key}: {measured.wall:.1f} s, {measured.throughput:.1f} images/s, "
+                f"efficiency {measured.efficiency:.2f}, peak {measured.peak_rss_mib:.0f} MiB, "
+                f"outcomes {measured.worker['outcomes']}"
+            )
+    return 0
+
+
 def _progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -147,8 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         help="where RESULTS.md, results.json and the plot go (default: "
         "bench/ for a full run, bench/out/smoke/ for --smoke)",
     )
+    parser.add_argument(
+        "--only",
+        help="comma-separated run keys (e.g. pipeline-64,quota): measure just those and print "
+        "their figures, without the other measurements or RESULTS.md",
+    )
     args = parser.parse_args(argv)
     plan = smoke_plan() if args.smoke else full_plan()
+    if args.only:
+        return only(plan, args.only.split(","))
     out: Path = args.out or (BENCH / "out" / "smoke" if plan.smoke else BENCH)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m bench.run" + (" --smoke" if plan.smoke else "")

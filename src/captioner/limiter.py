@@ -1,16 +1,34 @@
-"""Adaptive concurrency for Gemini calls: additive increase, multiplicative decrease.
+"""Adaptive concurrency for Gemini calls, following a quota without thrashing against it.
 
-When Gemini answers 429 the number of calls allowed in flight halves (at most once
-per ``cooldown`` seconds, so one burst of 429s counts once); each success adds
-``1/limit``, so the limit grows by about one per round of calls. A backfill then
-settles near the quota's rate instead of thrashing against it.
+A quota caps requests per second, so the calls worth having in flight are the quota
+times the model's latency (Little's law). The limiter learns that number from 429s:
+
+- It starts at ``initial`` and, until the first 429, adds one call per success
+  (doubling per round of calls, as TCP's slow start).
+- A 429 marks a *ceiling*: the rate of successes over the last two latencies (at
+  least a second) times their latency, which is Little's law again and is what the
+  quota let through. The limit drops to ``decrease`` times that (0.7), so the
+  excess drains, and then climbs back one call per success up to ``recover`` of
+  the ceiling (0.9): within about one round it runs just under the quota again.
+- Before a second of successes has been seen (the first burst) the ceiling is the
+  calls in flight less those refused with them, and the limit only drops to 0.7
+  of that, again with each new burst, until a measured ceiling takes over.
+- Above that it probes by one call per round (``1/limit`` per success), and the
+  next 429 sets a new ceiling. The limit so saw-tooths between 0.9 and 1.0 of what
+  the quota allows, instead of between 0.5 and 1.0 as plain halving does.
+- Only a 429 for a call started after the last decrease lowers the limit again:
+  the others were sent under the old limit and say nothing new (TCP's one cut per
+  window), so one burst of 429s counts once.
+
+A 429 that names a delay (RetryInfo) also holds every new call until it is over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -21,33 +39,54 @@ class LimiterStats:
     in_flight: int
     decreases: int
     throttled: int
+    ceiling: int | None
 
 
 class AdaptiveLimiter:
     """Bounds calls in flight to a limit that follows the service's answers."""
 
     def __init__(
-        self, maximum: int, *, minimum: int = 1, initial: int | None = None, cooldown: float = 0.25
+        self,
+        maximum: int,
+        *,
+        minimum: int = 1,
+        initial: int | None = None,
+        decrease: float = 0.7,
+        recover: float = 0.9,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 1 <= minimum <= maximum:
             raise ValueError("need 1 <= minimum <= maximum")
+        if not 0 < decrease <= recover <= 1:
+            raise ValueError("need 0 < decrease <= recover <= 1")
+        self._clock = clock
         self._min = float(minimum)
         self._max = float(maximum)
         self._limit = float(initial if initial is not None else maximum)
-        self._cooldown = cooldown
+        self._decrease = decrease
+        self._recover = recover
         self._in_flight = 0
         self._last_decrease = -float("inf")
         self._decreases = 0
         self._throttled = 0
         self._condition: asyncio.Condition | None = None
         self._resume_at = 0.0
-        # Slow start, as in TCP: +1 per success (doubling per round of calls) until
-        # the first 429, then +1 per round.
-        self._slow_start = True
+        self._ceiling: int | None = None
+        self._measured = False
+        # Below this the limit grows by one per success; above it, by ``_probe`` per round.
+        self._fast_until = self._max
+        self._probe = 1.0
+        self._round_successes = 0.0
+        # For Little's law: when successes ended, and how long calls take (moving average).
+        self._ends: deque[float] = deque()
+        self._latency: float | None = None
+        self._first_end: float | None = None
 
     @property
     def stats(self) -> LimiterStats:
-        return LimiterStats(self._limit, self._in_flight, self._decreases, self._throttled)
+        return LimiterStats(
+            self._limit, self._in_flight, self._decreases, self._throttled, self._ceiling
+        )
 
     def _allowed(self) -> bool:
         return self._in_flight < int(self._limit)
@@ -59,15 +98,15 @@ class AdaptiveLimiter:
         while True:
             # After a 429 that named a delay, nobody starts a call before it is over:
             # the whole herd waits, instead of each call finding out for itself.
-            pause = self._resume_at - time.monotonic()
+            pause = self._resume_at - self._clock()
             if pause > 0:
                 await asyncio.sleep(pause)
             async with self._condition:
                 await self._condition.wait_for(self._allowed)
-                if self._resume_at <= time.monotonic():
+                if self._resume_at <= self._clock():
                     self._in_flight += 1
                     break
-        slot = Slot()
+        slot = Slot(self._clock())
         try:
             yield slot
         finally:
@@ -79,25 +118,81 @@ class AdaptiveLimiter:
     def _finish(self, slot: Slot) -> None:
         if slot.outcome == "throttled":
             self._throttled += 1
-            now = time.monotonic()
+            now = self._clock()
             if slot.retry_after:
                 self._resume_at = max(self._resume_at, now + slot.retry_after)
-            self._slow_start = False
-            if now - self._last_decrease >= self._cooldown:
-                self._limit = max(self._min, self._limit / 2)
+            if slot.started_at > self._last_decrease:
+                sustained = self._sustained(now)
+                self._measured = sustained is not None
+                # In flight: this call is one of them, and was not let through.
+                ceiling = max(1, min(self._in_flight - 1, sustained or self._in_flight))
+                self._ceiling = ceiling
+                self._limit = max(self._min, min(self._limit, ceiling) * self._decrease)
+                # Climb straight back only to a ceiling measured by the successes; the
+                # calls in flight at the first 429 (often the whole initial burst) are
+                # no measure of the quota.
+                recover = self._recover if self._measured else self._decrease
+                self._fast_until = max(self._limit, ceiling * recover)
                 self._last_decrease = now
                 self._decreases += 1
+                self._probe = 1.0
+                self._round_successes = 0.0
+            elif not self._measured and self._ceiling is not None and self._ceiling > 1:
+                # Another refusal from that same burst: one call fewer got through than
+                # were in flight. (A measured ceiling already counts only successes.)
+                self._ceiling -= 1
+                self._limit = max(self._min, min(self._limit, self._ceiling * self._decrease))
+                self._fast_until = self._limit
         elif slot.outcome == "ok":
-            step = 1.0 if self._slow_start else 1 / self._limit
-            self._limit = min(self._max, self._limit + step)
+            self._observe(slot)
+            if self._limit < self._fast_until:
+                self._limit = min(self._max, self._limit + 1.0)
+                return
+            self._limit = min(self._max, self._limit + self._probe / self._limit)
+            self._round_successes += 1
+            if self._round_successes >= self._limit:
+                # A whole round without a 429: probe twice as far in the next one.
+                self._round_successes = 0.0
+                self._probe = min(self._probe * 2, max(1.0, self._limit / 4))
+
+    def _observe(self, slot: Slot) -> None:
+        now = self._clock()
+        took = now - slot.started_at
+        self._latency = took if self._latency is None else 0.9 * self._latency + 0.1 * took
+        self._ends.append(now)
+        if self._first_end is None:
+            self._first_end = now
+        window = self._window()
+        while self._ends and self._ends[0] < now - window:
+            self._ends.popleft()
+
+    def _window(self) -> float:
+        return max(1.0, 2 * (self._latency or 0.0))
+
+    def _sustained(self, now: float) -> int | None:
+        """Calls in flight the service has been accepting: its recent rate of successes
+        times their latency. The calls in flight at a 429 overstate it when they all
+        started together (after a pause), most of them to be refused at once.
+        """
+        window = self._window()
+        if (
+            self._latency is None
+            or self._first_end is None
+            or now - self._first_end < window
+            or len(self._ends) < 5
+        ):
+            return None  # not enough seen yet
+        recent = sum(1 for end in self._ends if end >= now - window)
+        return max(1, round(recent / window * self._latency))
 
 
 class Slot:
     """What happened during one call; undecided calls (other errors) change nothing."""
 
-    __slots__ = ("outcome", "retry_after")
+    __slots__ = ("outcome", "retry_after", "started_at")
 
-    def __init__(self) -> None:
+    def __init__(self, started_at: float = 0.0) -> None:
+        self.started_at = started_at
         self.outcome: str | None = None
         self.retry_after: float | None = None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import (
     AsyncIterable,
@@ -19,6 +20,7 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -97,6 +99,22 @@ class PipelineConfig:
     max_concurrency: int
     metadata_prefix: str = "caption"
     rules: RuleBook = RuleBook(CaptionSpec(DEFAULT_PROMPT, structured=False))  # noqa: RUF009 - frozen
+    # Threads that decode and shrink images; None: one per CPU this process may use.
+    prepare_threads: int | None = None
+
+    @property
+    def images_in_flight(self) -> int:
+        """Gemini calls are bounded by ``max_concurrency`` (the describer's limiter); a
+        quarter more images are let in so that the next ones are downloaded and prepared
+        while those calls run, and no Gemini slot waits on a download or a decode."""
+        return self.max_concurrency + max(2, self.max_concurrency // 4)
+
+
+def usable_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def looks_like_image(info: ObjectInfo) -> bool:
@@ -124,9 +142,23 @@ class Captioner:
         self._config = config
         self._keys = MetadataKeys(config.metadata_prefix, config.rules.default.languages)
         self._rules = config.rules
-        # Shared by every request on this loop: CAPTION_MAX_CONCURRENCY bounds the
-        # images in flight per instance, however many events arrive at once.
-        self._in_flight = asyncio.Semaphore(config.max_concurrency)
+        # Shared by every request on this loop: this bounds the images in flight per
+        # instance (and so its memory), however many events arrive at once.
+        self._in_flight = asyncio.Semaphore(config.images_in_flight)
+        # Decoding is CPU work that releases the GIL. More threads than CPUs only make
+        # decodes fight each other and the event loop (at 6 threads on 2 CPUs the loop
+        # lagged 92-234 ms at p99, against 26-28 ms with 2; see bench/RESULTS.md).
+        self._prepare_pool = ThreadPoolExecutor(
+            config.prepare_threads or usable_cpus(), thread_name_prefix="captioner-prepare"
+        )
+
+    def close(self) -> None:
+        """Let the prepare threads go (they would also end with the process)."""
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _prepared(self, data: bytes) -> PreparedImage:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._prepare_pool, self._prepare, data)
 
     async def caption_object(
         self, ref: ObjectRef | ObjectInfo, *, overwrite: bool = False, if_stale: bool = False
@@ -155,7 +187,7 @@ class Captioner:
         overwrite: bool = False,
         if_stale: bool = False,
     ) -> AsyncIterator[CaptionResult]:
-        """Results as they complete, with at most ``max_concurrency`` objects in flight.
+        """Results as they complete, with at most ``images_in_flight`` objects in flight.
 
         ``refs`` is consumed lazily, so a listing of millions never sits in memory.
         """
@@ -163,7 +195,7 @@ class Captioner:
         async def one(ref: ObjectRef | ObjectInfo) -> CaptionResult:
             return await self.caption_object(ref, overwrite=overwrite, if_stale=if_stale)
 
-        async for result in bounded_as_completed(refs, one, self._config.max_concurrency):
+        async for result in bounded_as_completed(refs, one, self._config.images_in_flight):
             yield result
 
     async def describe_source(
@@ -180,7 +212,7 @@ class Captioner:
     ) -> CaptionResult:
         try:
             data = await load()
-            prepared = await asyncio.to_thread(self._prepare, data)
+            prepared = await self._prepared(data)
             del data
             description = await self._describer.describe(prepared, self._rules.default)
         except PermanentError as exc:
@@ -357,7 +389,7 @@ class Captioner:
             )
         # Pillow releases the GIL while decoding; a thread keeps the loop serving others.
         with stages.measure("prepare"):
-            prepared = await asyncio.to_thread(self._prepare, data)
+            prepared = await self._prepared(data)
         del data
         with stages.measure("describe"):
             return await self._describer.describe(prepared, spec)

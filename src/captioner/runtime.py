@@ -77,7 +77,7 @@ class Runtime:
             timeout=s.gemini_timeout,
             max_wait=s.retry_max_wait,
             deadline=s.deadline,
-            limiter=AdaptiveLimiter(s.max_concurrency, initial=max(1, s.max_concurrency // 4)),
+            limiter=AdaptiveLimiter(s.max_concurrency),
         )
         captioner = Captioner(
             storage=storage,
@@ -105,6 +105,7 @@ class Runtime:
         resources = self._per_loop.pop(loop, None)
         if resources is None:
             return
+        resources.captioner.close()
         for closer in resources.closers:
             aio = getattr(closer, "aio", None)
             if aio is not None:

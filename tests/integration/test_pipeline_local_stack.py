@@ -186,3 +186,35 @@ async def test_text_file_is_left_untouched(bucket: Any, runtime: Runtime, gemini
     assert result.reason == "not-an-image"
     assert metadata(bucket, "notes.txt") == {"a": "b"}
     assert gemini.calls == 0
+
+
+async def test_gemini_calls_in_flight_never_exceed_max_concurrency(
+    bucket: Any, gemini: Any
+) -> None:
+    # More images than that are let in (downloaded and prepared ahead), but the stand-in
+    # must never see more than CAPTION_MAX_CONCURRENCY requests at once.
+    refs = [
+        upload(
+            bucket,
+            f"many/{i}.png",
+            images.encode(images.solid((40, 30), (i, 9, 9)), "PNG"),
+            "image/png",
+        )
+        for i in range(24)
+    ]
+    gemini.latency = 0.15
+    runtime = Runtime(Settings.from_env({"CAPTION_MAX_CONCURRENCY": "4"}))
+    try:
+        outcomes = [r.outcome async for r in runtime.captioner().caption_many(refs)]
+    finally:
+        await runtime.aclose()
+    assert outcomes.count(Outcome.CAPTIONED) == 24
+    events = sorted(
+        [(r.received_at, 1) for r in gemini.requests]
+        + [(r.answered_at, -1) for r in gemini.requests if r.answered_at is not None]
+    )
+    peak = current = 0
+    for _, step in events:  # at a tie the answer (-1) sorts, and counts, first
+        current += step
+        peak = max(peak, current)
+    assert peak == 4
