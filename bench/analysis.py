@@ -54,6 +54,54 @@ def perfect_pool(latencies: list[float], slots: int) -> float:
     return finish
 
 
+def hedged_pool(
+    latencies: list[float],
+    hedges: list[float],
+    slots: int,
+    quantile: float,
+    step: float = 0.005,
+) -> tuple[float, int]:
+    """Makespan of the perfect pool that also hedges: once the queue is empty, a free slot
+    re-sends the oldest call that has run longer than ``quantile`` of the latencies seen so
+    far (once per call; the first answer wins), drawing from ``hedges``. Returns the
+    makespan and the number of extra calls. Simulated in steps of ``step`` seconds.
+    """
+    queue = iter(latencies)
+    spare = iter(hedges)
+    left = len(latencies)
+    waiting = left
+    running: list[list[float]] = []  # [start, end, hedge end or inf]
+    seen: list[float] = []
+    extra = 0
+    now = 0.0
+    while left:
+        busy = sum(1 if math.isinf(c[2]) else 2 for c in running)
+        while waiting and busy < slots:
+            running.append([now, now + next(queue), math.inf])
+            waiting -= 1
+            busy += 1
+        if not waiting and busy < slots and len(seen) >= 20:
+            threshold = sorted(seen)[int(quantile * (len(seen) - 1))]
+            for call in sorted(running):
+                if busy >= slots:
+                    break
+                if math.isinf(call[2]) and now - call[0] > threshold:
+                    call[2] = now + next(spare)
+                    extra += 1
+                    busy += 1
+        now += step
+        still = []
+        for call in running:
+            end = min(call[1], call[2])
+            if end <= now:
+                left -= 1
+                seen.append(end - call[0])
+            else:
+                still.append(call)
+        running = still
+    return now, extra
+
+
 @dataclass(slots=True)
 class Measured:
     run: Run

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import data, micro, report
-from bench.analysis import Measured, Run, extrapolate_sequential, perfect_pool
+from bench.analysis import Measured, Run, extrapolate_sequential, hedged_pool, perfect_pool
 from bench.data import BENCH, REPO
 from bench.stack import Stack, StubProcess
 from captioner_dev.gcs import FakeGcs
@@ -118,12 +118,20 @@ def measure(stack: Stack, run: Run, names: list[str], latency: LatencyModel | No
 def drain_ceiling(
     latency: LatencyModel, *, count: int, slots: int, seeds: int = 20
 ) -> dict[str, Any]:
-    """How close a perfect pool gets to Σ latency / slots, over several seeds of the model."""
+    """How close a perfect pool gets to Σ latency / slots, over several seeds of the model,
+    and, for the run's own seed, whether hedging stragglers would lift it."""
     ceilings = []
     for seed in range(seeds):
         draws = replace(latency, seed=seed).samples(count)
         ideal = max(sum(draws) / slots, max(draws))
         ceilings.append(ideal / perfect_pool(draws, slots))
+    draws = latency.samples(count)
+    ideal = max(sum(draws) / slots, max(draws))
+    spare = replace(latency, seed=latency.seed + 1).samples(count)
+    hedged = {}
+    for quantile in (0.5, 0.75, 0.9):
+        makespan, extra = hedged_pool(draws, spare, slots, quantile)
+        hedged[str(quantile)] = {"of_ideal": ideal / makespan, "extra_calls": extra}
     return {
         "count": count,
         "slots": slots,
@@ -131,6 +139,8 @@ def drain_ceiling(
         "median": statistics.median(ceilings),
         "min": min(ceilings),
         "max": max(ceilings),
+        "this_seed": ideal / perfect_pool(draws, slots),
+        "hedged": hedged,
     }
 
 

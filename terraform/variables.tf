@@ -340,7 +340,7 @@ variable "caption_rules" {
 
 variable "caption_max_concurrency" {
   type        = number
-  description = "Images in flight at most per instance (CAPTION_MAX_CONCURRENCY)."
+  description = "Gemini calls in flight at most per instance (CAPTION_MAX_CONCURRENCY); a quarter more images are prepared ahead."
   default     = 16
 
   validation {
