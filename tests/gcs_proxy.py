@@ -22,6 +22,8 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 
+from tests.threaded_server import ThreadedServer
+
 
 @dataclass
 class Recorded:
@@ -46,16 +48,12 @@ class ProxyState:
     before_patch: list[Callable[[], None]] = field(default_factory=list)
 
 
-class GcsProxy:
+class GcsProxy(ThreadedServer):
     def __init__(self, upstream: str) -> None:
+        super().__init__()
         self.upstream = upstream.rstrip("/")
         self.state = ProxyState()
-        self.port = 0
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._patch_lock: asyncio.Lock | None = None
         self._metagenerations: dict[str, tuple[str, int]] = {}
@@ -64,21 +62,15 @@ class GcsProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> GcsProxy:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
+    def make_app(self) -> web.Application:
+        self._patch_lock = asyncio.Lock()
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        return app
 
-    def stop(self) -> None:
-        async def cleanup() -> None:
-            if self._runner is not None:
-                await self._runner.cleanup()
-            if self._session is not None:
-                await self._session.close()
-
-        asyncio.run_coroutine_threadsafe(cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
     def reset(self) -> None:
         with self._lock:
@@ -99,19 +91,6 @@ class GcsProxy:
     def recorded(self, method: str | None = None) -> list[Recorded]:
         with self._lock:
             return [r for r in self.state.requests if method is None or r.method == method]
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._patch_lock = asyncio.Lock()
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        self._loop.run_until_complete(site.start())
-        self.port = self._runner.addresses[0][1]
-        self._ready.set()
-        self._loop.run_forever()
 
     def _take_fault(self, method: str, path: str) -> Fault | None:
         with self._lock:

@@ -3,44 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 from aiohttp import web
 
 from tests import images
+from tests.threaded_server import ThreadedServer
 
 
-class ImageSite:
+class ImageSite(ThreadedServer):
     """Runs in its own thread and loop; ``url(path)`` builds addresses on it."""
 
     def __init__(self) -> None:
-        self.port = 0
+        super().__init__()
         self.hits: list[str] = []
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._runner: web.AppRunner | None = None
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def start(self) -> ImageSite:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def stop(self) -> None:
-        async def cleanup() -> None:
-            if self._runner is not None:
-                await self._runner.cleanup()
-
-        asyncio.run_coroutine_threadsafe(cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
+    def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/photos/{name}", self._photo)
         app.router.add_get("/redirect", self._redirect)
@@ -49,13 +30,7 @@ class ImageSite:
         app.router.add_get("/slow", self._slow)
         app.router.add_get("/missing", self._missing)
         app.router.add_get("/text", self._text)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        self._loop.run_until_complete(site.start())
-        self.port = self._runner.addresses[0][1]
-        self._ready.set()
-        self._loop.run_forever()
+        return app
 
     async def _photo(self, request: web.Request) -> web.Response:
         self.hits.append(request.path)

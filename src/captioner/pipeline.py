@@ -280,14 +280,10 @@ class Captioner:
             info = item
         else:
             ref = item
-            try:
-                info = await self._storage.get_object(ref.bucket, ref.name)
-            except ObjectGoneError:
-                return _result(ref, Outcome.SKIPPED, reason="gone", message="object not found")
-            except TransientError as exc:
-                return _result(ref, Outcome.RETRY, reason="transient", message=str(exc))
-            except PermanentError as exc:
-                return _result(ref, Outcome.FAILED, reason=exc.reason, message=str(exc))
+            read = await self._read(ref)
+            if isinstance(read, CaptionResult):
+                return read
+            info = read
 
         if ref.generation is not None and info.generation != ref.generation:
             # A newer upload replaced this one; its own event will caption it.
@@ -394,6 +390,13 @@ class Captioner:
         with stages.measure("describe"):
             return await self._describer.describe(prepared, spec)
 
+    async def _read(self, ref: ObjectRef) -> ObjectInfo | CaptionResult:
+        """The object as it is now, or the result that its read ended in."""
+        try:
+            return await self._storage.get_object(ref.bucket, ref.name)
+        except (ObjectGoneError, TransientError, PermanentError) as exc:
+            return _storage_failure(ref, exc)
+
     async def _record(
         self,
         ref: ObjectRef,
@@ -449,12 +452,9 @@ class Captioner:
                         if_metageneration_match=current.metageneration,
                     )
             except PreconditionFailedError:
-                try:
-                    latest = await self._storage.get_object(ref.bucket, ref.name)
-                except ObjectGoneError:
-                    return _result(ref, Outcome.SKIPPED, reason="gone")
-                except TransientError as exc:
-                    return _result(ref, Outcome.RETRY, reason="transient", message=str(exc))
+                latest = await self._read(ref)
+                if isinstance(latest, CaptionResult):
+                    return latest
                 if latest.generation != info.generation:
                     return _result(
                         ref,
@@ -473,12 +473,8 @@ class Captioner:
                     )
                 current = latest  # the owner changed metadata: fit around it and try again
                 continue
-            except ObjectGoneError:
-                return _result(ref, Outcome.SKIPPED, reason="gone")
-            except TransientError as exc:
-                return _result(ref, Outcome.RETRY, reason="transient", message=str(exc))
-            except PermanentError as exc:
-                return _result(ref, Outcome.FAILED, reason=exc.reason, message=str(exc))
+            except (ObjectGoneError, TransientError, PermanentError) as exc:
+                return _storage_failure(ref, exc)
             return _result(
                 ref,
                 outcome,
@@ -498,6 +494,17 @@ class Captioner:
             reason="contended",
             message="metadata kept changing while we tried to write",
         )
+
+
+def _storage_failure(
+    ref: ObjectRef, exc: ObjectGoneError | TransientError | PermanentError
+) -> CaptionResult:
+    """What a failed read or write of the object means for its result."""
+    if isinstance(exc, ObjectGoneError):
+        return _result(ref, Outcome.SKIPPED, reason="gone", message="object not found")
+    if isinstance(exc, TransientError):
+        return _result(ref, Outcome.RETRY, reason="transient", message=str(exc))
+    return _result(ref, Outcome.FAILED, reason=exc.reason, message=str(exc))
 
 
 async def bounded_as_completed(

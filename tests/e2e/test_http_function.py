@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from captioner_dev.functions import FunctionServer
 from tests import images
+from tests.objects import upload
 from tests.webserver import ImageSite
 
 ALLOWED = f"allowed-{uuid.uuid4().hex[:8]}"
@@ -52,10 +53,6 @@ def post(server: FunctionServer, body: Any, **headers: str) -> requests.Response
     return requests.post(
         server.url, data=data, headers={"Content-Type": "application/json", **headers}, timeout=60
     )
-
-
-def upload(bucket: Any, name: str, data: bytes, content_type: str = "image/jpeg") -> None:
-    bucket.blob(name).upload_from_string(data, content_type=content_type)
 
 
 def test_objects_mode_captions_named_objects(

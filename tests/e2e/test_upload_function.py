@@ -17,6 +17,7 @@ from captioner_dev.eventarc import binary_event, structured_event
 from captioner_dev.functions import REPO, FunctionServer
 from tests import images
 from tests.integration.test_storage_adapter import ODD_NAMES
+from tests.objects import upload
 
 SECRET_KEY = "AIza-secret-that-must-never-be-logged-7d1e"
 
@@ -43,18 +44,6 @@ def resource(gcs: Any, bucket: str, name: str) -> dict[str, Any]:
 
 def deliver(server: FunctionServer, headers: dict[str, str], body: bytes) -> requests.Response:
     return requests.post(server.url, headers=headers, data=body, timeout=60)
-
-
-def upload(
-    bucket: Any,
-    name: str,
-    data: bytes,
-    content_type: str = "image/jpeg",
-    metadata: dict[str, str] | None = None,
-) -> None:
-    blob = bucket.blob(name)
-    blob.metadata = metadata
-    blob.upload_from_string(data, content_type=content_type)
 
 
 @pytest.mark.parametrize("mode", ["binary", "structured"])

@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from captioner.domain import ObjectRef, Outcome
+from captioner.domain import Outcome
 from captioner.runtime import Runtime
 from captioner.settings import Settings
 from tests import images
 from tests.integration.test_storage_adapter import ODD_NAMES
+from tests.objects import metadata, upload
 
 
 @pytest.fixture
@@ -30,23 +31,6 @@ async def runtime(gcs: Any, gemini: Any) -> AsyncIterator[Runtime]:
     )
     yield rt
     await rt.aclose()
-
-
-def upload(
-    bucket: Any,
-    name: str,
-    data: bytes,
-    content_type: str = "image/jpeg",
-    metadata: dict[str, str] | None = None,
-) -> ObjectRef:
-    blob = bucket.blob(name)
-    blob.metadata = metadata
-    blob.upload_from_string(data, content_type=content_type)
-    return ObjectRef(bucket.name, name, blob.generation, blob.metageneration)
-
-
-def metadata(bucket: Any, name: str) -> dict[str, str]:
-    return dict(bucket.get_blob(name).metadata or {})
 
 
 @pytest.mark.parametrize("name", ODD_NAMES)

@@ -18,7 +18,7 @@ import pytest
 from captioner.domain import ObjectRef, Outcome
 from captioner.runtime import Runtime
 from captioner.settings import Settings
-from tests import images
+from tests import images, objects
 from tests.gcs_proxy import GcsProxy
 
 
@@ -67,15 +67,12 @@ def bucket(gcs_client: Any, proxy: GcsProxy) -> Any:
 
 
 def upload(bucket: Any, name: str, data: bytes | None = None, **metadata: str) -> ObjectRef:
-    blob = bucket.blob(name)
-    blob.metadata = metadata or None
-    blob.upload_from_string(data if data is not None else images.photo(), content_type="image/jpeg")
-    return ObjectRef(bucket.name, name, blob.generation, blob.metageneration)
+    return objects.upload(
+        bucket, name, data if data is not None else images.photo(), metadata=metadata
+    )
 
 
-def meta(bucket: Any, name: str) -> dict[str, str]:
-    blob = bucket.get_blob(name)
-    return dict(blob.metadata or {}) if blob else {}
+meta = objects.metadata
 
 
 async def test_every_patch_carries_both_preconditions(

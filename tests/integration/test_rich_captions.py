@@ -15,7 +15,7 @@ from captioner.images import prepare
 from captioner.metadata import TOTAL_BUDGET, size_of
 from captioner.runtime import Runtime
 from captioner.settings import Settings
-from tests import images
+from tests import images, objects
 
 RuntimeFactory = Callable[..., Runtime]
 
@@ -36,14 +36,10 @@ async def make_runtime(gcs: Any, gemini: Any) -> AsyncIterator[RuntimeFactory]:
 
 
 def upload(bucket: Any, name: str, data: bytes | None = None, **metadata: str) -> ObjectRef:
-    blob = bucket.blob(name)
-    blob.metadata = metadata or None
-    blob.upload_from_string(data or images.photo("coffee.jpg"), content_type="image/jpeg")
-    return ObjectRef(bucket.name, name, blob.generation)
+    return objects.upload(bucket, name, data or images.photo("coffee.jpg"), metadata=metadata)
 
 
-def meta(bucket: Any, name: str) -> dict[str, str]:
-    return dict(bucket.get_blob(name).metadata or {})
+meta = objects.metadata
 
 
 async def test_structured_mode_writes_caption_alt_text_and_tags(

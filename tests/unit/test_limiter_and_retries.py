@@ -71,9 +71,7 @@ async def _steady(limiter: AdaptiveLimiter, clock: Clock, *, rate: float, latenc
         clock.now += 1 / rate - latency
 
 
-async def test_first_burst_of_429s_lowers_the_limit_once_to_0_7_of_the_calls_let_through() -> (
-    None
-):
+async def test_first_burst_of_429s_lowers_the_limit_once_to_0_7_of_the_calls_let_through() -> None:
     limiter = AdaptiveLimiter(64)
     await _burst(limiter, 30, refused=10)  # the bucket let 20 through
     stats = limiter.stats
