@@ -127,7 +127,7 @@ def drain_ceiling(
         ceilings.append(ideal / perfect_pool(draws, slots))
     draws = latency.samples(count)
     ideal = max(sum(draws) / slots, max(draws))
-    spare = replace(latency, seed=latency.seed + 1).samples(count)
+    spare = replace(latency, seed=(latency.seed or 0) + 1).samples(count)
     hedged = {}
     for quantile in (0.5, 0.75, 0.9):
         makespan, extra = hedged_pool(draws, spare, slots, quantile)

@@ -17,7 +17,6 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote
 
@@ -25,6 +24,7 @@ import aiohttp
 
 from bench.data import REPO, Planned
 from captioner_dev.gcs import FakeGcs
+from captioner_dev.process import LoggedProcess
 
 API_KEY = "bench-offline"
 
@@ -38,37 +38,33 @@ def _http_json(method: str, url: str, body: Any = None, timeout: float = 60.0) -
         return json.load(response)
 
 
-class StubProcess:
+class StubProcess(LoggedProcess):
     """``python -m captioner_dev.gemini_server --port 0`` and its ``/_stub/*`` controls."""
 
     def __init__(self) -> None:
-        self._process: subprocess.Popen[str] | None = None
+        super().__init__("gemini-stand-in-")
         self.base_url = ""
 
     def start(self, timeout: float = 30.0) -> Self:
         env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "captioner_dev.gemini_server", "--port", "0"],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
+        self._spawn(
+            [sys.executable, "-m", "captioner_dev.gemini_server", "--port", "0"], env=env, cwd=REPO
         )
-        assert self._process.stdout is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            line = self._process.stdout.readline()
-            if line.startswith("READY "):
-                self.base_url = line.split(maxsplit=1)[1].strip()
-                return self
-            if not line and self._process.poll() is not None:
+            for line in self.log_text().splitlines():
+                if line.startswith("READY "):
+                    self.base_url = line.split(maxsplit=1)[1].strip()
+                    return self
+            if self.exited():
                 break
+            time.sleep(0.05)
+        log = self.log_text()
         self.stop()
-        raise RuntimeError("the Gemini stand-in did not start")
+        raise RuntimeError(f"the Gemini stand-in did not start:\n{log[-2000:]}")
 
     @property
-    def process(self) -> subprocess.Popen[str] | None:
+    def process(self) -> subprocess.Popen[bytes] | None:
         return self._process
 
     def configure(self, *, latency: Any, quota_rps: float | None = None) -> None:
@@ -81,27 +77,6 @@ class StubProcess:
     def requests(self) -> list[dict[str, Any]]:
         records: list[dict[str, Any]] = _http_json("GET", f"{self.base_url}/_stub/requests")
         return sorted(records, key=lambda record: int(record["seq"]))
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-            self._process = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 @dataclass(slots=True)
