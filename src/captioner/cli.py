@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (describe, backfill):
         command.add_argument("--json", action="store_true", help="one JSON object per line")
         command.add_argument(
-            "--concurrency", type=int, help="images in flight (CAPTION_MAX_CONCURRENCY)"
+            "--concurrency", type=int, help="Gemini calls in flight (CAPTION_MAX_CONCURRENCY)"
         )
         command.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     return parser

@@ -13,9 +13,11 @@ times the model's latency (Little's law). The limiter learns that number from 42
 - Before a second of successes has been seen (the first burst) the ceiling is the
   calls in flight less those refused with them, and the limit only drops to 0.7
   of that, again with each new burst, until a measured ceiling takes over.
-- Above that it probes by one call per round (``1/limit`` per success), and the
-  next 429 sets a new ceiling. The limit so saw-tooths between 0.9 and 1.0 of what
-  the quota allows, instead of between 0.5 and 1.0 as plain halving does.
+- Above that it probes: one call further in the first round, then two, four...
+  (at most a quarter of the limit per round), so a quota that was raised, or a
+  ceiling measured low, is found again in a few rounds; the next 429 sets a new
+  ceiling. The limit so saw-tooths between 0.9 and 1.0 of what the quota allows,
+  instead of between 0.5 and 1.0 as plain halving does.
 - Only a 429 for a call started after the last decrease lowers the limit again:
   the others were sent under the old limit and say nothing new (TCP's one cut per
   window), so one burst of 429s counts once.
