@@ -177,14 +177,13 @@ class AdaptiveLimiter:
         started together (after a pause), most of them to be refused at once.
         """
         window = self._window()
-        if (
-            self._latency is None
-            or self._first_end is None
-            or now - self._first_end < window
-            or len(self._ends) < 5
-        ):
+        if self._latency is None or self._first_end is None or now - self._first_end < window:
             return None  # not enough seen yet
         recent = sum(1 for end in self._ends if end >= now - window)
+        if recent < 5:
+            # Too few to measure a rate: nothing has run lately (say, everyone waited out
+            # a RetryInfo delay of 30 s), which says nothing about the quota.
+            return None
         return max(1, round(recent / window * self._latency))
 
 

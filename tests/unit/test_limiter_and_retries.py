@@ -101,6 +101,16 @@ async def test_with_successes_seen_the_ceiling_is_their_rate_times_their_latency
     assert limiter.stats.limit == pytest.approx(0.7 * ceiling)
 
 
+async def test_a_429_after_a_quiet_spell_is_not_read_as_a_quota_of_one_call() -> None:
+    clock = Clock()
+    limiter = AdaptiveLimiter(64, clock=clock)
+    await _steady(limiter, clock, rate=40.0, latency=0.5)
+    clock.now += 30  # everyone waited out a long RetryInfo delay
+    await _burst(limiter, 30, refused=5)
+    assert limiter.stats.ceiling == 25  # the calls let through, not the idle rate
+    assert limiter.stats.limit == pytest.approx(0.7 * 25)
+
+
 async def test_after_a_measured_429_the_limit_regains_0_9_of_the_ceiling_within_a_round() -> None:
     clock = Clock()
     limiter = AdaptiveLimiter(100, clock=clock)
