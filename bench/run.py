@@ -3,6 +3,7 @@ version, on the local stack, plus prepare's CPU, import time and cold start.
 
     .venv/bin/python -m bench.run            # full run (~10 min), writes bench/RESULTS.md
     .venv/bin/python -m bench.run --smoke    # tiny and without model latency (< 60 s)
+    .venv/bin/python -m bench.run --only pipeline-64,quota   # just those runs, printed
 
 Everything is measured in one invocation; each approach runs in its own process
 (bench/worker.py) so that its peak memory is its own.
