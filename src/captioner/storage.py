@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from captioner.bodies import read_capped
 from captioner.domain import ObjectInfo
 from captioner.errors import (
     ObjectGoneError,
@@ -29,7 +30,6 @@ from captioner.retrying import with_retries
 PUBLIC_ENDPOINT = "https://storage.googleapis.com"
 _SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-_CHUNK = 256 * 1024
 _OBJECT_FIELDS = "bucket,name,generation,metageneration,contentType,size,metadata"
 
 
@@ -131,21 +131,7 @@ class StorageClient:
         async def once() -> bytes:
             async with self._request("GET", url, params=params) as response:
                 await _raise_for_status(response, f"gs://{bucket}/{name}#{generation}")
-                declared = response.content_length
-                if declared is not None and declared > max_bytes:
-                    raise PermanentError(
-                        "too-large", f"{declared} bytes is over CAPTION_MAX_BYTES={max_bytes}"
-                    )
-                chunks: list[bytes] = []
-                received = 0
-                async for chunk in response.content.iter_chunked(_CHUNK):
-                    received += len(chunk)
-                    if received > max_bytes:
-                        raise PermanentError(
-                            "too-large", f"more than CAPTION_MAX_BYTES={max_bytes} bytes"
-                        )
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                return await read_capped(response, max_bytes)
 
         result: bytes = await self._retry(once)
         return result

@@ -20,10 +20,10 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from captioner.bodies import read_capped
 from captioner.errors import PermanentError, TransientError
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_CHUNK = 256 * 1024
 USER_AGENT = "captioner/0.1 (+image captions; fetches only the URLs it is given)"
 
 
@@ -169,18 +169,7 @@ class UrlFetcher:
             raise PermanentError(
                 f"url-{response.status}", f"{url[:200]} answered {response.status}"
             )
-        if response.content_length is not None and response.content_length > self._max_bytes:
-            raise PermanentError(
-                "too-large", f"{response.content_length} bytes is over CAPTION_MAX_BYTES"
-            )
-        chunks: list[bytes] = []
-        received = 0
-        async for chunk in response.content.iter_chunked(_CHUNK):
-            received += len(chunk)
-            if received > self._max_bytes:
-                raise PermanentError("too-large", "more than CAPTION_MAX_BYTES bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_capped(response, self._max_bytes)
 
 
 def _host(url: str) -> Any:
