@@ -30,11 +30,9 @@ from captioner.errors import (
     TransientError,
 )
 from captioner.http_requests import PrefixRequest, UrlsRequest
-from captioner.pipeline import bounded_as_completed
+from captioner.pipeline import IMAGE_SUFFIXES, bounded_as_completed
 from captioner.runtime import Runtime
 from captioner.settings import Settings
-
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +130,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             totals,
             total,
             as_json=args.json,
-            progress=not args.no_progress,
+            progress=_shows_progress(args),
             count_here=args.command == "describe",
         )
     except ObjectGoneError as exc:
@@ -224,7 +222,7 @@ async def _report(
     progress: bool,
     count_here: bool,
 ) -> None:
-    bar = _progress_bar(total, enabled=progress and sys.stderr.isatty())
+    bar = _progress_bar(total) if progress else None
     own_totals = count_here
     try:
         async for result in stream:
@@ -245,9 +243,7 @@ def _shows_progress(args: argparse.Namespace) -> bool:
     return not args.no_progress and sys.stderr.isatty()
 
 
-def _progress_bar(total: int | None, *, enabled: bool) -> Any:
-    if not enabled:
-        return None
+def _progress_bar(total: int | None) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)

@@ -60,9 +60,10 @@ def log_result(result: CaptionResult) -> None:
         Outcome.PLANNED: logging.INFO,
     }[result.outcome]
     ref = result.ref
+    generation = result.generation or (ref.generation if ref else None)
     labels = {"bucket": ref.bucket, "object": ref.name} if ref else {"source": result.source}
-    if result.generation or (ref and ref.generation):
-        labels["generation"] = str(result.generation or (ref.generation if ref else ""))
+    if generation:
+        labels["generation"] = str(generation)
     log.log(
         level,
         "%s %s%s",
@@ -74,7 +75,7 @@ def log_result(result: CaptionResult) -> None:
                 LABELS_KEY: labels,
                 "bucket": ref.bucket if ref else None,
                 "object": ref.name if ref else result.source,
-                "generation": result.generation or (ref.generation if ref else None),
+                "generation": generation,
                 "outcome": result.outcome.value,
                 "reason": result.reason,
                 "detail": result.message,

@@ -59,7 +59,8 @@ R = TypeVar("R")
 
 # Content types that are sniffed rather than trusted, when the name looks like an image.
 _GENERIC_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+# Names that say "image" (the formats images.prepare accepts).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 # How often a write is retried after the owner changed metadata under us.
 _WRITE_ROUNDS = 4
 
@@ -122,7 +123,7 @@ def looks_like_image(info: ObjectInfo) -> bool:
     content_type = info.content_type.split(";")[0].strip().lower()
     if content_type.startswith("image/"):
         return True
-    return content_type in _GENERIC_TYPES and info.name.lower().endswith(_IMAGE_SUFFIXES)
+    return content_type in _GENERIC_TYPES and info.name.lower().endswith(IMAGE_SUFFIXES)
 
 
 class Captioner:
