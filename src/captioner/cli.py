@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from captioner.batch import BatchRun, Totals, result_json
+from captioner.batch import Totals, result_json
 from captioner.domain import CaptionResult, Outcome
 from captioner.errors import (
     BadRequestError,
@@ -94,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     runtime = Runtime(settings)
-    resources = runtime.resources()
     totals = Totals()
     try:
         if args.command == "describe":
@@ -106,23 +105,13 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             request = PrefixRequest(
                 bucket, prefix, args.limit, args.overwrite, args.dry_run, args.if_stale
             )
-
-            def batch(request: PrefixRequest) -> BatchRun:
-                return BatchRun(
-                    request,
-                    captioner=resources.captioner,
-                    lister=resources.storage,
-                    fetch=resources.urls.fetch,
-                    concurrency=settings.max_concurrency,
-                )
-
             total = None
             if _shows_progress(args) and not args.dry_run:
                 # A listing pass first, so the bar can show an ETA: listing costs
                 # milliseconds per thousand objects, captioning seconds per image.
-                plan = batch(replace(request, dry_run=True))
+                plan = runtime.batch(replace(request, dry_run=True))
                 total = sum([1 async for _ in plan.results()])
-            run = batch(request)
+            run = runtime.batch(request)
             totals = run.totals
             stream = run.results()
         await _report(

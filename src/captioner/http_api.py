@@ -37,14 +37,7 @@ async def handle(runtime: Runtime, request: Request) -> Response:
         headers = {"Allow": "POST"} if exc.status == 405 else {}
         return error(exc.status, str(exc), **headers)
 
-    resources = runtime.resources()
-    run = BatchRun(
-        caption_request,
-        captioner=resources.captioner,
-        lister=resources.storage,
-        fetch=resources.urls.fetch,
-        concurrency=runtime.settings.max_concurrency,
-    )
+    run = runtime.batch(caption_request)
     if NDJSON in request.headers.get("accept", ""):
         return StreamingResponse(_ndjson(run), media_type=NDJSON)
     results: list[dict[str, Any]] = []

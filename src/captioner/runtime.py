@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
+from captioner.batch import BatchRun
+from captioner.http_requests import CaptionRequest
 from captioner.pipeline import Captioner, PipelineConfig
 from captioner.settings import Settings
 
@@ -51,6 +53,17 @@ class Runtime:
 
     def captioner(self) -> Captioner:
         return self.resources().captioner
+
+    def batch(self, request: CaptionRequest) -> BatchRun:
+        """A run of one HTTP or command-line request on the running loop's clients."""
+        resources = self.resources()
+        return BatchRun(
+            request,
+            captioner=resources.captioner,
+            lister=resources.storage,
+            fetch=resources.urls.fetch,
+            concurrency=self.settings.max_concurrency,
+        )
 
     def _build(self) -> LoopResources:
         # Imported here so a cold start pays for google-genai only when it is used.
