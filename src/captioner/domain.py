@@ -6,6 +6,9 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+# Cloud Storage's limit on an object name, in UTF-8 bytes.
+MAX_OBJECT_NAME_BYTES = 1024
+
 
 @dataclass(frozen=True, slots=True)
 class ObjectRef:

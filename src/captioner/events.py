@@ -9,11 +9,10 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from captioner.domain import ObjectRef
+from captioner.domain import MAX_OBJECT_NAME_BYTES, ObjectRef
 from captioner.errors import BadRequestError
 
 FINALIZED = "google.cloud.storage.object.v1.finalized"
-_MAX_NAME_BYTES = 1024
 
 
 def parse_event_data(data: Any) -> Mapping[str, Any]:
@@ -40,8 +39,8 @@ def object_ref_from_event(data: Any) -> ObjectRef:
     fields = parse_event_data(data)
     bucket = _required_str(fields, "bucket")
     name = _required_str(fields, "name")
-    if len(name.encode("utf-8", errors="surrogatepass")) > _MAX_NAME_BYTES:
-        raise BadRequestError(f"'name' is longer than {_MAX_NAME_BYTES} bytes")
+    if len(name.encode("utf-8", errors="surrogatepass")) > MAX_OBJECT_NAME_BYTES:
+        raise BadRequestError(f"'name' is longer than {MAX_OBJECT_NAME_BYTES} bytes")
     generation = _int64(fields, "generation", required=True)
     content_type = fields.get("contentType")
     if content_type is not None and not isinstance(content_type, str):

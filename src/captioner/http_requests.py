@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from captioner.domain import ObjectRef
+from captioner.domain import MAX_OBJECT_NAME_BYTES, ObjectRef
 from captioner.errors import BadRequestError
 
 MAX_OBJECTS = 1000
 MAX_URLS = 100
 MAX_LIMIT = 100_000
 _MAX_URL_LENGTH = 2048
-_MAX_NAME_BYTES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +100,7 @@ def parse_request(body: Any) -> CaptionRequest:
     prefix = body.get("prefix", "")
     if (
         not isinstance(prefix, str)
-        or len(prefix.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES
+        or len(prefix.encode("utf-8", "surrogatepass")) > MAX_OBJECT_NAME_BYTES
     ):
         raise BadRequestError("'prefix' must be a string of at most 1024 bytes")
     limit = body.get("limit", 1000)
@@ -124,7 +123,7 @@ def parse_gs_uri(value: str) -> ObjectRef:
     bucket, sep, name = value[len("gs://") :].partition("/")
     if not bucket or not sep or not name:
         raise BadRequestError(f"{value[:100]!r} must name a bucket and an object: gs://bucket/name")
-    if len(name.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES:
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_OBJECT_NAME_BYTES:
         raise BadRequestError(f"the object name in {value[:60]!r}… is longer than 1024 bytes")
     if any(c in name for c in "\x00\r\n"):
         raise BadRequestError(f"the object name in {value[:100]!r} has a control character")
