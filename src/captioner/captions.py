@@ -131,6 +131,7 @@ class CaptionSpec:
 
 def _text(data: Mapping[str, Any], key: str) -> str:
     value = data.get(key)
-    if not isinstance(value, str) or not clean_caption(value):
+    cleaned = clean_caption(value) if isinstance(value, str) else ""
+    if not cleaned:
         raise InvalidAnswerError(f"{key!r} is missing or empty")
-    return clean_caption(value)
+    return cleaned
