@@ -73,12 +73,21 @@ def _full_decode_and_resize(data: bytes, max_edge: int) -> bytes:
     return out.getvalue()
 
 
-def _previous_prepare(data: bytes, max_edge: int) -> bytes:
-    """prepare() as it was before issue 6: draft, Lanczos with reducing_gap=2, optimize=True."""
+def _draft_decoded(data: bytes, max_edge: int, block: int | None = None) -> Image.Image:
+    """libjpeg's DCT-scaled decode to the smallest scale that covers ``max_edge``; ``block``
+    sets how many bytes Pillow hands the decoder at a time (its default: 64 KiB)."""
     image = Image.open(io.BytesIO(data))
+    if block is not None:
+        image.decodermaxblock = block
     scale = max_edge / max(image.size)
     image.draft("RGB", (round(image.width * scale), round(image.height * scale)))
     image.load()
+    return image
+
+
+def _previous_prepare(data: bytes, max_edge: int) -> bytes:
+    """prepare() as it was before issue 6: draft, Lanczos with reducing_gap=2, optimize=True."""
+    image = _draft_decoded(data, max_edge)
     image.thumbnail((max_edge, max_edge), Image.Resampling.LANCZOS, reducing_gap=2.0)
     out = io.BytesIO()
     image.save(out, "JPEG", quality=85, optimize=True)
@@ -87,10 +96,7 @@ def _previous_prepare(data: bytes, max_edge: int) -> bytes:
 
 def _reduced_decode_only(data: bytes, max_edge: int) -> None:
     """The floor of the reduced-scale approach: libjpeg's DCT-scaled decode alone."""
-    image = Image.open(io.BytesIO(data))
-    scale = max_edge / max(image.size)
-    image.draft("RGB", (round(image.width * scale), round(image.height * scale)))
-    image.load()
+    _draft_decoded(data, max_edge)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,15 +224,6 @@ class ConvoyFigures:
     prepare_ms: float
 
 
-def _decode(data: bytes, block: int | None, max_edge: int) -> None:
-    image = Image.open(io.BytesIO(data))
-    if block is not None:
-        image.decodermaxblock = block
-    scale = max_edge / max(image.size)
-    image.draft("RGB", (round(image.width * scale), round(image.height * scale)))
-    image.load()
-
-
 def measure_gil_convoy(catalogue: Catalogue, *, repeats: int, max_edge: int = 768) -> ConvoyFigures:
     """Pillow releases the GIL inside each decoder call; how long it waits to take it back."""
     data = next(p for p in catalogue.photos if "coffee" in p.path.name).path.read_bytes()
@@ -241,7 +238,7 @@ def measure_gil_convoy(catalogue: Catalogue, *, repeats: int, max_edge: int = 76
             samples.append((time.perf_counter() - started) * 1000)
         return statistics.median(samples)
 
-    alone = wall_ms(lambda: _decode(data, None, max_edge))
+    alone = wall_ms(lambda: _draft_decoded(data, max_edge))
     stop = threading.Event()
 
     def busy() -> None:
@@ -252,8 +249,8 @@ def measure_gil_convoy(catalogue: Catalogue, *, repeats: int, max_edge: int = 76
     spinner = threading.Thread(target=busy, daemon=True)
     spinner.start()
     try:
-        blocks = wall_ms(lambda: _decode(data, None, max_edge))
-        one = wall_ms(lambda: _decode(data, len(data), max_edge))
+        blocks = wall_ms(lambda: _draft_decoded(data, max_edge))
+        one = wall_ms(lambda: _draft_decoded(data, max_edge, block=len(data)))
         prepared = wall_ms(lambda: prepare(data, max_edge=max_edge))
     finally:
         stop.set()
