@@ -38,16 +38,31 @@ log = logging.getLogger("captioner")
 @functions_framework.aio.cloud_event
 async def caption_on_upload(event: Any) -> None:
     """Caption the object named by a ``google.cloud.storage.object.v1.finalized`` event."""
+    event_id = event.get("id")
     try:
         with traced(trace_id(event.get("traceparent"))):
-            await on_upload(RUNTIME, event["type"], event.data)
+            await on_upload(RUNTIME, event.get("type"), event.data)
     except BadRequestError as exc:
-        log.error("malformed event: %s", exc, extra={"fields": {"event_id": event["id"]}})
-        raise HTTPException(exc.status, detail=f"malformed event: {exc}") from None
+        # Acknowledged (2xx): with the trigger's retry policy on, Eventarc redelivers
+        # every other answer for up to 24 hours, and this event can never succeed.
+        # The log line is the record; count them with a log-based metric on
+        # jsonPayload.malformed_event.
+        log.error(
+            "malformed event, acknowledged and dropped: %s",
+            exc,
+            extra={"fields": {"event_id": event_id, "malformed_event": True}},
+        )
     except TransientError as exc:
         # Eventarc redelivers on any non-2xx answer; 503 says "try later".
         log.warning("transient failure, asking for redelivery: %s", exc)
         raise HTTPException(503, detail=f"transient failure, retry later: {exc}") from None
+    except Exception:
+        # A fault of ours. Redelivery may find it gone (it is not recorded on the
+        # object, so nothing is lost); the log line carries the event id and trace.
+        log.exception(
+            "caption_on_upload failed unexpectedly", extra={"fields": {"event_id": event_id}}
+        )
+        raise HTTPException(500, detail=f"internal error (event {event_id})") from None
 
 
 @functions_framework.aio.http

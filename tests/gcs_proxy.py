@@ -39,6 +39,11 @@ class Fault:
     path_contains: str
     status: int | None = None  # None: drop the connection
     count: int = 1
+    # Instead of an error status, a 200 whose body is broken: "cut" (the connection
+    # drops after part of the declared body), "html" (a proxy's HTML page),
+    # "bad-gzip" (Content-Encoding: gzip on bytes that are not gzip).
+    body: str | None = None
+    query_contains: str = ""
 
 
 @dataclass
@@ -78,10 +83,19 @@ class GcsProxy(ThreadedServer):
             self._metagenerations.clear()
 
     def add_fault(
-        self, method: str, path_contains: str, status: int | None, count: int = 1
+        self,
+        method: str,
+        path_contains: str,
+        status: int | None,
+        count: int = 1,
+        *,
+        body: str | None = None,
+        query_contains: str = "",
     ) -> None:
         with self._lock:
-            self.state.faults.append(Fault(method, path_contains, status, count))
+            self.state.faults.append(
+                Fault(method, path_contains, status, count, body, query_contains)
+            )
 
     def before_next_patch(self, action: Callable[[], None]) -> None:
         """Run ``action`` (in a thread) just before the next PATCH is looked at."""
@@ -92,10 +106,15 @@ class GcsProxy(ThreadedServer):
         with self._lock:
             return [r for r in self.state.requests if method is None or r.method == method]
 
-    def _take_fault(self, method: str, path: str) -> Fault | None:
+    def _take_fault(self, method: str, path: str, query: str = "") -> Fault | None:
         with self._lock:
             for fault in self.state.faults:
-                if fault.method == method and fault.path_contains in path and fault.count > 0:
+                if (
+                    fault.method == method
+                    and fault.path_contains in path
+                    and fault.query_contains in query
+                    and fault.count > 0
+                ):
                     fault.count -= 1
                     return fault
         return None
@@ -105,7 +124,10 @@ class GcsProxy(ThreadedServer):
         record = Recorded(request.method, raw_path, dict(request.query))
         with self._lock:
             self.state.requests.append(record)
-        fault = self._take_fault(request.method, request.path)
+        fault = self._take_fault(request.method, request.path, request.query_string)
+        if fault is not None and fault.body is not None:
+            record.status = 200
+            return await self._broken_body(request, fault.body)
         if fault is not None:
             if fault.status is None:
                 assert request.transport is not None
@@ -133,6 +155,26 @@ class GcsProxy(ThreadedServer):
         else:
             response = await self._forward(request, raw_path)
         record.status = response.status
+        return response
+
+    async def _broken_body(self, request: web.Request, kind: str) -> web.StreamResponse:
+        if kind == "html":
+            return web.Response(
+                text="<html><body>Service temporarily unavailable</body></html>",
+                content_type="text/html",
+            )
+        if kind == "bad-gzip":
+            return web.Response(
+                body=b"this is not gzip at all" * 10,
+                headers={"Content-Encoding": "gzip", "Content-Type": "image/jpeg"},
+            )
+        assert kind == "cut", kind
+        response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
+        response.content_length = 100_000
+        await response.prepare(request)
+        await response.write(b"\xff\xd8\xff" + b"\0" * 997)
+        assert request.transport is not None
+        request.transport.close()
         return response
 
     async def _precondition_refusal(self, raw_path: str, query: Any) -> int | None:

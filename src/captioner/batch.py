@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -88,7 +88,7 @@ class BatchRun:
         self._fetch = fetch
         self._concurrency = concurrency
 
-    async def results(self) -> AsyncIterator[CaptionResult]:
+    async def results(self) -> AsyncGenerator[CaptionResult, None]:
         async for result in self._run():
             self.totals.add(result.outcome)
             yield result

@@ -10,6 +10,39 @@ from dataclasses import dataclass, field
 MAX_OBJECT_NAME_BYTES = 1024
 
 
+def first_unencodable(value: object, where: str = "") -> str | None:
+    """Where in parsed JSON the first string that is not Unicode text is, or None.
+
+    JSON lets ``"\\ud800"`` (a lone surrogate) through and Python keeps it, but no
+    UTF-8 encoder will: such a name or prefix is dropped or mangled further down
+    (aiohttp left an unencodable ``prefix`` out of the listing query, which widened a
+    backfill to the whole bucket). So every string, keys included, is checked once
+    at the edge, before anything is listed or fetched.
+    """
+    if isinstance(value, str):
+        return None if _encodable(value) else (where or "the value")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            here = f"{where}.{key}" if where else str(key)
+            if isinstance(key, str) and not _encodable(key):
+                return (where + "." if where else "") + "a key"
+            if (found := first_unencodable(item, here)) is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            if (found := first_unencodable(item, f"{where}[{index}]")) is not None:
+                return found
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class ObjectRef:
     """An object we were asked to caption.

@@ -30,9 +30,23 @@ class TransientError(CaptionerError):
     ``retry_after`` is the delay the service asked for, in seconds, when it named one.
     """
 
+    reason = "transient"
+
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ConfigurationError(TransientError):
+    """Not the image's fault and not worth retrying now: a bad or expired API key, a
+    missing role, an unknown model, billing or region, a setting the model refuses.
+
+    Transient as far as the object goes (nothing is recorded on it; the event comes
+    back once the operator has fixed the cause), but retrying inside the invocation
+    would only repeat the same answer.
+    """
+
+    reason = "configuration"
 
 
 class PermanentError(CaptionerError):

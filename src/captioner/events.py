@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from captioner.domain import MAX_OBJECT_NAME_BYTES, ObjectRef
+from captioner.domain import MAX_OBJECT_NAME_BYTES, ObjectRef, first_unencodable
 from captioner.errors import BadRequestError
 
 FINALIZED = "google.cloud.storage.object.v1.finalized"
@@ -27,10 +27,16 @@ def parse_event_data(data: Any) -> Mapping[str, Any]:
             data = json.loads(data) if data.strip() else None
         except json.JSONDecodeError as exc:
             raise BadRequestError(f"event data is not JSON: {exc.msg} at {exc.pos}") from None
+        except RecursionError:
+            raise BadRequestError("event data is nested too deeply") from None
+        except ValueError as exc:  # e.g. an integer past Python's 4300-digit limit
+            raise BadRequestError(f"event data cannot be read: {str(exc)[:120]}") from None
     if data is None:
         raise BadRequestError("event has no data: expected a Cloud Storage object")
     if not isinstance(data, Mapping):
         raise BadRequestError(f"event data must be a JSON object, not {type(data).__name__}")
+    if (where := first_unencodable(dict(data))) is not None:
+        raise BadRequestError(f"event data: {where} is not valid Unicode text")
     return data
 
 

@@ -2,7 +2,8 @@
 
 The SDK is configured from its own environment variables (GEMINI_API_KEY /
 GOOGLE_API_KEY, GOOGLE_GENAI_USE_VERTEXAI, GOOGLE_CLOUD_PROJECT,
-GOOGLE_CLOUD_LOCATION, GOOGLE_GEMINI_BASE_URL). The SDK's own retries are off:
+GOOGLE_CLOUD_LOCATION, GOOGLE_GEMINI_BASE_URL). The SDK's own retries are off
+(``HttpRetryOptions(attempts=1)``, which also stops its hidden connection retry):
 they ignore the server's RetryInfo delay and never retry a timeout, so this
 module classifies failures and ``captioner.retrying`` retries them.
 """
@@ -16,7 +17,10 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import replace
+from datetime import datetime, timedelta, tzinfo
+from datetime import time as dt_time
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import aiohttp
 from google import genai
@@ -25,14 +29,51 @@ from google.genai import types
 
 from captioner.captions import CaptionSpec, InvalidAnswerError
 from captioner.domain import Description, PreparedImage, Usage
-from captioner.errors import PermanentError, TransientError
+from captioner.errors import ConfigurationError, PermanentError, TransientError
 from captioner.limiter import AdaptiveLimiter
 from captioner.retrying import with_retries
 
-_TRANSIENT_CODES = frozenset({408, 429, 500, 502, 503, 504})
-# Not the image's fault: a bad key, a missing permission or an unknown model is
-# fixed by the operator, and the event should come back once it is.
-_CONFIGURATION_CODES = frozenset({401, 403, 404})
+_TRANSIENT_CODES = frozenset({408, 429, 499, 500, 502, 503, 504})
+_TRANSIENT_STATUSES = frozenset(
+    {"CANCELLED", "DEADLINE_EXCEEDED", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "ABORTED"}
+)
+# Not the image's fault: a bad key, a missing permission, an unknown model or a project
+# without credit is fixed by the operator, and the event should come back once it is.
+_CONFIGURATION_CODES = frozenset({401, 402, 403, 404})
+_CONFIGURATION_STATUSES = frozenset(
+    {"FAILED_PRECONDITION", "PERMISSION_DENIED", "UNAUTHENTICATED", "NOT_FOUND"}
+)
+# google.rpc.ErrorInfo reasons of Google APIs that name a credential or project problem.
+_KEY_REASONS = frozenset({"API_KEY_INVALID", "API_KEY_EXPIRED"})
+_CONFIGURATION_REASONS = frozenset(
+    {
+        "API_KEY_SERVICE_BLOCKED",
+        "API_KEY_HTTP_REFERRER_BLOCKED",
+        "API_KEY_IP_ADDRESS_BLOCKED",
+        "CONSUMER_INVALID",
+        "SERVICE_DISABLED",
+        "BILLING_DISABLED",
+        "ACCESS_TOKEN_EXPIRED",
+        "ACCESS_TOKEN_SCOPE_INSUFFICIENT",
+        "IAM_PERMISSION_DENIED",
+    }
+)
+# Words in a 400 that point at a setting we sent, not at the image.
+_SETTING_WORDS = (
+    "thinking",
+    "generation_config",
+    "generationconfig",
+    "response_schema",
+    "responseschema",
+    "response_json_schema",
+    "responsejsonschema",
+    "media_resolution",
+    "mediaresolution",
+    "max_output_tokens",
+    "maxoutputtokens",
+    "temperature",
+    "model",
+)
 _BLOCKING_FINISH = frozenset(
     {
         "SAFETY",
@@ -67,7 +108,14 @@ def make_client(
     """
     env = os.environ if environ is None else environ
     base_url = env.get("GOOGLE_GEMINI_BASE_URL") or None
-    http_options = types.HttpOptions(timeout=int(timeout_seconds * 1000), base_url=base_url)
+    http_options = types.HttpOptions(
+        timeout=int(timeout_seconds * 1000),
+        base_url=base_url,
+        # attempts=1 turns the SDK's retries off entirely: without retry options it
+        # still retries a failed connection once by itself after sleeping 1-10 s
+        # (google/genai/_api_client.py, the aiohttp branch of the async request).
+        retry_options=types.HttpRetryOptions(attempts=1),
+    )
     if _truthy(env.get("GOOGLE_GENAI_USE_VERTEXAI")):
         # Passed explicitly: with a custom base URL the SDK does not read project and
         # location from the environment and would post to the bare base URL.
@@ -100,7 +148,7 @@ class GeminiDescriber:
         limiter: AdaptiveLimiter | None = None,
     ) -> None:
         self._client = client
-        self._limiter = limiter or AdaptiveLimiter(1_000_000)
+        self._limiter = limiter or AdaptiveLimiter(1_000_000, max_pause=max_wait)
         self._rng = random.Random()
         self._deadline = deadline
         self.model = model
@@ -111,6 +159,8 @@ class GeminiDescriber:
         self._max_output_tokens = max_output_tokens
         self._temperature = temperature
         self._default_spec = CaptionSpec(prompt, structured=False)
+        # Set by a per-day quota's 429: (monotonic time it resets, the error).
+        self._stopped: tuple[float, ConfigurationError] | None = None
 
     def _config_for(self, spec: CaptionSpec) -> types.GenerateContentConfig:
         schema = spec.response_schema()
@@ -144,7 +194,18 @@ class GeminiDescriber:
             )
         raise AssertionError("unreachable")
 
+    def _stop_until(self, until: float, error: ConfigurationError) -> None:
+        self._stopped = (until, error)
+
+    def _check_not_stopped(self) -> None:
+        if self._stopped is not None:
+            until, error = self._stopped
+            if time.monotonic() < until:
+                raise DailyQuotaError(f"not asking Gemini again before the quota resets: {error}")
+            self._stopped = None
+
     async def _describe_once(self, image: PreparedImage, spec: CaptionSpec) -> Description:
+        self._check_not_stopped()
         contents = types.Content(
             role="user",
             parts=[
@@ -173,8 +234,10 @@ class GeminiDescriber:
                             model=self.model, contents=contents, config=config
                         )
                     except genai_errors.APIError as exc:
-                        error = _classify(exc)
-                        if exc.code != 429 or not isinstance(error, TransientError):
+                        error = _classify(exc, self._max_wait)
+                        if isinstance(error, DailyQuotaError):
+                            self._stop_until(_next_quota_day(), error)
+                        if exc.code != 429 or type(error) is not TransientError:
                             raise error from exc
                         slot.throttled(error.retry_after)
                         throttled += 1
@@ -187,6 +250,13 @@ class GeminiDescriber:
                         ) from exc
                     except aiohttp.ClientError as exc:
                         raise TransientError(f"Gemini connection failed: {exc!r}") from exc
+                    except ValueError as exc:
+                        # A 200 whose body is not JSON (a proxy's HTML page), or JSON of
+                        # another shape: json.JSONDecodeError and pydantic's
+                        # ValidationError are both ValueErrors raised by the SDK.
+                        raise TransientError(
+                            f"Gemini's answer could not be read: {str(exc)[:200]}"
+                        ) from exc
                     else:
                         slot.succeeded()
                         return response
@@ -211,28 +281,126 @@ class GeminiDescriber:
         return base + self._rng.uniform(0, base)
 
 
-def _classify(exc: genai_errors.APIError) -> Exception:
+def _classify(exc: genai_errors.APIError, max_wait: float = 30.0) -> Exception:
+    """Retry, stop asking, or record: decided by the error's status and reason, not
+    only its HTTP code, because Gemini answers a bad API key with a plain 400.
+
+    Shapes, as the services send them (python-genai ``errors.APIError`` keeps the
+    JSON body in ``details``; the Gemini API's error reference
+    https://ai.google.dev/gemini-api/docs/troubleshooting lists the statuses):
+
+    - 400 INVALID_ARGUMENT + ErrorInfo reason ``API_KEY_INVALID`` (bad or expired key),
+      400 FAILED_PRECONDITION (region not supported, billing not enabled),
+      401/403/404, 402 (prepaid credit used up): configuration, never the image's fault.
+    - 400 INVALID_ARGUMENT that names one of our own request settings (a thinking
+      level the model does not take, a schema it refuses): configuration too.
+    - 429 whose QuotaFailure names a per-day quota: nothing helps before the next day.
+    - 408, 429, 499 CANCELLED (seen under load), 5xx: transient, with the server's
+      RetryInfo delay when it names one, capped at ``max_wait``.
+    - anything else: the image or its request is refused for good (``gemini-<code>``).
+    """
     code = int(exc.code or 0)
-    message = f"Gemini answered {code} {exc.status or ''}: {exc.message or ''}".strip()
-    if code in _TRANSIENT_CODES or code >= 500:
-        return TransientError(message, retry_after=_retry_delay(exc.details))
+    status = str(exc.status or "")
+    body = _error_body(exc.details)
+    reasons = _error_reasons(body)
+    message = f"Gemini answered {code} {status}: {exc.message or ''}".strip()
+    if reasons & _KEY_REASONS:
+        return ConfigurationError(
+            message + " (the API key is not valid: check GEMINI_API_KEY / GOOGLE_API_KEY)"
+        )
+    if reasons & _CONFIGURATION_REASONS or status in _CONFIGURATION_STATUSES:
+        return ConfigurationError(message + " (a problem of the project's set-up)")
     if code in _CONFIGURATION_CODES:
-        return TransientError(message + " (check the model name, API key or IAM role)")
+        return ConfigurationError(message + " (check the model name, API key or IAM role)")
+    if code == 429 and (quota := _daily_quota(body)):
+        return DailyQuotaError(
+            message + f" (the per-day quota {quota} is used up: no more calls today)"
+        )
+    if code in _TRANSIENT_CODES or code >= 500 or status in _TRANSIENT_STATUSES:
+        delay = _retry_delay(body)
+        return TransientError(message, retry_after=None if delay is None else min(delay, max_wait))
+    if code == 400 and _names_our_settings(body, exc.message or ""):
+        return ConfigurationError(
+            message + " (the model refuses a setting of ours: check CAPTION_MODEL and "
+            "CAPTION_THINKING / CAPTION_MEDIA_RESOLUTION)"
+        )
     return PermanentError(f"gemini-{code}", message)
+
+
+class DailyQuotaError(ConfigurationError):
+    """A per-day quota is used up: every call until it resets would be refused too."""
+
+    reason = "daily-quota"
+
+
+def _next_quota_day(now: datetime | None = None) -> float:
+    """The monotonic time of the next midnight in Pacific time, when the Gemini API's
+    per-day quotas reset (https://ai.google.dev/gemini-api/docs/rate-limits: "Requests
+    per day (RPD) quotas reset at midnight Pacific time")."""
+    try:
+        zone: tzinfo = ZoneInfo("America/Los_Angeles")
+    except Exception:  # no tz database: an hour, then ask once and see
+        return time.monotonic() + 3600.0
+    now = now or datetime.now(zone)
+    local = now.astimezone(zone)
+    midnight = datetime.combine(local.date() + timedelta(days=1), dt_time(), zone)
+    return time.monotonic() + max(60.0, (midnight - local).total_seconds())
+
+
+def _error_body(details: Any) -> Mapping[str, Any]:
+    if isinstance(details, Mapping):
+        inner = details.get("error", details)
+        return inner if isinstance(inner, Mapping) else {}
+    return {}
+
+
+def _detail_items(body: Mapping[str, Any], kind: str) -> list[Mapping[str, Any]]:
+    items = body.get("details")
+    if not isinstance(items, list):
+        return []
+    return [
+        item
+        for item in items
+        if isinstance(item, Mapping) and str(item.get("@type", "")).endswith(kind)
+    ]
+
+
+def _error_reasons(body: Mapping[str, Any]) -> frozenset[str]:
+    return frozenset(str(item.get("reason", "")) for item in _detail_items(body, "ErrorInfo"))
+
+
+def _daily_quota(body: Mapping[str, Any]) -> str | None:
+    """The id of a per-day quota named by a QuotaFailure, e.g.
+    ``GenerateRequestsPerDayPerProjectPerModel-FreeTier``."""
+    for failure in _detail_items(body, "QuotaFailure"):
+        violations = failure.get("violations")
+        for violation in violations if isinstance(violations, list) else []:
+            if not isinstance(violation, Mapping):
+                continue
+            quota = str(violation.get("quotaId", "") or violation.get("quotaMetric", ""))
+            if "perday" in quota.lower().replace("_", "").replace("-", ""):
+                return quota
+    return None
+
+
+def _names_our_settings(body: Mapping[str, Any], message: str) -> bool:
+    fields = [
+        str(violation.get("field", ""))
+        for item in _detail_items(body, "BadRequest")
+        for violation in (item.get("fieldViolations") or [])
+        if isinstance(violation, Mapping)
+    ]
+    text = " ".join([message, *fields]).lower()
+    return any(word in text for word in _SETTING_WORDS)
 
 
 def _retry_delay(details: Any) -> float | None:
     """The ``retryDelay`` of a google.rpc.RetryInfo detail, e.g. ``"7s"`` → 7.0."""
-    items: Any = details
-    if isinstance(details, Mapping):
-        items = details.get("error", {}).get("details", details.get("details", []))
-    if not isinstance(items, list):
-        return None
-    for item in items:
-        if isinstance(item, Mapping) and str(item.get("@type", "")).endswith("RetryInfo"):
-            match = _DURATION.match(str(item.get("retryDelay", "")))
-            if match:
-                return float(match.group(1))
+    body = _error_body(details) if isinstance(details, Mapping) else {"details": details}
+    for item in _detail_items(body, "RetryInfo"):
+        match = _DURATION.match(str(item.get("retryDelay", "")))
+        if match:
+            return float(match.group(1))
     return None
 
 

@@ -6,9 +6,12 @@ what is wrong; only a fault of ours or of a service is a 5xx.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
@@ -25,11 +28,38 @@ NDJSON = "application/x-ndjson"
 log = logging.getLogger("captioner")
 
 
-def error(status: int, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": status, "message": message}}, status, headers=headers)
+def error(
+    status: int, message: str, *, request_id: str | None = None, **headers: str
+) -> JSONResponse:
+    body: dict[str, Any] = {"code": status, "message": message}
+    if request_id:
+        body["request_id"] = request_id
+    return JSONResponse({"error": body}, status, headers=headers)
 
 
 async def handle(runtime: Runtime, request: Request) -> Response:
+    """The answer to one request; never an unhandled exception (see ``_internal_error``)."""
+    request_id = uuid.uuid4().hex[:16]
+    try:
+        return await _handle(runtime, request, request_id)
+    except Exception as exc:
+        return _internal_error(exc, request_id)
+
+
+def _internal_error(exc: Exception, request_id: str) -> JSONResponse:
+    """The last line of defence: a fault of ours becomes a 500 that names the request,
+    and the log line with the traceback carries the same id."""
+    log.exception(
+        "caption_http failed unexpectedly (request %s): %r",
+        request_id,
+        exc,
+        extra={"fields": {"request_id": request_id}},
+    )
+    return error(500, f"internal error; the logs have the details under request_id {request_id}",
+                 request_id=request_id)  # fmt: skip
+
+
+async def _handle(runtime: Runtime, request: Request, request_id: str) -> Response:
     try:
         caption_request = await _parse(runtime, request)
     except BadRequestError as exc:
@@ -38,13 +68,18 @@ async def handle(runtime: Runtime, request: Request) -> Response:
         return error(exc.status, str(exc), **headers)
 
     run = runtime.batch(caption_request)
+    deadline = runtime.settings.http_deadline
     if NDJSON in request.headers.get("accept", ""):
-        return StreamingResponse(_ndjson(run), media_type=NDJSON)
+        return StreamingResponse(_ndjson(run, deadline, request_id), media_type=NDJSON)
     results: list[dict[str, Any]] = []
+    answer: dict[str, Any] = {}
     try:
-        async for result in run.results():
-            log_result(result)
-            results.append(result_json(result))
+        async with asyncio.timeout(deadline), aclosing(run.results()) as stream:
+            async for result in stream:
+                log_result(result)
+                results.append(result_json(result))
+    except TimeoutError:
+        answer["incomplete"] = _deadline_message(deadline)
     except ObjectGoneError as exc:
         return error(404, str(exc))
     except PermanentError as exc:
@@ -52,7 +87,14 @@ async def handle(runtime: Runtime, request: Request) -> Response:
     except TransientError as exc:
         return error(503, f"try again later: {exc}")
     _log_summary(run)
-    return JSONResponse({"results": results, "totals": run.totals.as_dict()})
+    return JSONResponse({"results": results, "totals": run.totals.as_dict(), **answer})
+
+
+def _deadline_message(deadline: float) -> str:
+    return (
+        f"stopped after CAPTION_HTTP_DEADLINE={deadline:g}s; the results above are done, "
+        "the rest was not started or not finished: send the request again to go on"
+    )
 
 
 def _log_summary(run: BatchRun) -> None:
@@ -64,14 +106,21 @@ def _log_summary(run: BatchRun) -> None:
     )
 
 
-async def _ndjson(run: BatchRun) -> AsyncIterator[bytes]:
-    """One JSON line per image as it completes, then one line of totals."""
+async def _ndjson(run: BatchRun, deadline: float, request_id: str) -> AsyncIterator[bytes]:
+    """One JSON line per image as it completes, then one line of totals, always: a
+    stream that ends without them was cut, and the client can tell."""
     try:
-        async for result in run.results():
-            log_result(result)
-            yield _line(result_json(result))
+        async with asyncio.timeout(deadline), aclosing(run.results()) as stream:
+            async for result in stream:
+                log_result(result)
+                yield _line(result_json(result))
+    except TimeoutError:
+        yield _line({"error": {"message": _deadline_message(deadline), "reason": "deadline"}})
     except (ObjectGoneError, PermanentError, TransientError) as exc:
         yield _line({"error": {"message": str(exc)}})
+    except Exception as exc:
+        _internal_error(exc, request_id)
+        yield _line({"error": {"message": "internal error", "code": 500, "request_id": request_id}})
     _log_summary(run)
     yield _line({"totals": run.totals.as_dict()})
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from captioner.domain import MAX_OBJECT_NAME_BYTES, ObjectRef
+from captioner.domain import MAX_OBJECT_NAME_BYTES, ObjectRef, first_unencodable
 from captioner.errors import BadRequestError
 
 MAX_OBJECTS = 1000
@@ -63,6 +63,10 @@ def parse_body(raw: bytes) -> CaptionRequest:
         raise BadRequestError(f"the body is not JSON: {exc.msg} (at character {exc.pos})") from None
     except RecursionError:
         raise BadRequestError("the body is nested too deeply") from None
+    except ValueError as exc:
+        # Valid JSON that Python still refuses, e.g. an integer of more digits than
+        # sys.get_int_max_str_digits() (4300): a ValueError, not a JSONDecodeError.
+        raise BadRequestError(f"the body cannot be read: {str(exc)[:120]}") from None
     return parse_request(body)
 
 
@@ -71,6 +75,10 @@ def parse_request(body: Any) -> CaptionRequest:
         raise BadRequestError(
             f"the body must be a JSON object, not {_json_type(body)}; "
             'e.g. {"objects": ["gs://bucket/name.jpg"]}'
+        )
+    if (where := first_unencodable(body)) is not None:
+        raise BadRequestError(
+            f"{where} is not valid Unicode text (a lone surrogate such as \\ud800?)"
         )
     forms = [key for key in _FIELDS if key in body]
     if len(forms) != 1:
@@ -118,6 +126,9 @@ def parse_request(body: Any) -> CaptionRequest:
 
 def parse_gs_uri(value: str) -> ObjectRef:
     """``gs://bucket/name`` → ObjectRef. The name is everything after the first '/'."""
+    if first_unencodable(value) is not None:
+        # e.g. undecodable bytes on a command line, which Python keeps as surrogates
+        raise BadRequestError(f"{value[:100]!r} is not valid Unicode text")
     if not value.startswith("gs://"):
         raise BadRequestError(f"{value[:100]!r} is not a gs://bucket/name URI")
     bucket, sep, name = value[len("gs://") :].partition("/")
@@ -131,6 +142,8 @@ def parse_gs_uri(value: str) -> ObjectRef:
 
 
 def _check_url(value: str) -> str:
+    if first_unencodable(value) is not None:
+        raise BadRequestError(f"{value[:100]!r} is not valid Unicode text")
     if len(value) > _MAX_URL_LENGTH:
         raise BadRequestError(f"a URL is longer than {_MAX_URL_LENGTH} characters")
     try:

@@ -22,7 +22,9 @@ times the model's latency (Little's law). The limiter learns that number from 42
   the others were sent under the old limit and say nothing new (TCP's one cut per
   window), so one burst of 429s counts once.
 
-A 429 that names a delay (RetryInfo) also holds every new call until it is over.
+A 429 that names a delay (RetryInfo) also holds every new call until it is over,
+but never for longer than ``max_pause`` (``CAPTION_RETRY_MAX_WAIT``): one answer with
+``retryDelay: "100000s"`` must not stop an instance from ever calling again.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class AdaptiveLimiter:
         initial: int | None = None,
         decrease: float = 0.7,
         recover: float = 0.9,
+        max_pause: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 1 <= minimum <= maximum:
@@ -62,6 +65,7 @@ class AdaptiveLimiter:
         if not 0 < decrease <= recover <= 1:
             raise ValueError("need 0 < decrease <= recover <= 1")
         self._clock = clock
+        self._max_pause = max(0.0, max_pause)
         self._min = float(minimum)
         self._max = float(maximum)
         self._limit = float(initial if initial is not None else maximum)
@@ -122,7 +126,9 @@ class AdaptiveLimiter:
             self._throttled += 1
             now = self._clock()
             if slot.retry_after:
-                self._resume_at = max(self._resume_at, now + slot.retry_after)
+                pause = min(max(slot.retry_after, 0.0), self._max_pause)
+                # Bounded from now as well: an earlier, longer pause is not kept either.
+                self._resume_at = min(max(self._resume_at, now + pause), now + self._max_pause)
             if slot.started_at > self._last_decrease:
                 sustained = self._sustained(now)
                 self._measured = sustained is not None

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import stamina
 
-from captioner.errors import TransientError
+from captioner.errors import ConfigurationError, TransientError
 
 T = TypeVar("T")
 
@@ -32,7 +32,8 @@ def backoff_hook(
 
     def hook(exc: Exception) -> bool | float:
         nonlocal failures
-        if not isinstance(exc, TransientError):
+        if not isinstance(exc, TransientError) or isinstance(exc, ConfigurationError):
+            # A configuration problem answers the same way until someone fixes it.
             return False
         failures += 1
         if exc.retry_after is not None:

@@ -90,7 +90,7 @@ class Runtime:
             timeout=s.gemini_timeout,
             max_wait=s.retry_max_wait,
             deadline=s.deadline,
-            limiter=AdaptiveLimiter(s.max_concurrency),
+            limiter=AdaptiveLimiter(s.max_concurrency, max_pause=s.retry_max_wait),
         )
         captioner = Captioner(
             storage=storage,

@@ -53,6 +53,7 @@ class Settings(BaseModel):
     storage_attempts: Annotated[int, Field(ge=1, le=20)] = 5
     retry_max_wait: Annotated[float, Field(ge=0, le=300)] = 30.0
     deadline: Annotated[float, Field(gt=0, le=3600)] = 480.0
+    http_deadline: Annotated[float, Field(gt=0, le=3600)] = 480.0
     log_format: Literal["json", "text"] = "json"
     mode: Literal["structured", "sentence"] = "structured"
     rules: str = ""

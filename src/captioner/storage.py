@@ -12,13 +12,14 @@ import asyncio
 import json
 import os
 from collections.abc import AsyncIterator, Mapping
+from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
 from captioner.bodies import read_capped
-from captioner.domain import ObjectInfo
+from captioner.domain import ObjectInfo, first_unencodable
 from captioner.errors import (
     ObjectGoneError,
     PermanentError,
@@ -173,6 +174,9 @@ class StorageClient:
         self, bucket: str, prefix: str = "", *, page_size: int = 1000
     ) -> AsyncIterator[ObjectInfo]:
         """Every object under ``prefix``, one page at a time (never the whole listing)."""
+        if first_unencodable(prefix) is not None:
+            # aiohttp would leave the parameter out and so list the whole bucket.
+            raise PermanentError("bad-prefix", f"the prefix {prefix!r:.100} is not valid Unicode")
         url = self._api + f"/b/{quote(bucket, safe='')}/o"
         page_token: str | None = None
         while True:
@@ -191,6 +195,8 @@ class StorageClient:
                     return page
 
             page: dict[str, Any] = await self._retry(once)
+            if not isinstance(page, dict) or not isinstance(page.get("items", []), list):
+                raise TransientError(f"Cloud Storage sent an unreadable listing of gs://{bucket}")
             for item in page.get("items", []):
                 yield _object_info(item)
             page_token = page.get("nextPageToken")
@@ -241,9 +247,44 @@ class _Request:
             raise TransientError(f"Cloud Storage {method} failed: {exc!r}") from exc
         return self._response
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if self._response is not None:
             self._response.release()
+        # Every body read happens inside this block, so every way a body can be
+        # unreadable is decided here, once: a body whose Content-Encoding does not
+        # decode is this generation's bytes and will never read (permanent); a body
+        # cut off, timed out, or that is not the JSON the API speaks (a proxy's HTML
+        # page) may be fine on the next try (transient).
+        method = self._args[0]
+        if isinstance(exc, aiohttp.ClientPayloadError) and _bad_encoding(exc):
+            raise PermanentError(
+                "bad-content-encoding",
+                f"the object's bytes do not decode as its Content-Encoding says: {exc}",
+            ) from exc
+        if isinstance(exc, aiohttp.ClientError | TimeoutError):
+            raise TransientError(
+                f"Cloud Storage {method}: the answer was cut off: {exc!r}"
+            ) from exc
+        if isinstance(exc, ValueError | AttributeError):
+            raise TransientError(
+                f"Cloud Storage {method}: the answer is not the JSON expected: {exc!r:.200}"
+            ) from exc
+
+
+def _bad_encoding(exc: aiohttp.ClientPayloadError) -> bool:
+    """aiohttp reports a Content-Encoding that does not decode as a payload error whose
+    cause (or text) is ``ContentEncodingError``."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if type(seen).__name__ == "ContentEncodingError" or "content-encoding" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 async def _raise_for_status(response: aiohttp.ClientResponse, what: str) -> None:
@@ -251,8 +292,8 @@ async def _raise_for_status(response: aiohttp.ClientResponse, what: str) -> None
     if status < 300:
         return
     try:
-        detail = (await response.text())[:300]
-    except (aiohttp.ClientError, TimeoutError):
+        detail = (await response.text(errors="replace"))[:300]
+    except (aiohttp.ClientError, TimeoutError, ValueError):
         detail = ""
     if status == 404:
         raise ObjectGoneError(f"{what} does not exist (or not at that generation)")
@@ -297,5 +338,5 @@ def _object_info(item: Mapping[str, Any]) -> ObjectInfo:
                 str(k): "" if v is None else str(v) for k, v in (item.get("metadata") or {}).items()
             },
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise TransientError(f"Cloud Storage sent an unreadable object resource: {exc!r}") from exc

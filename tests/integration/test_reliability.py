@@ -251,3 +251,72 @@ async def test_very_long_caption_is_cut_to_fit_next_to_owner_metadata(
     assert final["caption"].endswith("…")
     total = sum(len(k.encode()) + len(v.encode()) for k, v in final.items())
     assert total <= 8192
+
+
+# Bodies that cannot be read: each ends as transient (retried, nothing recorded) or
+# permanent (error:<reason> recorded), never as an unhandled exception.
+
+
+async def test_a_download_cut_off_mid_body_is_retried_then_captioned(
+    bucket: Any, runtime: Runtime, proxy: GcsProxy
+) -> None:
+    ref = upload(bucket, "cut.jpg")
+    proxy.add_fault("GET", "/o/cut.jpg", 200, count=1, body="cut", query_contains="alt=media")
+    result = await runtime.captioner().caption_object(ref)
+    assert result.outcome is Outcome.CAPTIONED
+    downloads = [r for r in proxy.recorded("GET") if r.query.get("alt") == "media"]
+    assert len(downloads) == 2
+
+
+async def test_a_download_always_cut_off_is_a_retry_and_records_nothing(
+    bucket: Any, runtime: Runtime, proxy: GcsProxy
+) -> None:
+    ref = upload(bucket, "cut2.jpg", owner="x")
+    proxy.add_fault("GET", "/o/cut2.jpg", 200, count=100, body="cut", query_contains="alt=media")
+    result = await runtime.captioner().caption_object(ref)
+    assert result.outcome is Outcome.RETRY
+    assert meta(bucket, "cut2.jpg") == {"owner": "x"}
+
+
+async def test_a_metadata_read_answered_200_with_html_is_retried(
+    bucket: Any, runtime: Runtime, proxy: GcsProxy
+) -> None:
+    ref = upload(bucket, "html.jpg")
+    proxy.add_fault("GET", "/o/html.jpg", 200, count=1, body="html", query_contains="fields=")
+    result = await runtime.captioner().caption_object(ref)
+    assert result.outcome is Outcome.CAPTIONED
+
+
+async def test_a_metadata_read_always_html_is_a_retry_and_records_nothing(
+    bucket: Any, runtime: Runtime, proxy: GcsProxy
+) -> None:
+    ref = upload(bucket, "html2.jpg", owner="x")
+    proxy.add_fault("GET", "/o/html2.jpg", 200, count=100, body="html", query_contains="fields=")
+    result = await runtime.captioner().caption_object(ref)
+    assert result.outcome is Outcome.RETRY
+    assert meta(bucket, "html2.jpg") == {"owner": "x"}
+
+
+async def test_an_object_whose_gzip_encoding_is_not_gzip_is_recorded_as_permanent(
+    bucket: Any, runtime: Runtime, proxy: GcsProxy, gemini: Any
+) -> None:
+    ref = upload(bucket, "gz.jpg", owner="x")
+    proxy.add_fault("GET", "/o/gz.jpg", 200, count=100, body="bad-gzip", query_contains="alt=media")
+    result = await runtime.captioner().caption_object(ref)
+    assert result.outcome is Outcome.FAILED
+    assert result.reason == "bad-content-encoding"
+    assert meta(bucket, "gz.jpg")["caption-status"] == "error:bad-content-encoding"
+    assert meta(bucket, "gz.jpg")["owner"] == "x"
+    assert gemini.calls == 0
+
+
+async def test_a_huge_retry_delay_is_capped_so_the_instance_keeps_captioning(
+    bucket: Any, runtime: Runtime, gemini: Any
+) -> None:
+    # CAPTION_RETRY_MAX_WAIT is 0.2 here; the server asks for more than a day.
+    gemini.add_fault("429", count=1, retry_delay=100_000)
+    started = time.monotonic()
+    first = await runtime.captioner().caption_object(upload(bucket, "huge-delay.jpg"))
+    second = await runtime.captioner().caption_object(upload(bucket, "after.jpg"))
+    assert (first.outcome, second.outcome) == (Outcome.CAPTIONED, Outcome.CAPTIONED)
+    assert time.monotonic() - started < 3

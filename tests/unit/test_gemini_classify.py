@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from google.genai import errors, types
 
-from captioner.errors import PermanentError, TransientError
-from captioner.gemini import _classify, _description
+from captioner.domain import PreparedImage
+from captioner.errors import ConfigurationError, PermanentError, TransientError
+from captioner.gemini import (
+    DailyQuotaError,
+    GeminiDescriber,
+    _classify,
+    _description,
+    _next_quota_day,
+)
 
 
 def api_error(code: int, status: str, details: list[dict[str, Any]] | None = None) -> Any:
@@ -76,3 +85,156 @@ def test_safety_finish_without_text_is_blocked() -> None:
 
 def test_no_candidates_is_blocked_as_empty() -> None:
     assert _description(response(candidates=[]), "m").blocked_reason == "EMPTY"
+
+
+# The shapes below are the JSON bodies the services send, as python-genai's
+# errors.APIError keeps them in ``details``.
+BAD_KEY = [
+    {
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+        "reason": "API_KEY_INVALID",
+        "domain": "googleapis.com",
+        "metadata": {"service": "generativelanguage.googleapis.com"},
+    },
+    {
+        "@type": "type.googleapis.com/google.rpc.LocalizedMessage",
+        "locale": "en-US",
+        "message": "API key not valid. Please pass a valid API key.",
+    },
+]
+DAILY_QUOTA = [
+    {
+        "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+        "violations": [
+            {
+                "quotaMetric": (
+                    "generativelanguage.googleapis.com/generate_content_free_tier_requests"
+                ),
+                "quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier",
+                "quotaDimensions": {"location": "global", "model": "gemini-2.5-flash"},
+                "quotaValue": "250",
+            }
+        ],
+    },
+    {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "41s"},
+]
+MINUTE_QUOTA = [
+    {
+        "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+        "violations": [{"quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"}],
+    },
+    {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "12s"},
+]
+
+
+def test_a_bad_api_key_400_is_a_configuration_error_never_recorded_on_the_image() -> None:
+    exc = _classify(api_error(400, "INVALID_ARGUMENT", BAD_KEY))
+    assert isinstance(exc, ConfigurationError)
+    assert isinstance(exc, TransientError)  # nothing is recorded; the event comes back
+    assert "GEMINI_API_KEY" in str(exc)
+
+
+def test_an_expired_api_key_is_a_configuration_error() -> None:
+    details = [{**BAD_KEY[0], "reason": "API_KEY_EXPIRED"}]
+    assert isinstance(_classify(api_error(400, "INVALID_ARGUMENT", details)), ConfigurationError)
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        (400, "FAILED_PRECONDITION"),  # region not supported, billing not enabled
+        (401, "UNAUTHENTICATED"),
+        (402, ""),  # prepaid credit used up
+        (403, "PERMISSION_DENIED"),
+        (404, "NOT_FOUND"),
+    ],
+)
+def test_project_setup_errors_are_configuration_errors(code: int, status: str) -> None:
+    assert isinstance(_classify(api_error(code, status)), ConfigurationError)
+
+
+def test_a_400_about_a_setting_we_sent_is_a_configuration_error() -> None:
+    body = {
+        "error": {
+            "code": 400,
+            "message": "Budget 0 is invalid. This model only works in thinking mode.",
+            "status": "INVALID_ARGUMENT",
+        }
+    }
+    assert isinstance(_classify(errors.ClientError(400, body)), ConfigurationError)
+
+
+def test_a_400_about_the_image_stays_permanent() -> None:
+    body = {
+        "error": {
+            "code": 400,
+            "message": "Unable to process input image. Please retry or report it.",
+            "status": "INVALID_ARGUMENT",
+        }
+    }
+    exc = _classify(errors.ClientError(400, body))
+    assert isinstance(exc, PermanentError)
+    assert exc.reason == "gemini-400"
+
+
+def test_499_cancelled_under_load_is_transient() -> None:
+    exc = _classify(api_error(499, "CANCELLED"))
+    assert type(exc) is TransientError
+
+
+def test_a_per_day_quota_429_stops_asking_instead_of_waiting() -> None:
+    exc = _classify(api_error(429, "RESOURCE_EXHAUSTED", DAILY_QUOTA))
+    assert isinstance(exc, DailyQuotaError)
+    assert "GenerateRequestsPerDayPerProjectPerModel-FreeTier" in str(exc)
+
+
+def test_a_per_minute_quota_429_is_waited_out_with_its_delay() -> None:
+    exc = _classify(api_error(429, "RESOURCE_EXHAUSTED", MINUTE_QUOTA))
+    assert type(exc) is TransientError
+    assert exc.retry_after == 12.0
+
+
+@pytest.mark.parametrize("delay", ["100000s", "86400s", "3601.5s"])
+def test_a_huge_retry_delay_is_capped_at_the_maximum_wait(delay: str) -> None:
+    detail = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}
+    exc = _classify(api_error(429, "RESOURCE_EXHAUSTED", [detail]), max_wait=2.5)
+    assert isinstance(exc, TransientError)
+    assert exc.retry_after == 2.5
+
+
+def test_the_next_quota_day_is_the_next_pacific_midnight() -> None:
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    pacific = ZoneInfo("America/Los_Angeles")
+    now = datetime(2026, 11, 25, 23, 0, tzinfo=pacific)
+    before = time.monotonic()
+    until = _next_quota_day(now)
+    assert 3590 <= until - before <= 3610  # an hour to midnight
+
+
+async def test_after_a_daily_quota_429_no_more_calls_are_made_until_it_resets() -> None:
+    calls = 0
+
+    class Models:
+        async def generate_content(self, **_: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            raise api_error(429, "RESOURCE_EXHAUSTED", DAILY_QUOTA)
+
+    client: Any = SimpleNamespace(aio=SimpleNamespace(models=Models()))
+    describer = GeminiDescriber(
+        client,
+        model="m",
+        prompt="p",
+        max_output_tokens=64,
+        temperature=0.2,
+        attempts=4,
+        timeout=1.0,
+        max_wait=0.01,
+    )
+    image = PreparedImage(b"x", "image/jpeg", 1, 1, "JPEG", 1, 1, False)
+    for _ in range(5):
+        with pytest.raises(DailyQuotaError):
+            await describer.describe(image)
+    assert calls == 1

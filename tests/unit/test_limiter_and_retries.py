@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from captioner.errors import PermanentError, TransientError
+from captioner.errors import ConfigurationError, PermanentError, TransientError
 from captioner.limiter import AdaptiveLimiter
 from captioner.retrying import backoff_hook, with_retries
 
@@ -224,3 +224,29 @@ async def test_with_retries_respects_the_deadline() -> None:
     with pytest.raises(TransientError):
         await with_retries(slow_failure, attempts=100, deadline=0.5)
     assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("retry_after", [5.0, 100_000.0, float("inf")])
+async def test_a_huge_retry_delay_pauses_new_calls_no_longer_than_max_pause(
+    retry_after: float,
+) -> None:
+    limiter = AdaptiveLimiter(8, max_pause=0.2)
+    async with limiter.slot() as slot:
+        slot.throttled(retry_after=retry_after)
+    started = time.monotonic()
+    async with asyncio.timeout(2), limiter.slot():
+        pass
+    assert 0.15 <= time.monotonic() - started < 1.0
+
+
+async def test_a_later_short_delay_does_not_keep_an_earlier_long_pause() -> None:
+    clock = Clock()
+    limiter = AdaptiveLimiter(8, max_pause=30.0, clock=clock)
+    async with limiter.slot() as slot:
+        slot.throttled(retry_after=1e9)
+    assert limiter._resume_at == clock.now + 30.0
+
+
+def test_configuration_errors_are_not_retried_inside_the_invocation() -> None:
+    hook = backoff_hook(1.0, 10.0)
+    assert hook(ConfigurationError("bad key")) is False
