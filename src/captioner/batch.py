@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from captioner.domain import CaptionResult, ObjectInfo, Outcome
+from captioner.domain import CaptionResult, ObjectInfo, Outcome, Usage
 from captioner.http_requests import CaptionRequest, ObjectsRequest, PrefixRequest, UrlsRequest
 from captioner.pipeline import Captioner, bounded_as_completed
 
@@ -29,9 +29,12 @@ Fetch = Callable[[str], Awaitable[bytes]]
 class Totals:
     counts: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
+    usage: Usage = field(default_factory=Usage)
 
-    def add(self, outcome: Outcome, n: int = 1) -> None:
+    def add(self, outcome: Outcome, n: int = 1, usage: Usage | None = None) -> None:
         self.counts[outcome.value] += n
+        if usage is not None:
+            self.usage += usage
 
     @property
     def failed(self) -> int:
@@ -45,6 +48,7 @@ class Totals:
             "total": sum(self.counts.values()),
             "seconds": round(seconds, 3),
             "images_per_second": round(described / seconds, 2) if seconds > 0 else 0.0,
+            "tokens": self.usage.as_fields(),
         }
 
 
@@ -90,7 +94,7 @@ class BatchRun:
 
     async def results(self) -> AsyncGenerator[CaptionResult, None]:
         async for result in self._run():
-            self.totals.add(result.outcome)
+            self.totals.add(result.outcome, usage=result.usage)
             yield result
 
     def _run(self) -> AsyncIterator[CaptionResult]:

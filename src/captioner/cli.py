@@ -216,7 +216,7 @@ async def _report(
     try:
         async for result in stream:
             if own_totals:
-                totals.add(result.outcome)
+                totals.add(result.outcome, usage=result.usage)
             _print_result(result, as_json, bar)
             if bar is not None:
                 bar.update(1)
@@ -270,3 +270,11 @@ def _summary(totals: Totals, out: TextIO) -> None:
         + f" in {t['seconds']:.1f} s ({t['images_per_second']:.1f} images/s)",
         file=out,
     )
+    tokens = t["tokens"]
+    if tokens["gemini_calls"]:
+        print(
+            f"tokens: {tokens['prompt_tokens']} prompt ({tokens['image_tokens']} image), "
+            f"{tokens['thoughts_tokens']} thinking, {tokens['output_tokens']} output "
+            f"in {tokens['gemini_calls']} Gemini calls",
+            file=out,
+        )

@@ -92,9 +92,32 @@ class PreparedImage:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
+    """Tokens as Gemini reports them (``usage_metadata``). ``thoughts_tokens`` are billed
+    as output too; ``image_tokens`` are the part of ``prompt_tokens`` the image cost."""
+
     prompt_tokens: int = 0
     output_tokens: int = 0
-    total_tokens: int = 0
+    thoughts_tokens: int = 0
+    image_tokens: int = 0
+    calls: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.output_tokens + other.output_tokens,
+            self.thoughts_tokens + other.thoughts_tokens,
+            self.image_tokens + other.image_tokens,
+            self.calls + other.calls,
+        )
+
+    def as_fields(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "image_tokens": self.image_tokens,
+            "thoughts_tokens": self.thoughts_tokens,
+            "output_tokens": self.output_tokens,
+            "gemini_calls": self.calls,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +128,7 @@ class Description:
     model: str
     blocked_reason: str | None = None
     usage: Usage = Usage()
+    cut_off: bool = False  # ended at the output cap (finishReason MAX_TOKENS)
     alt: str | None = None
     tags: tuple[str, ...] = ()
     translations: Mapping[str, str] = field(default_factory=dict)

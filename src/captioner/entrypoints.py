@@ -80,8 +80,7 @@ def log_result(result: CaptionResult) -> None:
                 "reason": result.reason,
                 "detail": result.message,
                 "recorded": result.recorded,
-                "prompt_tokens": result.usage.prompt_tokens,
-                "output_tokens": result.usage.output_tokens,
+                **result.usage.as_fields(),
                 "seconds": round(result.seconds, 3),
                 "stages": dict(result.stages),
             }

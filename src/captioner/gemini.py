@@ -27,10 +27,12 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from captioner.captions import CaptionSpec, InvalidAnswerError
+from captioner import models
+from captioner.captions import Captions, CaptionSpec, InvalidAnswerError
 from captioner.domain import Description, PreparedImage, Usage
 from captioner.errors import ConfigurationError, PermanentError, TransientError
 from captioner.limiter import AdaptiveLimiter
+from captioner.models import MediaResolution, Thinking, default_temperature
 from captioner.retrying import with_retries
 
 _TRANSIENT_CODES = frozenset({408, 429, 499, 500, 502, 503, 504})
@@ -74,6 +76,8 @@ _SETTING_WORDS = (
     "temperature",
     "model",
 )
+# Finish reasons (google.genai.types.FinishReason; the API reference's
+# Candidate.FinishReason) that are a refusal of the content: recorded as ``blocked``.
 _BLOCKING_FINISH = frozenset(
     {
         "SAFETY",
@@ -83,11 +87,24 @@ _BLOCKING_FINISH = frozenset(
         "SPII",
         "IMAGE_SAFETY",
         "IMAGE_PROHIBITED_CONTENT",
+        "IMAGE_RECITATION",
         "MODEL_ARMOR",
-        "LANGUAGE",
-        "OTHER",
+        "JAILBREAK",
     }
 )
+# Tool and response-format faults: we send no tools, so these are the model's glitch.
+_GLITCH_FINISH = frozenset(
+    {
+        "MALFORMED_FUNCTION_CALL",
+        "UNEXPECTED_TOOL_CALL",
+        "TOO_MANY_TOOL_CALLS",
+        "MISSING_THOUGHT_SIGNATURE",
+        "MALFORMED_RESPONSE",
+    }
+)
+_NORMAL_FINISH = frozenset({"STOP", "FINISH_REASON_UNSPECIFIED"})
+# The most output tokens a re-asked call may have (the 2.5 and 3 models' limit).
+_MAX_ROOM = 65536
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)s\s*$")
 
 
@@ -140,7 +157,9 @@ class GeminiDescriber:
         model: str,
         prompt: str,
         max_output_tokens: int,
-        temperature: float,
+        temperature: float | None = None,
+        thinking: Thinking = Thinking.MINIMAL,
+        media_resolution: MediaResolution = MediaResolution.AUTO,
         attempts: int,
         timeout: float,
         max_wait: float = 30.0,
@@ -152,47 +171,81 @@ class GeminiDescriber:
         self._rng = random.Random()
         self._deadline = deadline
         self.model = model
-        self._prompt = prompt
         self._attempts = attempts
         self._timeout = timeout
         self._max_wait = max_wait
         self._max_output_tokens = max_output_tokens
-        self._temperature = temperature
+        self._temperature = default_temperature(model) if temperature is None else temperature
+        self._thinking = _thinking_config(model, thinking)
+        resolution = models.media_resolution(model, media_resolution)
+        self._media_resolution = types.MediaResolution(resolution) if resolution else None
         self._default_spec = CaptionSpec(prompt, structured=False)
         # Set by a per-day quota's 429: (monotonic time it resets, the error).
         self._stopped: tuple[float, ConfigurationError] | None = None
 
-    def _config_for(self, spec: CaptionSpec) -> types.GenerateContentConfig:
+    def _config_for(self, spec: CaptionSpec, room: int) -> types.GenerateContentConfig:
         schema = spec.response_schema()
         return types.GenerateContentConfig(
-            max_output_tokens=self._max_output_tokens,
+            max_output_tokens=room,
             temperature=self._temperature,
+            thinking_config=self._thinking,
+            media_resolution=self._media_resolution,
             response_mime_type="application/json" if schema else None,
             response_json_schema=schema,
         )
 
     async def describe(self, image: PreparedImage, spec: CaptionSpec | None = None) -> Description:
-        """Caption one image as ``spec`` asks; an answer off the schema is asked for again
-        once, then is a permanent ``invalid-answer``."""
+        """Caption one image as ``spec`` asks.
+
+        One second chance per image, for whichever comes first: an answer cut at the
+        output cap (asked again with four times the room: thinking shares the cap),
+        an empty answer, or one off the schema. The second time, each is a permanent
+        ``error:max-tokens``, ``error:empty-answer`` or ``error:invalid-answer``. The
+        usage of both calls is added up.
+        """
         spec = spec or self._default_spec
-        for attempt in (1, 2):
-            description = await self._describe_once(image, spec)
-            if description.text is None:
-                return description
-            try:
-                captions = spec.parse(description.text)
-            except InvalidAnswerError as exc:
-                if attempt == 2:
-                    raise PermanentError("invalid-answer", f"Gemini's answer: {exc}") from None
+        room = self._max_output_tokens
+        spent = Usage()
+        second_chance = True
+        while True:
+            answer = await self._describe_once(image, spec, room)
+            spent += answer.usage
+            if answer.blocked_reason is not None:
+                return replace(answer, usage=spent)
+            problem = self._problem(answer, spec, room)
+            if isinstance(problem, PermanentError):
+                if not second_chance:
+                    raise problem
+                second_chance = False
+                if problem.reason == "max-tokens":
+                    room = min(_MAX_ROOM, max(room * 4, room + 1024))
                 continue
             return replace(
-                description,
-                text=captions.caption,
-                alt=captions.alt,
-                tags=captions.tags,
-                translations=captions.translations,
+                answer,
+                text=problem.caption,
+                alt=problem.alt,
+                tags=problem.tags,
+                translations=problem.translations,
+                usage=spent,
             )
-        raise AssertionError("unreachable")
+
+    def _problem(
+        self, answer: Description, spec: CaptionSpec, room: int
+    ) -> Captions | PermanentError:
+        """The parsed captions, or the PermanentError this answer would be."""
+        if answer.cut_off:
+            return PermanentError(
+                "max-tokens",
+                f"Gemini's answer did not fit in {room} output tokens "
+                f"({answer.usage.thoughts_tokens} of them spent thinking): raise "
+                "CAPTION_MAX_OUTPUT_TOKENS or lower CAPTION_THINKING",
+            )
+        if not answer.text or not answer.text.strip():
+            return PermanentError("empty-answer", "Gemini finished without any text")
+        try:
+            return spec.parse(answer.text)
+        except InvalidAnswerError as exc:
+            return PermanentError("invalid-answer", f"Gemini's answer: {exc}")
 
     def _stop_until(self, until: float, error: ConfigurationError) -> None:
         self._stopped = (until, error)
@@ -204,7 +257,9 @@ class GeminiDescriber:
                 raise DailyQuotaError(f"not asking Gemini again before the quota resets: {error}")
             self._stopped = None
 
-    async def _describe_once(self, image: PreparedImage, spec: CaptionSpec) -> Description:
+    async def _describe_once(
+        self, image: PreparedImage, spec: CaptionSpec, room: int
+    ) -> Description:
         self._check_not_stopped()
         contents = types.Content(
             role="user",
@@ -213,7 +268,7 @@ class GeminiDescriber:
                 types.Part.from_text(text=spec.full_prompt()),
             ],
         )
-        config = self._config_for(spec)
+        config = self._config_for(spec, room)
 
         # The whole sequence is bounded, so one image cannot hold an invocation
         # past its deadline.
@@ -222,7 +277,7 @@ class GeminiDescriber:
         )
         give_up_at = time.monotonic() + deadline
 
-        async def once() -> Any:
+        async def once() -> Description:
             # Rate limits (429) are waited out here, up to the deadline, without
             # using up the attempts meant for failures; the limiter meanwhile
             # lowers the calls in flight. A slot is held per call, not per wait.
@@ -250,26 +305,25 @@ class GeminiDescriber:
                         ) from exc
                     except aiohttp.ClientError as exc:
                         raise TransientError(f"Gemini connection failed: {exc!r}") from exc
-                    except ValueError as exc:
+                    except (ValueError, TypeError, KeyError, AttributeError) as exc:
                         # A 200 whose body is not JSON (a proxy's HTML page), or JSON of
-                        # another shape: json.JSONDecodeError and pydantic's
-                        # ValidationError are both ValueErrors raised by the SDK.
+                        # another shape: the SDK's converters and pydantic raise these.
                         raise TransientError(
                             f"Gemini's answer could not be read: {str(exc)[:200]}"
                         ) from exc
                     else:
                         slot.succeeded()
-                        return response
+                        # Read here, so that an answer that is no answer is retried too.
+                        return _description(response, self.model)
                 await asyncio.sleep(wait)
 
-        response = await with_retries(
+        return await with_retries(
             once,
             attempts=self._attempts,
             deadline=deadline,
             wait_initial=1.0,
             wait_max=self._max_wait,
         )
-        return _description(response, self.model)
 
     def _throttle_wait(self, retry_after: float | None, throttled: int) -> float:
         """The server's delay (or an exponential one), plus up to as much again at random.
@@ -404,28 +458,69 @@ def _retry_delay(details: Any) -> float | None:
     return None
 
 
-def _description(response: Any, model: str) -> Description:
-    usage_meta = getattr(response, "usage_metadata", None)
-    usage = Usage(
-        prompt_tokens=int(getattr(usage_meta, "prompt_token_count", 0) or 0),
-        output_tokens=int(getattr(usage_meta, "candidates_token_count", 0) or 0),
-        total_tokens=int(getattr(usage_meta, "total_token_count", 0) or 0),
+def _thinking_config(model: str, thinking: Thinking) -> types.ThinkingConfig | None:
+    chosen = models.thinking_config(model, thinking)
+    if chosen is None:
+        return None
+    budget, level = chosen.get("thinking_budget"), chosen.get("thinking_level")
+    return types.ThinkingConfig(
+        thinking_budget=int(budget) if budget is not None else None,
+        thinking_level=types.ThinkingLevel(level) if level is not None else None,
     )
-    model_version = str(getattr(response, "model_version", None) or model)
-    feedback = getattr(response, "prompt_feedback", None)
-    block = getattr(feedback, "block_reason", None) if feedback else None
-    if block:
-        return Description(None, model_version, blocked_reason=_enum_name(block), usage=usage)
-    candidates = getattr(response, "candidates", None) or []
-    finish = _enum_name(getattr(candidates[0], "finish_reason", None)) if candidates else None
-    try:
-        text = response.text
-    except (ValueError, AttributeError):
-        text = None
-    if finish in _BLOCKING_FINISH and not text:
+
+
+def _usage(meta: types.GenerateContentResponseUsageMetadata | None) -> Usage:
+    if meta is None:
+        return Usage(calls=1)
+    image = sum(
+        detail.token_count or 0
+        for detail in meta.prompt_tokens_details or []
+        if detail.modality == types.MediaModality.IMAGE
+    )
+    return Usage(
+        prompt_tokens=meta.prompt_token_count or 0,
+        output_tokens=meta.candidates_token_count or 0,
+        thoughts_tokens=meta.thoughts_token_count or 0,
+        image_tokens=image,
+        calls=1,
+    )
+
+
+def _description(response: types.GenerateContentResponse, model: str) -> Description:
+    """One answer, read by its finish reason (every value of ``types.FinishReason``
+    is placed deliberately; an empty answer is never taken for a safety block).
+
+    - a block of the prompt, or a safety-type finish: ``blocked`` with that reason;
+    - ``MAX_TOKENS``: cut off (thinking may have used the cap), asked again;
+    - a tool-call or malformed-response finish (we use no tools): a glitch, transient;
+    - ``LANGUAGE``: the model does not take the language: permanent;
+    - no candidate at all: not an answer the API gives, transient;
+    - any other finish without text: permanent, named after the finish reason.
+    """
+    usage = _usage(response.usage_metadata)
+    model_version = response.model_version or model
+    feedback = response.prompt_feedback
+    if feedback is not None and feedback.block_reason:
+        return Description(
+            None, model_version, blocked_reason=_enum_name(feedback.block_reason), usage=usage
+        )
+    if not response.candidates:
+        raise TransientError("Gemini's answer has no candidate and no block reason")
+    finish = _enum_name(response.candidates[0].finish_reason) or "FINISH_REASON_UNSPECIFIED"
+    text = response.text
+    if finish in _BLOCKING_FINISH:
         return Description(None, model_version, blocked_reason=finish, usage=usage)
-    if not text or not text.strip():
-        return Description(None, model_version, blocked_reason="EMPTY", usage=usage)
+    if finish == "MAX_TOKENS":
+        return Description(text, model_version, usage=usage, cut_off=True)
+    if finish in _GLITCH_FINISH:
+        raise TransientError(f"Gemini stopped with finishReason {finish}")
+    if finish == "LANGUAGE":
+        raise PermanentError("unsupported-language", "Gemini does not answer in this language")
+    if finish not in _NORMAL_FINISH and not (text and text.strip()):
+        slug = finish.lower().replace("_", "-")
+        raise PermanentError(
+            f"finish-{slug}", f"Gemini stopped with finishReason {finish} and no text"
+        )
     return Description(text, model_version, usage=usage)
 
 

@@ -86,6 +86,8 @@ class Runtime:
             prompt=s.prompt,
             max_output_tokens=s.max_output_tokens,
             temperature=s.temperature,
+            thinking=s.thinking,
+            media_resolution=s.media_resolution,
             attempts=s.gemini_attempts,
             timeout=s.gemini_timeout,
             max_wait=s.retry_max_wait,

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from captioner.captions import DEFAULT_PROMPT
 from captioner.errors import SettingsError
+from captioner.models import MediaResolution, Thinking
 
 if TYPE_CHECKING:
     from captioner.rules import RuleBook
@@ -47,7 +48,10 @@ class Settings(BaseModel):
     languages: tuple[str, ...] = ("en",)
     metadata_prefix: str = "caption"
     max_output_tokens: Annotated[int, Field(ge=16, le=65536)] = 1024
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.2
+    # None: per model family (1.0 on Gemini 3, as Google advises; 0.2 before).
+    temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
+    thinking: Thinking = Thinking.MINIMAL
+    media_resolution: MediaResolution = MediaResolution.AUTO
     gemini_timeout: Annotated[float, Field(gt=0, le=600)] = 60.0
     gemini_attempts: Annotated[int, Field(ge=1, le=20)] = 4
     storage_attempts: Annotated[int, Field(ge=1, le=20)] = 5

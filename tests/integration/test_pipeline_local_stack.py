@@ -123,14 +123,27 @@ async def test_hanging_gemini_times_out_as_transient(bucket: Any, gemini: Any) -
     assert "0.5" in (result.message or "")
 
 
-@pytest.mark.parametrize("fault", ["safety_prompt", "safety_candidate", "empty"])
-async def test_blocked_and_empty_answers_are_recorded_as_blocked(
+@pytest.mark.parametrize("fault", ["safety_prompt", "safety_candidate"])
+async def test_safety_refusals_are_recorded_as_blocked(
     bucket: Any, runtime: Runtime, gemini: Any, fault: str
 ) -> None:
     gemini.add_fault(fault)
     result = await runtime.captioner().caption_object(upload(bucket, "b.jpg", images.photo()))
     assert result.outcome is Outcome.BLOCKED
     assert metadata(bucket, "b.jpg")["caption-status"] == "blocked"
+
+
+async def test_an_empty_answer_is_asked_again_once_and_never_recorded_as_blocked(
+    bucket: Any, runtime: Runtime, gemini: Any
+) -> None:
+    gemini.add_fault("empty", count=1)
+    result = await runtime.captioner().caption_object(upload(bucket, "e1.jpg", images.photo()))
+    assert result.outcome is Outcome.CAPTIONED
+    assert gemini.calls == 2
+    gemini.add_fault("empty")
+    result = await runtime.captioner().caption_object(upload(bucket, "e2.jpg", images.photo()))
+    assert result.outcome is Outcome.FAILED
+    assert metadata(bucket, "e2.jpg")["caption-status"] == "error:empty-answer"
 
 
 async def test_gemini_rejecting_the_image_is_a_permanent_error(

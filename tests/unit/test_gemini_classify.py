@@ -83,8 +83,102 @@ def test_safety_finish_without_text_is_blocked() -> None:
     assert d.blocked_reason == "SAFETY"
 
 
-def test_no_candidates_is_blocked_as_empty() -> None:
-    assert _description(response(candidates=[]), "m").blocked_reason == "EMPTY"
+def test_no_candidates_and_no_block_reason_is_transient_not_a_block() -> None:
+    with pytest.raises(TransientError):
+        _description(response(candidates=[]), "m")
+
+
+def candidate(finish: str, text: str | None = None) -> dict[str, Any]:
+    content = {"parts": [{"text": text}]} if text is not None else None
+    return {"content": content, "finish_reason": finish}
+
+
+@pytest.mark.parametrize(
+    "finish",
+    [
+        "SAFETY",
+        "RECITATION",
+        "BLOCKLIST",
+        "PROHIBITED_CONTENT",
+        "SPII",
+        "IMAGE_SAFETY",
+        "IMAGE_PROHIBITED_CONTENT",
+        "IMAGE_RECITATION",
+        "MODEL_ARMOR",
+    ],
+)
+def test_safety_type_finishes_are_blocked(finish: str) -> None:
+    assert _description(response(candidates=[candidate(finish)]), "m").blocked_reason == finish
+
+
+def test_max_tokens_is_cut_off_not_blocked() -> None:
+    d = _description(response(candidates=[candidate("MAX_TOKENS")]), "m")
+    assert d.blocked_reason is None
+    assert d.cut_off
+
+
+@pytest.mark.parametrize(
+    "finish",
+    [
+        "MALFORMED_FUNCTION_CALL",
+        "UNEXPECTED_TOOL_CALL",
+        "TOO_MANY_TOOL_CALLS",
+        "MISSING_THOUGHT_SIGNATURE",
+        "MALFORMED_RESPONSE",
+    ],
+)
+def test_tool_and_format_glitches_are_transient(finish: str) -> None:
+    with pytest.raises(TransientError):
+        _description(response(candidates=[candidate(finish)]), "m")
+
+
+def test_an_unsupported_language_is_permanent_and_says_so() -> None:
+    with pytest.raises(PermanentError) as caught:
+        _description(response(candidates=[candidate("LANGUAGE")]), "m")
+    assert caught.value.reason == "unsupported-language"
+
+
+@pytest.mark.parametrize("finish", ["OTHER", "NO_IMAGE", "IMAGE_OTHER", "ESCALATION"])
+def test_other_finishes_without_text_are_permanent_named_after_the_reason(finish: str) -> None:
+    with pytest.raises(PermanentError) as caught:
+        _description(response(candidates=[candidate(finish)]), "m")
+    assert caught.value.reason == "finish-" + finish.lower().replace("_", "-")
+
+
+def test_every_finish_reason_the_sdk_knows_has_a_deliberate_outcome() -> None:
+    for finish in types.FinishReason:
+        try:
+            d = _description(response(candidates=[candidate(finish.name)]), "m")
+        except (TransientError, PermanentError):
+            continue
+        assert (
+            d.blocked_reason
+            or d.cut_off
+            or finish.name
+            in (
+                "STOP",
+                "FINISH_REASON_UNSPECIFIED",
+            )
+        ), finish
+
+
+def test_thinking_and_image_tokens_are_read_from_usage_metadata() -> None:
+    d = _description(
+        response(
+            candidates=[candidate("STOP", "A cat.")],
+            usage_metadata={
+                "prompt_token_count": 290,
+                "candidates_token_count": 12,
+                "thoughts_token_count": 40,
+                "prompt_tokens_details": [
+                    {"modality": "TEXT", "token_count": 10},
+                    {"modality": "IMAGE", "token_count": 280},
+                ],
+            },
+        ),
+        "m",
+    )
+    assert (d.usage.image_tokens, d.usage.thoughts_tokens, d.usage.output_tokens) == (280, 40, 12)
 
 
 # The shapes below are the JSON bodies the services send, as python-genai's
