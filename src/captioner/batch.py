@@ -30,10 +30,16 @@ class Totals:
     counts: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
     usage: Usage = field(default_factory=Usage)
+    # A dry run's estimate of what the planned captions would cost, kept apart.
+    estimated: Usage = field(default_factory=Usage)
 
     def add(self, outcome: Outcome, n: int = 1, usage: Usage | None = None) -> None:
         self.counts[outcome.value] += n
-        if usage is not None:
+        if usage is None:
+            return
+        if outcome is Outcome.PLANNED:
+            self.estimated += usage
+        else:
             self.usage += usage
 
     @property
@@ -49,6 +55,7 @@ class Totals:
             "seconds": round(seconds, 3),
             "images_per_second": round(described / seconds, 2) if seconds > 0 else 0.0,
             "tokens": self.usage.as_fields(),
+            **({"estimated_tokens": self.estimated.as_fields()} if self.estimated.calls else {}),
         }
 
 
@@ -84,6 +91,7 @@ class BatchRun:
         lister: Lister,
         fetch: Fetch,
         concurrency: int,
+        estimate: Usage | None = None,
     ) -> None:
         self.request = request
         self.totals = Totals()
@@ -91,6 +99,7 @@ class BatchRun:
         self._lister = lister
         self._fetch = fetch
         self._concurrency = concurrency
+        self._estimate = estimate or Usage(calls=1)
 
     async def results(self) -> AsyncGenerator[CaptionResult, None]:
         async for result in self._run():
@@ -132,4 +141,5 @@ class BatchRun:
                 Outcome.PLANNED,
                 generation=info.generation,
                 message=f"{info.content_type}, {info.size} bytes",
+                usage=self._estimate,
             )

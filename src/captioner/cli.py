@@ -270,10 +270,14 @@ def _summary(totals: Totals, out: TextIO) -> None:
         + f" in {t['seconds']:.1f} s ({t['images_per_second']:.1f} images/s)",
         file=out,
     )
-    tokens = t["tokens"]
-    if tokens["gemini_calls"]:
+    for label, key in (("tokens", "tokens"), ("estimated tokens", "estimated_tokens")):
+        _token_line(label, t.get(key), out)
+
+
+def _token_line(label: str, tokens: dict[str, int] | None, out: TextIO) -> None:
+    if tokens and tokens["gemini_calls"]:
         print(
-            f"tokens: {tokens['prompt_tokens']} prompt ({tokens['image_tokens']} image), "
+            f"{label}: {tokens['prompt_tokens']} prompt ({tokens['image_tokens']} image), "
             f"{tokens['thoughts_tokens']} thinking, {tokens['output_tokens']} output "
             f"in {tokens['gemini_calls']} Gemini calls",
             file=out,

@@ -140,3 +140,43 @@ def default_temperature(model: str) -> float:
     """1.0 on Gemini 3 and later (Google's advice; lower values can loop), else 0.2:
     a caption wants the likeliest words, and 2.x models do not loop at low values."""
     return 1.0 if family_of(model).major >= 3 else 0.2
+
+
+# Estimates for a dry run, per image. Thinking at ``minimal``: none on 2.5 Flash and
+# Flash-Lite, up to the 128-token budget on 2.5 Pro, a few dozen at Gemini 3's
+# ``minimal`` level. A structured answer (caption, alt text, tags) is about 80 tokens.
+_ANSWER_TOKENS = 80
+_THINKING_ESTIMATE = {
+    Thinking.MINIMAL: 0,
+    Thinking.LOW: 256,
+    Thinking.MEDIUM: 1024,
+    Thinking.HIGH: 4096,
+    Thinking.MODEL_DEFAULT: 1024,
+}
+_IMAGE_TOKENS_3 = {
+    "MEDIA_RESOLUTION_LOW": 280,
+    "MEDIA_RESOLUTION_MEDIUM": 560,
+    "MEDIA_RESOLUTION_HIGH": 1120,
+}
+
+
+def estimated_tokens(
+    model: str, thinking: Thinking, resolution: MediaResolution, prompt: str
+) -> tuple[int, int, int, int]:
+    """(prompt, image, thinking, output) tokens one caption is expected to cost: an
+    estimate for ``--dry-run``, from the rules above, not a measurement."""
+    family = family_of(model)
+    sent = media_resolution(model, resolution)
+    if family.major >= 3:
+        image = _IMAGE_TOKENS_3.get(sent or "MEDIA_RESOLUTION_HIGH", 1120)
+    else:
+        image = {"MEDIA_RESOLUTION_LOW": 64}.get(sent or "", 258)
+    think = _THINKING_ESTIMATE[thinking] if family.thinks else 0
+    if thinking is Thinking.MINIMAL and family.thinks:
+        think = (
+            128
+            if (family.tier == "pro" and not family.uses_levels)
+            else (32 if family.uses_levels else 0)
+        )
+    text = len(prompt) // 4 + 1
+    return text + image, image, think, _ANSWER_TOKENS

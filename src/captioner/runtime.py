@@ -14,7 +14,9 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from captioner.batch import BatchRun
+from captioner.domain import Usage
 from captioner.http_requests import CaptionRequest
+from captioner.models import estimated_tokens
 from captioner.pipeline import Captioner, PipelineConfig
 from captioner.settings import Settings
 
@@ -63,7 +65,16 @@ class Runtime:
             lister=resources.storage,
             fetch=resources.urls.fetch,
             concurrency=self.settings.max_concurrency,
+            estimate=self.estimated_usage(),
         )
+
+    def estimated_usage(self) -> Usage:
+        """What one caption is expected to cost, for dry runs (captioner.models)."""
+        s = self.settings
+        prompt, image, thinking, output = estimated_tokens(
+            s.model, s.thinking, s.media_resolution, s.rule_book().default.full_prompt()
+        )
+        return Usage(prompt, output, thinking, image, calls=1)
 
     def _build(self) -> LoopResources:
         # Imported here so a cold start pays for google-genai only when it is used.

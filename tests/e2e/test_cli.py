@@ -71,11 +71,15 @@ def test_backfill_is_resumable_and_a_second_run_calls_gemini_never(
     target = f"gs://{bucket.name}/archive/"
     dry = run_cli(stack_env, "backfill", target, "--dry-run")
     assert "would caption 25" in dry.stderr
+    # 25 x one 258-token tile at the default model, thinking off: an estimate, no call.
+    assert "estimated tokens:" in dry.stderr
+    assert "(6450 image), 0 thinking" in dry.stderr
     assert gemini.calls == 0
 
     first = run_cli(stack_env, "backfill", target, "--concurrency", "8")
     assert first.returncode == 0, first.stderr
     assert "done 25, skipped 0" in first.stderr
+    assert "in 25 Gemini calls" in first.stderr  # the tokens Gemini reported, added up
     assert gemini.calls == 25
 
     second = run_cli(stack_env, "backfill", target)
