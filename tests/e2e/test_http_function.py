@@ -15,9 +15,12 @@ from hypothesis import strategies as st
 from captioner_dev.functions import FunctionServer
 from tests import images
 from tests.objects import upload
+from tests.unit.test_edge_parsing_properties import BODIES, FORMS
 from tests.webserver import ImageSite
 
 ALLOWED = f"allowed-{uuid.uuid4().hex[:8]}"
+# JSON texts with lone surrogates and huge integers, every form (tests/unit has the class).
+HOSTILE_BODIES = st.one_of(FORMS, BODIES)
 
 
 @pytest.fixture(scope="module")
@@ -307,3 +310,32 @@ def test_no_request_body_can_cause_a_5xx(http_function: FunctionServer, body: An
 @given(raw=st.binary(max_size=200))
 def test_no_raw_bytes_can_cause_a_5xx(http_function: FunctionServer, raw: bytes) -> None:
     assert post(http_function, raw).status_code < 500
+
+
+@pytest.mark.parametrize("accept", ["application/json", "application/x-ndjson"])
+def test_a_prefix_with_a_lone_surrogate_is_a_400_and_never_captions_the_bucket(
+    http_function: FunctionServer, allowed_bucket: Any, gemini: Any, accept: str
+) -> None:
+    upload(allowed_bucket, "surrogate/keep.jpg", images.photo())
+    raw = f'{{"bucket": "{ALLOWED}", "prefix": "surrogate/\\ud800"}}'.encode()
+    answer = post(http_function, raw, Accept=accept)
+    assert answer.status_code == 400
+    assert "not valid Unicode" in answer.json()["error"]["message"]
+    assert gemini.calls == 0
+    assert not allowed_bucket.get_blob("surrogate/keep.jpg").metadata
+
+
+def test_an_integer_of_thousands_of_digits_is_a_400(http_function: FunctionServer) -> None:
+    raw = f'{{"bucket": "{ALLOWED}", "limit": {"9" * 5000}}}'.encode()
+    answer = post(http_function, raw)
+    assert answer.status_code == 400
+    assert "cannot be read" in answer.json()["error"]["message"]
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(raw=HOSTILE_BODIES)
+def test_no_hostile_json_text_can_cause_a_5xx(http_function: FunctionServer, raw: str) -> None:
+    answer = post(http_function, raw.encode("utf-8"))
+    assert answer.status_code < 500, (raw, answer.text)
