@@ -4,7 +4,7 @@ Three kinds, as a photo bucket holds them:
 
 - ``photo``: 12-megapixel JPEGs (4000x3000, 3000x4000 stored sideways with EXIF
   orientation 6 as phones do, or 3464x3464), upscaled from the real photographs
-  in ../shared/images and saved at quality 92.
+  in src/captioner_dev/photos and saved at quality 92.
 - ``screenshot``: PNG screenshots synthesised from flat colours and text-like
   runs of glyph-sized boxes, some with a photo panel, at desktop and phone sizes.
 - ``thumbnail``: small JPEGs (at most 320 px), which the pipeline sends as they are.
@@ -24,10 +24,12 @@ from typing import Literal
 
 from PIL import Image, ImageChops, ImageDraw
 
+from captioner_dev import PHOTOS
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 DATA = BENCH / "data"
-PHOTOS = REPO.parent / "shared" / "images"
+
 # Bump when the generators change, so stale caches are not reused.
 _VERSION = "v1"
 

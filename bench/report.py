@@ -515,7 +515,8 @@ def markdown(document: dict[str, Any], plot_path: Path | None) -> str:
         ),
         f"- Images: the mixed set is {mix} (out of every 20: 12 photos, 5 screenshots, "
         "3 thumbnails), copies of 7 distinct 12 MP JPEGs (4000x3000, 3464x3464, and 3000x4000 "
-        "stored sideways with EXIF orientation 6; upscaled from ../shared/images, quality 92, "
+        "stored sideways with EXIF orientation 6; upscaled from src/captioner_dev/photos, "
+        "quality 92, "
         f"{prep['photo_source_bytes_mean'] / 1e6:.1f} MB on average), 6 synthetic PNG "
         "screenshots (1080p to 1440p and phone sizes, 16–730 KB) and 6 JPEG thumbnails "
         "(≤ 320 px). The `photos` set is 12 MP JPEGs only.",

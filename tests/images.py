@@ -1,4 +1,4 @@
-"""Test images made on the fly: real photos from shared/, and broken or hostile ones."""
+"""Test images made on the fly: the sample photos, and broken or hostile ones."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "images"
+from captioner_dev import PHOTOS  # the sample photos, shipped in the repository
 
 
 def photo(name: str = "chelsea.jpg") -> bytes:

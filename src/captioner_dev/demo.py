@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from captioner_dev import PHOTOS
 from captioner_dev.eventarc import binary_event
-from captioner_dev.functions import REPO, FunctionServer
+from captioner_dev.functions import FunctionServer
 from captioner_dev.gcs import FakeGcs
 
-PHOTOS = REPO.parent / "shared" / "images"
 BUCKET = "demo-photos"
 
 

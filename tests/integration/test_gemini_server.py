@@ -23,6 +23,7 @@ import pytest
 from google import genai
 from google.genai import errors, types
 
+from captioner_dev import PHOTOS
 from captioner_dev.gemini_server import (
     FaultRule,
     GeminiStub,
@@ -32,7 +33,7 @@ from captioner_dev.gemini_server import (
     image_tokens,
 )
 
-IMAGES = Path("/work/shared/images")
+IMAGES = PHOTOS
 CHELSEA = (IMAGES / "chelsea.jpg").read_bytes()
 COFFEE = (IMAGES / "coffee.jpg").read_bytes()
 MODEL = "gemini-2.5-flash"
