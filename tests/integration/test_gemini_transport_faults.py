@@ -103,3 +103,31 @@ async def test_a_dropped_connection_is_tried_once_per_attempt_not_again_by_the_s
     # Without HttpRetryOptions(attempts=1) google-genai retries a dropped connection
     # once by itself, after sleeping 1-10 s: that would be 4 here.
     assert connections == 2
+
+
+async def test_a_refused_connection_is_tried_once_per_attempt_not_again_by_the_sdk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    import aiohttp
+
+    with socket.socket() as s:  # a port nothing listens on: every connect is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    requests = 0
+    original = aiohttp.ClientSession.request
+
+    def counting(self: aiohttp.ClientSession, method: str, url: Any, **kwargs: Any) -> Any:
+        nonlocal requests
+        requests += 1
+        return original(self, method, url, **kwargs)
+
+    monkeypatch.setattr(aiohttp.ClientSession, "request", counting)
+    d = describer(f"http://127.0.0.1:{port}")
+    with pytest.raises(TransientError):
+        await d.describe(image())
+    # google-genai's own fallback on ClientConnectorError sleeps 1-10 s and sends the
+    # request again (_api_client.py, "Retrying due to aiohttp error") unless
+    # HttpRetryOptions is set: that would be 4 requests here, not 2.
+    assert requests == 2
