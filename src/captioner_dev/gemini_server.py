@@ -53,16 +53,25 @@ __all__ = [
     "GeminiStubThread",
     "ImageRecord",
     "LatencyModel",
+    "ModelFamily",
     "RequestRecord",
     "describe_image_bytes",
     "image_tokens",
+    "image_tokens_for",
     "main",
+    "thinking_tokens_for",
 ]
 
 FaultKind: TypeAlias = Literal[
     "429",
+    "429_per_day",
+    "429_vertex",
+    "bad_key",
+    "failed_precondition",
+    "499",
     "500",
     "503",
+    "504",
     "hang",
     "safety_prompt",
     "safety_candidate",
@@ -80,6 +89,8 @@ CLIENT_MAX_SIZE: Final = 64 * 1024 * 1024
 # Checked locally (not via Image.MAX_IMAGE_PIXELS) so the process-wide Pillow setting used by
 # the code under test is left alone.
 MAX_IMAGE_PIXELS: Final = 80_000_000
+# API keys starting with this are answered as an invalid key (GeminiStub(bad_key_prefix=...)).
+DEFAULT_BAD_KEY_PREFIX: Final = "bad"
 # Far longer than any sensible client timeout; stop() wakes these sleepers early.
 HANG_SECONDS: Final = 3600.0
 _SHUTDOWN_TIMEOUT: Final = 2.0
@@ -94,12 +105,19 @@ _MODEL_PATH: Final = re.compile(
     r"models/(?P<model>[^/:]+):(?P<action>generateContent|streamGenerateContent|countTokens)$"
 )
 
+# google.rpc.Code names by HTTP code, as the Gemini API pairs them
+# (https://ai.google.dev/gemini-api/docs/troubleshooting; 499 CANCELLED as seen under load,
+# google-gemini/gemini-cli#20309).
 _STATUS_BY_CODE: Final[Mapping[int, str]] = {
     400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
     404: "NOT_FOUND",
     429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
     500: "INTERNAL",
     503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
 }
 
 
@@ -110,10 +128,16 @@ class StubConfigError(ValueError):
 class _ApiError(Exception):
     """An error to answer in Gemini's JSON error format."""
 
-    def __init__(self, code: int, message: str, details: Sequence[Mapping[str, Any]] = ()) -> None:
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        details: Sequence[Mapping[str, Any]] = (),
+        status: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
-        self.status = _STATUS_BY_CODE.get(code, "UNKNOWN")
+        self.status = status or _STATUS_BY_CODE.get(code, "UNKNOWN")
         self.message = message
         self.details = list(details)
 
@@ -173,8 +197,15 @@ class FaultRule:
 
     ``count`` is how many more requests it applies to (None = forever); ``match`` restricts it
     to requests whose prompt text, image sha256 or ``[img:xxxxxxxx]`` tag contains the
-    substring; ``retry_delay`` (429 only) becomes a RetryInfo detail; ``text`` is the verbatim
-    answer of a ``custom_text`` fault.
+    substring; ``retry_delay`` (the 429 kinds) becomes a RetryInfo detail; ``text`` is the
+    verbatim answer of a ``custom_text`` fault.
+
+    Kinds, each answered in the real service's shape (see ``_fault_outcome``): ``429`` (a
+    per-minute quota: QuotaFailure, Help, and RetryInfo when ``retry_delay`` is set),
+    ``429_per_day`` (a per-day quota), ``429_vertex`` (Vertex AI's bare 429, no RetryInfo),
+    ``bad_key`` (400 API_KEY_INVALID), ``failed_precondition`` (400, unsupported location),
+    ``499``, ``500``, ``503``, ``504``, ``invalid_argument``, ``hang``, ``safety_prompt``,
+    ``safety_candidate``, ``empty`` and ``custom_text``.
     """
 
     kind: FaultKind
@@ -333,6 +364,11 @@ class RequestRecord:
     status: int = 0
     finish_reason: str | None = None
     answered_at: float | None = None
+    # The usage the stub reported (0 until answered, or when it answered an error).
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    thoughts_tokens: int = 0
+    output_tokens: int = 0
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -511,6 +547,187 @@ def _text_tokens(text: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# The token model: what each model family charges for an image and for thinking
+# ---------------------------------------------------------------------------------------------
+#
+# Documented facts (the sources are named where they are used below):
+#
+# - Image tokens. Gemini 2.x: 258 for an image with both sides <= 384 px, else 258 per
+#   768x768 tile (https://ai.google.dev/gemini-api/docs/tokens); with ``mediaResolution`` set,
+#   LOW 64, MEDIUM 256, HIGH 256 "zoomed reframing" (the Vertex AI GenerationConfig reference,
+#   field mediaResolution). Gemini 3: by ``mediaResolution`` whatever the pixels, LOW 280,
+#   MEDIUM 560, HIGH 1120, ULTRA_HIGH 2240 (per part only); unspecified means HIGH for images
+#   (https://ai.google.dev/gemini-api/docs/media-resolution, "Token counts").
+# - Thinking (https://ai.google.dev/gemini-api/docs/thinking): 2.5 Flash and Pro think by
+#   default (dynamic budget, -1); 2.5 Flash-Lite does not think unless asked. Budget ranges:
+#   Pro 128..32768 and cannot be turned off, Flash 0..24576, Flash-Lite 512..24576 (0 = off).
+#   Gemini 3 takes ``thinkingLevel`` (Flash: minimal/low/medium/high, Pro: low/high), default
+#   high (dynamic). Thinking tokens are billed as output and count against
+#   ``maxOutputTokens``; when they use it up the candidate ends MAX_TOKENS with no text parts
+#   (googleapis/python-genai#782 and #811; stanford-crfm/helm#3804 "No content parts in
+#   candidate"; the candidate then has ``content: {"role": "model"}`` only).
+#
+# Modelling choices (not published numbers): how many thinking tokens a one-image caption
+# takes at each level is an assumption, chosen deterministic and in the documented order
+# (off < minimal <= low < medium < high = default dynamic); a numeric budget caps it.
+
+_IMAGE_TOKENS_G3: Final[Mapping[str, int]] = {
+    "MEDIA_RESOLUTION_LOW": 280,
+    "MEDIA_RESOLUTION_MEDIUM": 560,
+    "MEDIA_RESOLUTION_HIGH": 1120,
+    "MEDIA_RESOLUTION_ULTRA_HIGH": 2240,
+}
+_IMAGE_TOKENS_G2_BY_RESOLUTION: Final[Mapping[str, int]] = {
+    "MEDIA_RESOLUTION_LOW": 64,
+    "MEDIA_RESOLUTION_MEDIUM": 256,
+    "MEDIA_RESOLUTION_HIGH": 256,
+}
+_FAMILY_NAME: Final = re.compile(
+    r"gemini-(?P<major>\d+)(?:\.(?P<minor>\d+))?-(?P<tier>[a-z]+(?:-lite)?)"
+)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """``gemini-<major>[.<minor>]-<tier>``; other names count as the newest family's Flash."""
+
+    major: int
+    minor: int
+    tier: str
+
+    @classmethod
+    def of(cls, model: str) -> ModelFamily:
+        name = model.rsplit("/", 1)[-1].lower()
+        found = _FAMILY_NAME.search(name)
+        if found is None:
+            return cls(3, 0, "flash")
+        return cls(int(found["major"]), int(found["minor"] or 0), found["tier"])
+
+    @property
+    def thinks(self) -> bool:
+        return (self.major, self.minor) >= (2, 5)
+
+    @property
+    def uses_levels(self) -> bool:
+        return self.major >= 3
+
+    @property
+    def is_pro(self) -> bool:
+        return self.tier == "pro"
+
+    @property
+    def is_lite(self) -> bool:
+        return self.tier.endswith("-lite")
+
+
+def image_tokens_for(
+    model: str, width: int, height: int, media_resolution: str | None = None
+) -> int:
+    """Input tokens one image costs on ``model`` at ``media_resolution`` (``MEDIA_RESOLUTION_*``
+    or None when the request does not say)."""
+    resolution = (media_resolution or "").upper() or None
+    if resolution == "MEDIA_RESOLUTION_UNSPECIFIED":
+        resolution = None
+    if ModelFamily.of(model).major >= 3:
+        return _IMAGE_TOKENS_G3.get(resolution or "", _IMAGE_TOKENS_G3["MEDIA_RESOLUTION_HIGH"])
+    if resolution is not None and resolution in _IMAGE_TOKENS_G2_BY_RESOLUTION:
+        return _IMAGE_TOKENS_G2_BY_RESOLUTION[resolution]
+    return image_tokens(width, height)
+
+
+# Thinking tokens a caption takes when the model decides (dynamic budget, -1 or unset on 2.5,
+# level HIGH on Gemini 3), and at each Gemini 3 level. MINIMAL is 0: probing the live API,
+# thinkingLevel "minimal" answered with zero thinking tokens (saurabhav88/EnviousWispr#1770).
+_DYNAMIC_THOUGHTS: Final[Mapping[str, int]] = {"flash": 640, "flash-lite": 384, "pro": 960}
+_LEVEL_THOUGHTS: Final[Mapping[str, Mapping[str, int]]] = {
+    "flash": {"MINIMAL": 0, "LOW": 160, "MEDIUM": 480, "HIGH": 960},
+    "pro": {"LOW": 180, "HIGH": 1400},
+}
+# (smallest, largest) thinking budget per 2.5 tier (https://ai.google.dev/gemini-api/docs/thinking).
+_BUDGET_RANGE: Final[Mapping[str, tuple[int, int]]] = {
+    "flash": (1, 24576),
+    "flash-lite": (512, 24576),
+    "pro": (128, 32768),
+}
+# googleapis/python-genai / vercel/ai#8027: 2.5 Pro refuses a zero budget with this message.
+_BUDGET_ZERO_MESSAGE: Final = "Budget 0 is invalid. This model only works in thinking mode."
+
+
+def thinking_tokens_for(model: str, generation_config: Mapping[str, Any]) -> int:
+    """Thinking tokens ``model`` spends on a caption with this ``generationConfig``.
+
+    Raises the 400 the real API gives for a thinking setting the model does not take.
+    """
+    family = ModelFamily.of(model)
+    config = _field(generation_config, "thinking_config")
+    config = config if isinstance(config, Mapping) else {}
+    budget = _field(config, "thinking_budget")
+    level = _field(config, "thinking_level")
+    if isinstance(level, str):
+        level = level.upper().removeprefix("THINKING_LEVEL_")
+        if level == "UNSPECIFIED":
+            level = None
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
+        raise _ApiError(
+            400,
+            f"Invalid value at 'generation_config.thinking_config.thinking_budget' "
+            f"(TYPE_INT32), {json.dumps(budget)}",
+        )
+    if budget is not None and level is not None:
+        # A level and a budget in one request is a 400 (https://ai.google.dev/gemini-api/docs/
+        # thinking: "use one or the other"); the wording of the message is the stub's own.
+        raise _ApiError(
+            400, "thinking_budget and thinking_level cannot both be set: use one or the other."
+        )
+    if not family.thinks:
+        # lobehub/lobehub#7985: "Thinking is not enabled for models/gemini-2.0-flash-...".
+        if level is not None or budget:
+            raise _ApiError(400, f"Thinking is not enabled for models/{_model_version(model)}")
+        return 0
+    tier = "pro" if family.is_pro else ("flash-lite" if family.is_lite else "flash")
+    if level is not None:
+        if not family.uses_levels:
+            # RooCodeInc/Roo-Code#10700 (2.5 Flash), microsoft/vscode#334581 (2.5 Pro).
+            raise _ApiError(400, "Thinking level is not supported for this model.")
+        levels = _LEVEL_THOUGHTS["pro" if family.is_pro else "flash"]
+        if level not in levels:
+            # 3 Pro takes low and high only: theJayTea/WritingTools#282 (MINIMAL),
+            # egoist/chatwise-releases#1206 (MEDIUM).
+            raise _ApiError(
+                400,
+                f"Thinking level {level} is not supported for this model. "
+                "Please retry with other thinking level.",
+            )
+        return levels[level]
+    if family.uses_levels:
+        dynamic = _LEVEL_THOUGHTS["pro" if family.is_pro else "flash"]["HIGH"]
+        if budget is None or budget == -1:
+            return dynamic
+        if budget == 0:
+            # Gemini 3 takes a budget for backwards compatibility but cannot turn thinking
+            # off with one: a zero budget is a 400 (saurabhav88/EnviousWispr#1770).
+            raise _ApiError(400, _BUDGET_ZERO_MESSAGE)
+        if budget < -1 or budget > 32768:
+            raise _ApiError(400, f"The thinking budget ({budget}) is invalid.")
+        return min(budget, dynamic)
+    dynamic = _DYNAMIC_THOUGHTS[tier]
+    if budget is None:
+        return 0 if family.is_lite else dynamic
+    if budget == -1:
+        return dynamic
+    low, high = _BUDGET_RANGE[tier]
+    if budget == 0:
+        if family.is_pro:
+            raise _ApiError(400, _BUDGET_ZERO_MESSAGE)
+        return 0
+    if budget < -1 or budget > high:
+        # RooCodeInc/Roo-Code#4399: "The thinking budget (52428) is invalid."
+        raise _ApiError(400, f"The thinking budget ({budget}) is invalid.")
+    # Below the documented minimum the stub rounds up to it (an assumption).
+    return min(max(budget, low), dynamic)
+
+
+# ---------------------------------------------------------------------------------------------
 # Request parsing and answering
 # ---------------------------------------------------------------------------------------------
 
@@ -520,6 +737,8 @@ class _InlineImage:
     mime_type: str
     data: bytes
     record: ImageRecord
+    # A per-part ``mediaResolution.level`` (Gemini 3), which overrides the request's.
+    media_resolution: str | None = None
 
 
 @dataclass
@@ -591,7 +810,11 @@ def _parse_generate_request(body: Any) -> _ParsedRequest:
                 texts.append(text)
             inline = _field(part, "inline_data")
             if inline is not None:
-                images.append(_parse_inline(inline, f"{where}.inline_data"))
+                image = _parse_inline(inline, f"{where}.inline_data")
+                per_part = _field(part, "media_resolution")
+                if isinstance(per_part, Mapping) and isinstance(per_part.get("level"), str):
+                    image.media_resolution = per_part["level"]
+                images.append(image)
             file_data = _field(part, "file_data")
             if isinstance(file_data, Mapping) and isinstance(_field(file_data, "file_uri"), str):
                 file_uris.append(_field(file_data, "file_uri"))
@@ -875,11 +1098,37 @@ def _max_output_tokens(config: Mapping[str, Any]) -> int | None:
     return value
 
 
+@dataclass(frozen=True)
+class _PromptTokens:
+    text: int
+    image: int
+
+    @property
+    def total(self) -> int:
+        return self.text + self.image
+
+
+def _usage_json(prompt: _PromptTokens, output: int, thoughts: int) -> dict[str, Any]:
+    """``usageMetadata`` as the Gemini API sends it: counts of zero are left out, and
+    ``promptTokensDetails`` splits the prompt by modality (GenerateContentResponse.UsageMetadata,
+    https://ai.google.dev/api/generate-content#UsageMetadata)."""
+    usage: dict[str, Any] = {"promptTokenCount": prompt.total}
+    if output:
+        usage["candidatesTokenCount"] = output
+    usage["totalTokenCount"] = prompt.total + output + thoughts
+    details = [{"modality": "TEXT", "tokenCount": prompt.text}]
+    if prompt.image:
+        details.append({"modality": "IMAGE", "tokenCount": prompt.image})
+    usage["promptTokensDetails"] = details
+    if thoughts:
+        usage["thoughtsTokenCount"] = thoughts
+    return usage
+
+
 def _candidate_response(
     parts: list[dict[str, Any]] | None,
     finish_reason: str,
-    prompt_tokens: int,
-    output_tokens: int,
+    usage: dict[str, Any],
     model: str,
     response_id: str,
     extra_candidate: Mapping[str, Any] | None = None,
@@ -891,11 +1140,7 @@ def _candidate_response(
     candidate.update(extra_candidate or {})
     return {
         "candidates": [candidate],
-        "usageMetadata": {
-            "promptTokenCount": prompt_tokens,
-            "candidatesTokenCount": output_tokens,
-            "totalTokenCount": prompt_tokens + output_tokens,
-        },
+        "usageMetadata": usage,
         "modelVersion": model,
         "responseId": response_id,
     }
@@ -911,6 +1156,8 @@ class _Outcome:
     status: int
     body: dict[str, Any]
     finish_reason: str | None = None
+    # (prompt, image, thoughts, output) tokens reported, for the request log.
+    usage: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
 class GeminiStub:
@@ -922,8 +1169,10 @@ class GeminiStub:
         latency: Latency = None,
         quota_rps: float | None = None,
         faults: Sequence[FaultRule] = (),
+        bad_key_prefix: str | None = DEFAULT_BAD_KEY_PREFIX,
     ) -> None:
         self._lock = threading.Lock()
+        self._bad_key_prefix: str | None = None
         self._latency: Latency = None
         self._rng = random.Random()
         self._quota_rps: float | None = None
@@ -937,7 +1186,9 @@ class GeminiStub:
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
         self._base_url: str | None = None
-        self.configure(latency=latency, quota_rps=quota_rps, faults=list(faults))
+        self.configure(
+            latency=latency, quota_rps=quota_rps, faults=list(faults), bad_key_prefix=bad_key_prefix
+        )
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -1010,8 +1261,15 @@ class GeminiStub:
         quota_rps: float | _Unset | None = _UNSET,
         faults: Sequence[FaultRule] | _Unset = _UNSET,
         add_faults: Sequence[FaultRule] = (),
+        bad_key_prefix: str | _Unset | None = _UNSET,
     ) -> None:
-        """Changes only the settings passed: ``faults`` replaces the rules, ``add_faults`` adds."""
+        """Changes only the settings passed: ``faults`` replaces the rules, ``add_faults`` adds.
+
+        An API key (``x-goog-api-key`` or ``?key=``) starting with ``bad_key_prefix`` is
+        refused as the Gemini API refuses an invalid key (None: every key is good).
+        """
+        if isinstance(bad_key_prefix, str) and not bad_key_prefix:
+            raise StubConfigError("bad_key_prefix must be a non-empty string or null")
         if not isinstance(quota_rps, _Unset) and quota_rps is not None and quota_rps <= 0:
             raise StubConfigError("quota_rps must be > 0 or None")
         if isinstance(latency, int | float) and latency < 0:
@@ -1027,6 +1285,8 @@ class GeminiStub:
             if not isinstance(faults, _Unset):
                 self._faults = list(faults)
             self._faults.extend(add_faults)
+            if not isinstance(bad_key_prefix, _Unset):
+                self._bad_key_prefix = bad_key_prefix
 
     def add_fault(
         self,
@@ -1078,13 +1338,20 @@ class GeminiStub:
         with self._lock:
             return self._calls
 
+    @property
+    def bad_key_prefix(self) -> str | None:
+        with self._lock:
+            return self._bad_key_prefix
+
     def reset(self) -> None:
-        """Clears faults, latency, quota and the request log."""
+        """Clears faults, latency, quota and the request log; bad keys start with "bad" again."""
         with self._lock:
             self._requests.clear()
             self._calls = 0
             self._seq = 0
-        self.configure(latency=None, quota_rps=None, faults=[])
+        self.configure(
+            latency=None, quota_rps=None, faults=[], bad_key_prefix=DEFAULT_BAD_KEY_PREFIX
+        )
 
     def config_json(self) -> dict[str, Any]:
         with self._lock:
@@ -1092,13 +1359,14 @@ class GeminiStub:
                 "latency": _latency_to_json(self._latency),
                 "quota_rps": self._quota_rps,
                 "faults": [rule.to_json() for rule in self._faults],
+                "bad_key_prefix": self._bad_key_prefix,
             }
 
     def configure_json(self, data: Any) -> None:
         """Applies a ``POST /_stub/config`` body (see configure)."""
         if not isinstance(data, Mapping):
             raise StubConfigError("the config must be a JSON object")
-        unknown = set(data) - {"latency", "quota_rps", "faults", "add_faults"}
+        unknown = set(data) - {"latency", "quota_rps", "faults", "add_faults", "bad_key_prefix"}
         if unknown:
             raise StubConfigError(f"unknown config keys: {sorted(unknown)}")
         kwargs: dict[str, Any] = {}
@@ -1107,6 +1375,11 @@ class GeminiStub:
         if "quota_rps" in data:
             quota = data["quota_rps"]
             kwargs["quota_rps"] = None if quota is None else _parse_duration(quota)
+        if "bad_key_prefix" in data:
+            prefix = data["bad_key_prefix"]
+            if prefix is not None and not isinstance(prefix, str):
+                raise StubConfigError("bad_key_prefix must be a string or null")
+            kwargs["bad_key_prefix"] = prefix
         for key in ("faults", "add_faults"):
             if key in data:
                 rules = data[key]
@@ -1215,12 +1488,25 @@ class GeminiStub:
             record.status = outcome.status
             record.finish_reason = outcome.finish_reason
             record.answered_at = time.time()
+            (
+                record.prompt_tokens,
+                record.image_tokens,
+                record.thoughts_tokens,
+                record.output_tokens,
+            ) = outcome.usage
         if outcome.status == 200 and record.action == "streamGenerateContent":
             payload = json.dumps(outcome.body, ensure_ascii=False)
             return web.Response(text=f"data: {payload}\r\n\r\n", content_type="text/event-stream")
         return web.json_response(outcome.body, status=outcome.status, dumps=_dumps)
 
     async def _answer(self, request: web.Request, record: RequestRecord, model: str) -> _Outcome:
+        key = request.headers.get("x-goog-api-key") or request.query.get("key") or ""
+        prefix = self.bad_key_prefix
+        if prefix and key.startswith(prefix):
+            # The key is checked before anything else, as the real front end does.
+            with self._lock:
+                record.fault = "bad_key"
+            return _Outcome(400, _bad_key_error().body())
         try:
             try:
                 raw = await request.read()
@@ -1244,7 +1530,12 @@ class GeminiStub:
             record.system_instruction = parsed.system_instruction
             record.generation_config = parsed.generation_config
         if record.action == "countTokens":
-            return await self._count_tokens(parsed)
+            return await self._count_tokens(parsed, model)
+        try:
+            # A thinking setting the model does not take is refused before any work.
+            thoughts = thinking_tokens_for(model, parsed.generation_config)
+        except _ApiError as error:
+            return _Outcome(error.code, error.body())
         haystacks = [parsed.prompt, parsed.system_instruction]
         for image in parsed.images:
             haystacks += [image.record.sha256, f"[img:{image.record.fingerprint}]"]
@@ -1257,103 +1548,105 @@ class GeminiStub:
             record.fault = "quota" if wait is not None else (rule.kind if rule else None)
         if wait is not None:
             rounded = max(0.1, math.ceil(wait * 10 - 1e-9) / 10)
-            return _Outcome(429, _ApiError(429, _QUOTA_MESSAGE, [_retry_info(rounded)]).body())
+            return _Outcome(429, _quota_error(model, rounded).body())
         if await self._sleep(delay):
             return _Outcome(503, _ApiError(503, "The stub is shutting down.").body())
         response_id = f"stub-{record.seq:08d}"
-        if rule is not None:
-            return await self._fault_outcome(rule, parsed, model, response_id)
         try:
-            return await self._success(parsed, model, response_id)
+            if rule is not None:
+                return await self._fault_outcome(rule, parsed, model, response_id)
+            return await self._success(parsed, model, response_id, thoughts)
         except _ApiError as error:
             return _Outcome(error.code, error.body())
 
-    async def _prompt_tokens(self, parsed: _ParsedRequest) -> int:
-        tokens = _text_tokens(parsed.prompt) + _text_tokens(parsed.system_instruction)
-        for image in parsed.images:
-            facts = await self._facts(image)
-            tokens += image_tokens(facts.width, facts.height)
-        return tokens
+    async def _prompt_tokens(self, parsed: _ParsedRequest, model: str) -> _PromptTokens:
+        text = _text_tokens(parsed.prompt) + _text_tokens(parsed.system_instruction)
+        resolution = _field(parsed.generation_config, "media_resolution")
+        image = 0
+        for part in parsed.images:
+            facts = await self._facts(part)
+            chosen = part.media_resolution or (resolution if isinstance(resolution, str) else None)
+            image += image_tokens_for(model, facts.width, facts.height, chosen)
+        return _PromptTokens(text, image)
 
-    async def _count_tokens(self, parsed: _ParsedRequest) -> _Outcome:
+    async def _count_tokens(self, parsed: _ParsedRequest, model: str) -> _Outcome:
         try:
-            return _Outcome(200, {"totalTokens": await self._prompt_tokens(parsed)})
+            tokens = await self._prompt_tokens(parsed, model)
         except _ApiError as error:
             return _Outcome(error.code, error.body())
+        return _Outcome(
+            200, {"totalTokens": tokens.total}, usage=(tokens.total, tokens.image, 0, 0)
+        )
 
-    async def _success(self, parsed: _ParsedRequest, model: str, response_id: str) -> _Outcome:
+    async def _success(
+        self, parsed: _ParsedRequest, model: str, response_id: str, thoughts: int
+    ) -> _Outcome:
         facts = [await self._facts(image) for image in parsed.images]
-        prompt_tokens = await self._prompt_tokens(parsed)
+        prompt = await self._prompt_tokens(parsed, model)
         text = _answer_text(parsed, _describe(parsed, facts))
         finish = "STOP"
+        parts: list[dict[str, Any]] | None = None
         limit = _max_output_tokens(parsed.generation_config)
-        if limit is not None and _text_tokens(text) > limit:
-            text = text[: limit * 4]
-            finish = "MAX_TOKENS"
+        if limit is not None and thoughts >= limit:
+            # Thinking used up maxOutputTokens: MAX_TOKENS, a content with a role and no parts.
+            thoughts, output, finish = limit, 0, "MAX_TOKENS"
+        else:
+            room = None if limit is None else limit - thoughts
+            if room is not None and _text_tokens(text) > room:
+                text = text[: room * 4]
+                finish = "MAX_TOKENS"
+            output = _text_tokens(text)
+            parts = [{"text": text}]
         body = _candidate_response(
-            [{"text": text}],
+            parts,
             finish,
-            prompt_tokens,
-            _text_tokens(text),
+            _usage_json(prompt, output, thoughts),
             _model_version(model),
             response_id,
         )
-        return _Outcome(200, body, finish)
+        return _Outcome(200, body, finish, (prompt.total, prompt.image, thoughts, output))
 
     async def _fault_outcome(
         self, rule: FaultRule, parsed: _ParsedRequest, model: str, response_id: str
     ) -> _Outcome:
         version = _model_version(model)
-        if rule.kind == "429":
-            details = [] if rule.retry_delay is None else [_retry_info(rule.retry_delay)]
-            return _Outcome(429, _ApiError(429, _QUOTA_MESSAGE, details).body())
-        if rule.kind == "500":
-            return _Outcome(
-                500,
-                _ApiError(
-                    500,
-                    "An internal error has occurred. Please retry "
-                    "or report in https://developers.generativeai.google/guide/"
-                    "troubleshooting",
-                ).body(),
-            )
-        if rule.kind == "503":
-            return _Outcome(
-                503, _ApiError(503, "The model is overloaded. Please try again later.").body()
-            )
-        if rule.kind == "invalid_argument":
-            return _Outcome(400, _ApiError(400, "Request contains an invalid argument.").body())
+        error = _fault_error(rule, model)
+        if error is not None:
+            return _Outcome(error.code, error.body())
         if rule.kind == "hang":
             await self._sleep(HANG_SECONDS)
             return _Outcome(503, _ApiError(503, "The stub is shutting down.").body())
-        tokens = _text_tokens(parsed.prompt) + 258 * len(parsed.images)
+        prompt = await self._prompt_tokens(parsed, model)
+        usage = (prompt.total, prompt.image, 0, 0)
         if rule.kind == "safety_prompt":
             body: dict[str, Any] = {
                 "promptFeedback": {"blockReason": "SAFETY", "safetyRatings": _BLOCKED_RATINGS},
-                "usageMetadata": {"promptTokenCount": tokens, "totalTokenCount": tokens},
+                "usageMetadata": _usage_json(prompt, 0, 0),
                 "modelVersion": version,
                 "responseId": response_id,
             }
-            return _Outcome(200, body, None)
+            return _Outcome(200, body, None, usage)
         if rule.kind == "safety_candidate":
             body = _candidate_response(
                 None,
                 "SAFETY",
-                tokens,
-                0,
+                _usage_json(prompt, 0, 0),
                 version,
                 response_id,
                 {"safetyRatings": _BLOCKED_RATINGS},
             )
-            return _Outcome(200, body, "SAFETY")
+            return _Outcome(200, body, "SAFETY", usage)
         if rule.kind == "empty":
-            body = _candidate_response(None, "STOP", tokens, 0, version, response_id)
-            return _Outcome(200, body, "STOP")
+            body = _candidate_response(
+                None, "STOP", _usage_json(prompt, 0, 0), version, response_id
+            )
+            return _Outcome(200, body, "STOP", usage)
         text = rule.text or ""
+        output = _text_tokens(text)
         body = _candidate_response(
-            [{"text": text}], "STOP", tokens, _text_tokens(text), version, response_id
+            [{"text": text}], "STOP", _usage_json(prompt, output, 0), version, response_id
         )
-        return _Outcome(200, body, "STOP")
+        return _Outcome(200, body, "STOP", (prompt.total, prompt.image, 0, output))
 
     # -- HTTP: control routes -----------------------------------------------------------------
 
@@ -1381,13 +1674,124 @@ class GeminiStub:
         return web.json_response({"status": "ok"})
 
 
+# ---------------------------------------------------------------------------------------------
+# Errors, in the shapes the real services send
+# ---------------------------------------------------------------------------------------------
+
+# The Gemini API's per-minute 429, with QuotaFailure, Help and RetryInfo details in this order
+# (RooCodeInc/Roo-Code#3883; googleapis/python-genai#2044 shows the per-day quotaId).
 _QUOTA_MESSAGE: Final = (
-    "Resource has been exhausted (e.g. check quota). You exceeded your current quota, "
-    "please check your plan and billing details."
+    "You exceeded your current quota, please check your plan and billing details. For more "
+    "information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits."
+)
+_QUOTA_HELP: Final = {
+    "@type": "type.googleapis.com/google.rpc.Help",
+    "links": [
+        {
+            "description": "Learn more about Gemini API quotas",
+            "url": "https://ai.google.dev/gemini-api/docs/rate-limits",
+        }
+    ],
+}
+# Vertex AI's 429 carries no details at all (google-gemini/gemini-cli#14831).
+_VERTEX_QUOTA_MESSAGE: Final = (
+    "Resource exhausted. Please try again later. Please refer to "
+    "https://cloud.google.com/vertex-ai/generative-ai/docs/error-code-429 for more details."
 )
 _BLOCKED_RATINGS: Final = [
     {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH", "blocked": True},
 ]
+
+
+_QUOTA_METRIC: Final = "generativelanguage.googleapis.com/generate_content_free_tier_requests"
+
+
+def _quota_failure(model: str, quota_id: str, value: str) -> dict[str, Any]:
+    return {
+        "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+        "violations": [
+            {
+                "quotaMetric": _QUOTA_METRIC,
+                "quotaId": quota_id,
+                "quotaDimensions": {"location": "global", "model": _model_version(model)},
+                "quotaValue": value,
+            }
+        ],
+    }
+
+
+def _quota_error(model: str, retry_delay: float | None, *, per_day: bool = False) -> _ApiError:
+    quota_id = (
+        "GenerateRequestsPerDayPerProjectPerModel-FreeTier"
+        if per_day
+        else "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"
+    )
+    details: list[Mapping[str, Any]] = [
+        _quota_failure(model, quota_id, "250" if per_day else "10"),
+        _QUOTA_HELP,
+    ]
+    if retry_delay is not None:
+        details.append(_retry_info(retry_delay))
+    return _ApiError(429, _QUOTA_MESSAGE, details)
+
+
+def _bad_key_error() -> _ApiError:
+    # The Gemini API's answer to a wrong or revoked key: a plain 400, told apart only by the
+    # ErrorInfo reason (continuedev/continue#8516, google/timesketch#3703).
+    message = "API key not valid. Please pass a valid API key."
+    return _ApiError(
+        400,
+        message,
+        [
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "API_KEY_INVALID",
+                "domain": "googleapis.com",
+                "metadata": {"service": "generativelanguage.googleapis.com"},
+            },
+            {
+                "@type": "type.googleapis.com/google.rpc.LocalizedMessage",
+                "locale": "en-US",
+                "message": message,
+            },
+        ],
+    )
+
+
+def _fault_error(rule: FaultRule, model: str) -> _ApiError | None:
+    """The error a fault rule answers with, or None for the kinds that answer 200 (or hang)."""
+    kind = rule.kind
+    if kind == "429":
+        return _quota_error(model, rule.retry_delay)
+    if kind == "429_per_day":
+        return _quota_error(model, rule.retry_delay, per_day=True)
+    if kind == "429_vertex":
+        return _ApiError(429, _VERTEX_QUOTA_MESSAGE)
+    if kind == "bad_key":
+        return _bad_key_error()
+    if kind == "failed_precondition":
+        # google-gemini/gemini-cli#1614, poenl/gemini-api#4: no details.
+        return _ApiError(
+            400, "User location is not supported for the API use.", status="FAILED_PRECONDITION"
+        )
+    if kind == "invalid_argument":
+        return _ApiError(400, "Request contains an invalid argument.")
+    if kind == "499":
+        # google-gemini/gemini-cli#20309, under heavy load.
+        return _ApiError(499, "The operation was cancelled.")
+    if kind == "500":
+        return _ApiError(
+            500,
+            "An internal error has occurred. Please retry or report in "
+            "https://developers.generativeai.google/guide/troubleshooting",
+        )
+    if kind == "503":
+        return _ApiError(503, "The model is overloaded. Please try again later.")
+    if kind == "504":
+        # The status is documented (https://ai.google.dev/gemini-api/docs/troubleshooting);
+        # the message is Google APIs' usual one for DEADLINE_EXCEEDED, not seen verbatim here.
+        return _ApiError(504, "Deadline expired before operation could complete.")
+    return None
 
 
 def _retry_info(seconds: float) -> dict[str, Any]:
@@ -1516,6 +1920,11 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency-cap", type=float, default=8.0)
     parser.add_argument("--seed", type=int, help="seed for the latency distribution")
     parser.add_argument("--quota-rps", type=float, help="token-bucket quota, requests/second")
+    parser.add_argument(
+        "--bad-key-prefix",
+        default=DEFAULT_BAD_KEY_PREFIX,
+        help='API keys starting with this get the real "API key not valid" 400 ("" for none)',
+    )
     return parser
 
 
@@ -1528,15 +1937,22 @@ async def _serve(args: argparse.Namespace) -> None:
             seed=args.seed,
             cap=args.latency_cap,
         )
-    stub = GeminiStub(latency=latency, quota_rps=args.quota_rps)
+    stub = GeminiStub(
+        latency=latency, quota_rps=args.quota_rps, bad_key_prefix=args.bad_key_prefix or None
+    )
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
-    async with stub:
+    # Issue 11.10: ``async with stub`` started on the defaults (127.0.0.1, a random port) and
+    # ignored --host/--port; start where asked.
+    await stub.start(args.host, args.port)
+    try:
         # Parents (tests, the demo, benchmarks) wait for this exact line to learn the port.
         print(f"READY {stub.base_url}", flush=True)
         await done.wait()
+    finally:
+        await stub.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

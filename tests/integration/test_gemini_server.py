@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import io
 import json
 import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,8 +32,10 @@ from captioner_dev.gemini_server import (
     GeminiStub,
     GeminiStubThread,
     LatencyModel,
+    ModelFamily,
     StubConfigError,
     image_tokens,
+    image_tokens_for,
 )
 
 IMAGES = PHOTOS
@@ -83,7 +88,15 @@ async def test_describes_a_real_photo(stub: GeminiStub, client: genai.Client) ->
     assert usage is not None
     assert usage.prompt_token_count == 258 + math.ceil(len(PROMPT) / 4)
     assert usage.candidates_token_count == math.ceil(len(text) / 4)
-    assert usage.total_token_count == usage.prompt_token_count + usage.candidates_token_count
+    # Sent nothing about thinking, 2.5 Flash thinks at its dynamic default.
+    assert usage.thoughts_token_count == 640
+    assert usage.total_token_count == (
+        usage.prompt_token_count + usage.candidates_token_count + usage.thoughts_token_count
+    )
+    assert [(d.modality, d.token_count) for d in usage.prompt_tokens_details or []] == [
+        (types.MediaModality.TEXT, math.ceil(len(PROMPT) / 4)),
+        (types.MediaModality.IMAGE, 258),
+    ]
     assert response.model_version == MODEL
     [record] = stub.requests
     assert record.path == f"/v1/models/{MODEL}:generateContent"
@@ -178,9 +191,13 @@ async def test_429_carries_retry_info(stub: GeminiStub, client: genai.Client) ->
     error = caught.value
     assert error.code == 429
     assert error.status == "RESOURCE_EXHAUSTED"
-    assert error.details["error"]["details"] == [
-        {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}
-    ]
+    quota, help_, retry = error.details["error"]["details"]
+    assert quota["@type"] == "type.googleapis.com/google.rpc.QuotaFailure"
+    [violation] = quota["violations"]
+    assert violation["quotaId"] == "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"
+    assert violation["quotaDimensions"]["model"] == MODEL
+    assert help_["@type"] == "type.googleapis.com/google.rpc.Help"
+    assert retry == {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}
     # count=1: the rule is used up and the next call succeeds.
     assert stub.faults == []
     response = await client.aio.models.generate_content(model=MODEL, contents="hi")
@@ -357,7 +374,9 @@ async def test_response_json_schema_gets_matching_json(client: genai.Client) -> 
 
 
 async def test_max_output_tokens_truncates(client: genai.Client) -> None:
-    config = types.GenerateContentConfig(max_output_tokens=5)
+    config = types.GenerateContentConfig(
+        max_output_tokens=5, thinking_config=types.ThinkingConfig(thinking_budget=0)
+    )
 
     response = await client.aio.models.generate_content(
         model=MODEL, contents=image_contents(CHELSEA), config=config
@@ -382,7 +401,7 @@ async def test_quota_allows_a_burst_then_429s(stub: GeminiStub, client: genai.Cl
     assert len(rejected) == 3
     for error in rejected:
         assert error.code == 429
-        [detail] = error.details["error"]["details"]
+        *_, detail = error.details["error"]["details"]
         assert detail["@type"] == "type.googleapis.com/google.rpc.RetryInfo"
         assert re.fullmatch(r"0\.\d00s|1s", detail["retryDelay"])
     assert sorted(r.fault or "" for r in stub.requests) == ["", "", "", "quota", "quota", "quota"]
@@ -516,7 +535,7 @@ async def test_http_control_endpoints(
 
     with pytest.raises(errors.ClientError) as caught:
         await client.aio.models.generate_content(model=MODEL, contents="hi")
-    assert caught.value.details["error"]["details"][0]["retryDelay"] == "2.500s"
+    assert caught.value.details["error"]["details"][-1]["retryDelay"] == "2.500s"
     await client.aio.models.generate_content(model=MODEL, contents=image_contents(CHELSEA))
 
     async with http.get(f"{base}/_stub/requests") as response:
@@ -530,7 +549,12 @@ async def test_http_control_endpoints(
     async with http.post(f"{base}/_stub/reset") as response:
         assert response.status == 200
     assert stub.requests == []
-    assert stub.config_json() == {"latency": None, "quota_rps": None, "faults": []}
+    assert stub.config_json() == {
+        "latency": None,
+        "quota_rps": None,
+        "faults": [],
+        "bad_key_prefix": "bad",
+    }
 
 
 def test_fault_rule_json_round_trip() -> None:
@@ -590,6 +614,370 @@ def test_cli_prints_ready_and_serves() -> None:
             gemini.close()
             assert response.text is not None
             assert response.text.endswith(fingerprint(COFFEE))
+        finally:
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=5) == 0
+
+
+# --- The token model per family (issue 12) --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "thoughts"),
+    [
+        ("gemini-2.5-flash", 640),  # thinks by default (dynamic budget)
+        ("gemini-2.5-flash-lite", None),  # does not think unless asked
+        ("gemini-2.5-pro", 960),
+        ("gemini-3-flash-preview", 960),  # level HIGH by default
+        ("gemini-3-pro-preview", 1400),
+        ("gemini-2.0-flash", None),  # takes no thinking at all
+    ],
+)
+async def test_default_thinking_per_family(
+    stub: GeminiStub, client: genai.Client, model: str, thoughts: int | None
+) -> None:
+    response = await client.aio.models.generate_content(
+        model=model, contents=image_contents(COFFEE)
+    )
+
+    assert response.text is not None
+    assert response.usage_metadata is not None
+    assert response.usage_metadata.thoughts_token_count == thoughts
+    assert stub.requests[0].thoughts_tokens == (thoughts or 0)
+
+
+@pytest.mark.parametrize(
+    ("model", "thinking", "thoughts"),
+    [
+        ("gemini-2.5-flash", types.ThinkingConfig(thinking_budget=0), 0),
+        ("gemini-2.5-flash-lite", types.ThinkingConfig(thinking_budget=0), 0),
+        ("gemini-2.5-flash-lite", types.ThinkingConfig(thinking_budget=-1), 384),
+        ("gemini-2.5-flash", types.ThinkingConfig(thinking_budget=512), 512),
+        ("gemini-2.5-pro", types.ThinkingConfig(thinking_budget=128), 128),
+        (
+            "gemini-3-flash-preview",
+            types.ThinkingConfig(thinking_level=types.ThinkingLevel.MINIMAL),
+            0,
+        ),
+        (
+            "gemini-3-flash-preview",
+            types.ThinkingConfig(thinking_level=types.ThinkingLevel.LOW),
+            160,
+        ),
+        ("gemini-3-pro-preview", types.ThinkingConfig(thinking_level=types.ThinkingLevel.LOW), 180),
+        ("gemini-3-pro-preview", types.ThinkingConfig(thinking_budget=256), 256),
+    ],
+)
+async def test_thinking_settings_are_honoured(
+    client: genai.Client, model: str, thinking: types.ThinkingConfig, thoughts: int
+) -> None:
+    config = types.GenerateContentConfig(thinking_config=thinking)
+    response = await client.aio.models.generate_content(
+        model=model, contents=image_contents(COFFEE), config=config
+    )
+
+    assert response.usage_metadata is not None
+    assert (response.usage_metadata.thoughts_token_count or 0) == thoughts
+
+
+@pytest.mark.parametrize(
+    ("model", "thinking", "message"),
+    [
+        (
+            "gemini-2.5-pro",
+            types.ThinkingConfig(thinking_budget=0),
+            "Budget 0 is invalid. This model only works in thinking mode.",
+        ),
+        (
+            "gemini-2.5-flash",
+            types.ThinkingConfig(thinking_level=types.ThinkingLevel.LOW),
+            "Thinking level is not supported for this model.",
+        ),
+        (
+            "gemini-3-pro-preview",
+            types.ThinkingConfig(thinking_level=types.ThinkingLevel.MINIMAL),
+            "Thinking level MINIMAL is not supported for this model. "
+            "Please retry with other thinking level.",
+        ),
+        (
+            "gemini-3-flash-preview",
+            types.ThinkingConfig(thinking_budget=0, thinking_level=types.ThinkingLevel.LOW),
+            "thinking_budget and thinking_level cannot both be set: use one or the other.",
+        ),
+        (
+            "gemini-2.5-flash",
+            types.ThinkingConfig(thinking_budget=50_000),
+            "The thinking budget (50000) is invalid.",
+        ),
+        (
+            "gemini-2.0-flash",
+            types.ThinkingConfig(thinking_budget=1024),
+            "Thinking is not enabled for models/gemini-2.0-flash",
+        ),
+    ],
+)
+async def test_thinking_settings_a_model_refuses_are_a_400(
+    stub: GeminiStub, client: genai.Client, model: str, thinking: types.ThinkingConfig, message: str
+) -> None:
+    config = types.GenerateContentConfig(thinking_config=thinking)
+
+    with pytest.raises(errors.ClientError) as caught:
+        await client.aio.models.generate_content(model=model, contents="hi", config=config)
+
+    assert (caught.value.code, caught.value.status) == (400, "INVALID_ARGUMENT")
+    assert caught.value.message == message
+    assert stub.requests[0].status == 400
+
+
+async def test_thinking_that_uses_up_max_output_tokens_leaves_no_text(
+    stub: GeminiStub, client: genai.Client
+) -> None:
+    # 2.5 Pro cannot stop thinking: at its minimum budget and a cap of 100, nothing is left.
+    config = types.GenerateContentConfig(
+        max_output_tokens=100, thinking_config=types.ThinkingConfig(thinking_budget=128)
+    )
+
+    response = await client.aio.models.generate_content(
+        model="gemini-2.5-pro", contents=image_contents(CHELSEA), config=config
+    )
+
+    assert response.text is None
+    assert response.candidates is not None
+    candidate = response.candidates[0]
+    assert candidate.finish_reason == types.FinishReason.MAX_TOKENS
+    assert candidate.content is not None
+    assert candidate.content.role == "model"
+    assert candidate.content.parts is None
+    usage = response.usage_metadata
+    assert usage is not None
+    assert usage.thoughts_token_count == 100
+    assert usage.candidates_token_count is None
+    assert usage.total_token_count == (usage.prompt_token_count or 0) + 100
+    [record] = stub.requests
+    assert (record.finish_reason, record.thoughts_tokens, record.output_tokens) == (
+        "MAX_TOKENS",
+        100,
+        0,
+    )
+
+
+async def test_thinking_shares_the_cap_with_the_answer(client: genai.Client) -> None:
+    config = types.GenerateContentConfig(
+        max_output_tokens=140, thinking_config=types.ThinkingConfig(thinking_budget=128)
+    )
+
+    response = await client.aio.models.generate_content(
+        model="gemini-2.5-pro", contents=image_contents(CHELSEA), config=config
+    )
+
+    assert response.text is not None
+    assert len(response.text) == (140 - 128) * 4  # what the thoughts left, cut off
+    assert response.candidates is not None
+    assert response.candidates[0].finish_reason == types.FinishReason.MAX_TOKENS
+
+
+BIG = Path(IMAGES / "astronaut.jpg").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("model", "resolution", "tokens"),
+    [
+        ("gemini-3-flash-preview", None, 1120),  # unspecified: HIGH for images
+        ("gemini-3-flash-preview", types.MediaResolution.MEDIA_RESOLUTION_LOW, 280),
+        ("gemini-3-pro-preview", types.MediaResolution.MEDIA_RESOLUTION_MEDIUM, 560),
+        ("gemini-3-pro-preview", types.MediaResolution.MEDIA_RESOLUTION_HIGH, 1120),
+        ("gemini-2.5-flash", types.MediaResolution.MEDIA_RESOLUTION_LOW, 64),
+        ("gemini-2.5-flash", None, None),  # pixels decide: 768 px tiles
+    ],
+)
+async def test_image_tokens_per_family_and_media_resolution(
+    stub: GeminiStub,
+    client: genai.Client,
+    model: str,
+    resolution: types.MediaResolution | None,
+    tokens: int | None,
+) -> None:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(BIG)) as im:
+        width, height = im.size
+    expected = tokens if tokens is not None else image_tokens(width, height)
+    config = types.GenerateContentConfig(
+        media_resolution=resolution, thinking_config=None, max_output_tokens=4000
+    )
+
+    for data in (BIG, COFFEE):  # Gemini 3 counts the same whatever the pixels
+        response = await client.aio.models.generate_content(
+            model=model, contents=image_contents(data), config=config
+        )
+        usage = response.usage_metadata
+        assert usage is not None
+        image = {d.modality: d.token_count for d in usage.prompt_tokens_details or []}
+        if data is BIG or ModelFamily.of(model).major >= 3 or resolution is not None:
+            assert image[types.MediaModality.IMAGE] == expected
+    assert stub.requests[0].image_tokens == expected
+
+
+def test_image_tokens_for_documented_rules() -> None:
+    assert image_tokens_for("gemini-2.5-flash", 768, 576) == 258
+    assert image_tokens_for("gemini-2.5-flash", 4000, 3000) == 6 * 4 * 258
+    assert image_tokens_for("gemini-3-flash-preview", 4000, 3000) == 1120
+    assert image_tokens_for("gemini-3-flash-preview", 40, 30, "MEDIA_RESOLUTION_LOW") == 280
+    assert (
+        image_tokens_for("models/gemini-3-pro-preview", 1, 1, "MEDIA_RESOLUTION_ULTRA_HIGH") == 2240
+    )
+
+
+async def test_count_tokens_uses_the_family_rules(client: genai.Client) -> None:
+    counted = await client.aio.models.count_tokens(
+        model="gemini-3-flash-preview", contents=image_contents(CHELSEA)
+    )
+    assert counted.total_tokens == 1120 + math.ceil(len(PROMPT) / 4)
+
+
+# --- Error shapes (issue 12) ----------------------------------------------------------------
+
+
+async def test_a_bad_api_key_gets_the_real_400(stub: GeminiStub) -> None:
+    options = types.HttpOptions(base_url=stub.base_url)
+    async with genai.Client(api_key="bad-key-123", http_options=options).aio as aio:
+        with pytest.raises(errors.ClientError) as caught:
+            await aio.models.generate_content(model=MODEL, contents=image_contents(COFFEE))
+
+    error = caught.value
+    assert (error.code, error.status) == (400, "INVALID_ARGUMENT")
+    assert error.message == "API key not valid. Please pass a valid API key."
+    info = error.details["error"]["details"][0]
+    assert info == {
+        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+        "reason": "API_KEY_INVALID",
+        "domain": "googleapis.com",
+        "metadata": {"service": "generativelanguage.googleapis.com"},
+    }
+    assert stub.requests[0].fault == "bad_key"
+    stub.configure(bad_key_prefix=None)
+    async with genai.Client(api_key="bad-key-123", http_options=options).aio as aio:
+        assert (await aio.models.generate_content(model=MODEL, contents="hi")).text
+
+
+@pytest.mark.parametrize(
+    ("kind", "code", "status", "message", "detail_types"),
+    [
+        (
+            "bad_key",
+            400,
+            "INVALID_ARGUMENT",
+            "API key not valid",
+            ["ErrorInfo", "LocalizedMessage"],
+        ),
+        ("failed_precondition", 400, "FAILED_PRECONDITION", "User location is not supported", []),
+        (
+            "429",
+            429,
+            "RESOURCE_EXHAUSTED",
+            "You exceeded your current quota",
+            ["QuotaFailure", "Help", "RetryInfo"],
+        ),
+        (
+            "429_per_day",
+            429,
+            "RESOURCE_EXHAUSTED",
+            "You exceeded your current quota",
+            ["QuotaFailure", "Help", "RetryInfo"],
+        ),
+        (
+            "429_vertex",
+            429,
+            "RESOURCE_EXHAUSTED",
+            "Resource exhausted. Please try again later.",
+            [],
+        ),
+        ("499", 499, "CANCELLED", "The operation was cancelled.", []),
+        ("500", 500, "INTERNAL", "An internal error has occurred.", []),
+        ("503", 503, "UNAVAILABLE", "The model is overloaded. Please try again later.", []),
+        ("504", 504, "DEADLINE_EXCEEDED", "Deadline expired", []),
+    ],
+)
+async def test_error_faults_have_the_real_shapes(
+    stub: GeminiStub,
+    http: aiohttp.ClientSession,
+    kind: Any,
+    code: int,
+    status: str,
+    message: str,
+    detail_types: list[str],
+) -> None:
+    stub.add_fault(kind, count=1, retry_delay=None if kind == "429_vertex" else 12)
+    url = f"{stub.base_url}/v1beta/models/{MODEL}:generateContent"
+    body = {"contents": [{"parts": [{"text": "hi"}]}]}
+
+    async with http.post(url, json=body, headers={"x-goog-api-key": "k"}) as response:
+        assert response.status == code
+        assert response.content_type == "application/json"
+        error = (await response.json())["error"]
+
+    assert (error["code"], error["status"]) == (code, status)
+    assert error["message"].startswith(message)
+    kinds = [d["@type"].rsplit(".", 1)[-1] for d in error.get("details", [])]
+    assert kinds == detail_types
+    if kind == "429_per_day":
+        quota = error["details"][0]["violations"][0]["quotaId"]
+        assert quota == "GenerateRequestsPerDayPerProjectPerModel-FreeTier"
+
+
+@pytest.mark.parametrize(
+    ("kind", "outcome"),
+    [
+        ("bad_key", "ConfigurationError"),
+        ("failed_precondition", "ConfigurationError"),
+        ("429", "TransientError"),
+        ("429_per_day", "DailyQuotaError"),
+        ("429_vertex", "TransientError"),
+        ("499", "TransientError"),
+        ("504", "TransientError"),
+    ],
+)
+async def test_the_product_classifies_each_real_error_shape(
+    stub: GeminiStub, client: genai.Client, kind: Any, outcome: str
+) -> None:
+    from captioner.gemini import _classify
+
+    stub.add_fault(kind, count=1, retry_delay=3)
+    with pytest.raises(errors.APIError) as caught:
+        await client.aio.models.generate_content(model=MODEL, contents="hi")
+
+    classified = _classify(caught.value)
+    assert type(classified).__name__ == outcome
+    if kind == "429":
+        assert getattr(classified, "retry_after", None) == 3.0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_cli_listens_on_the_port_and_host_asked_for() -> None:
+    # Issue 11.10: --port and --host were ignored (the server took a random port).
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    command = [
+        sys.executable,
+        "-m",
+        "captioner_dev.gemini_server",
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+    ]
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline().strip()
+            assert line == f"READY http://127.0.0.1:{port}"
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stub/health", timeout=5) as r:
+                assert json.loads(r.read()) == {"status": "ok", "calls": 0}
         finally:
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=5) == 0
