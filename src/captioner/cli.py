@@ -1,10 +1,13 @@
-"""``python -m captioner``: describe local files and URLs, or backfill a bucket in place.
+"""``captioner``: describe local files and URLs, or backfill a bucket in place.
 
-    python -m captioner describe photos/ cat.jpg https://example.com/dog.png
-    python -m captioner backfill gs://my-bucket/products/ [--dry-run] [--overwrite]
+    captioner describe photos/ cat.jpg https://example.com/dog.png
+    captioner backfill gs://my-bucket/products/ [--dry-run] [--overwrite]
 
 Captions print as they complete. A progress bar (counts, rate, ETA) shows on a
-terminal only. A summary ends every run; the exit code is 1 when anything failed.
+terminal only. A summary ends every run. Exit codes: 0 all done, 1 some images
+failed, 2 usage or configuration (no key, no credentials, no such bucket),
+130 interrupted, 141 the output was closed early (``| head``), as a shell reports
+a command ended by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from captioner import __version__
 from captioner.batch import Totals, result_json
 from captioner.domain import CaptionResult, Outcome
 from captioner.errors import (
@@ -37,9 +41,10 @@ from captioner.settings import Settings
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m captioner",
+        prog="captioner",
         description="Caption images with Gemini. Settings come from CAPTION_* variables.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     describe = sub.add_parser(
@@ -71,7 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`captioner … | head`): stop quietly. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env(os.environ)
@@ -81,15 +100,15 @@ def main(argv: list[str] | None = None) -> int:
             settings = settings.model_copy(update={"max_concurrency": args.concurrency})
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         return asyncio.run(_run(args, settings))
     except KeyboardInterrupt:
         print("interrupted; a second run resumes where this one stopped", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except (BadRequestError, CaptionerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
@@ -124,14 +143,14 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         )
     except ObjectGoneError as exc:
         print(f"error: {exc} (does the bucket exist?)", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except (PermanentError, TransientError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     finally:
         await runtime.aclose()
     _summary(totals, sys.stderr)
-    return 1 if totals.failed else 0
+    return EXIT_FAILED if totals.failed else EXIT_OK
 
 
 async def _describe(
@@ -173,6 +192,11 @@ def _split_sources(sources: list[str]) -> tuple[list[Path], list[str]]:
     files: list[Path] = []
     urls: list[str] = []
     for source in sources:
+        if source.startswith("gs://"):
+            raise BadRequestError(
+                f"{source}: describe reads local files and URLs and writes nothing; "
+                "to caption objects in a bucket, run `captioner backfill gs://bucket/prefix`"
+            )
         if source.startswith(("http://", "https://")):
             UrlsRequest((source,))
             urls.append(source)

@@ -23,6 +23,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import aiohttp
+import google.auth.exceptions
 from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
@@ -108,6 +109,16 @@ _MAX_ROOM = 65536
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)s\s*$")
 
 
+NO_API_KEY = (
+    "no Gemini API key: set GEMINI_API_KEY (or GOOGLE_API_KEY), or use Vertex AI with "
+    "GOOGLE_GENAI_USE_VERTEXAI=true and GOOGLE_CLOUD_PROJECT"
+)
+NO_CREDENTIALS = (
+    "no Google credentials: run `gcloud auth application-default login` "
+    "(or set GOOGLE_APPLICATION_CREDENTIALS)"
+)
+
+
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -136,14 +147,20 @@ def make_client(
     if _truthy(env.get("GOOGLE_GENAI_USE_VERTEXAI")):
         # Passed explicitly: with a custom base URL the SDK does not read project and
         # location from the environment and would post to the bare base URL.
-        return genai.Client(
-            vertexai=True,
-            project=env.get("GOOGLE_CLOUD_PROJECT"),
-            location=env.get("GOOGLE_CLOUD_LOCATION") or "global",
-            credentials=credentials,
-            http_options=http_options,
-        )
+        try:
+            return genai.Client(
+                vertexai=True,
+                project=env.get("GOOGLE_CLOUD_PROJECT"),
+                location=env.get("GOOGLE_CLOUD_LOCATION") or "global",
+                credentials=credentials,
+                http_options=http_options,
+            )
+        except google.auth.exceptions.DefaultCredentialsError:
+            raise ConfigurationError(NO_CREDENTIALS) from None
     api_key = env.get("GEMINI_API_KEY") or env.get("GOOGLE_API_KEY")
+    if not api_key:
+        # google-genai raises a ValueError here; say which variables fix it.
+        raise ConfigurationError(NO_API_KEY)
     return genai.Client(api_key=api_key, http_options=http_options)
 
 

@@ -87,10 +87,12 @@ class Runtime:
         from captioner.urls import UrlFetcher
 
         s = self.settings
+        # The Gemini client first: it refuses a missing key (ConfigurationError)
+        # before any session exists that would then be left unclosed.
+        client = make_client(s.gemini_timeout)
         connector = aiohttp.TCPConnector(limit=max(2 * s.max_concurrency, 10))
         session = aiohttp.ClientSession(connector=connector)
         storage = StorageClient.from_env(session, attempts=s.storage_attempts)
-        client = make_client(s.gemini_timeout)
         describer = GeminiDescriber(
             client,
             model=s.model,

@@ -21,6 +21,7 @@ import aiohttp
 from captioner.bodies import read_capped
 from captioner.domain import ObjectInfo, first_unencodable
 from captioner.errors import (
+    ConfigurationError,
     ObjectGoneError,
     PermanentError,
     PreconditionFailedError,
@@ -69,17 +70,35 @@ class _Credentials:
             return {"Authorization": f"Bearer {self._credentials.token}"}
 
 
+_NO_CREDENTIALS = (
+    "no Google credentials for Cloud Storage: run `gcloud auth application-default login` "
+    "(or set GOOGLE_APPLICATION_CREDENTIALS; STORAGE_EMULATOR_HOST for a local emulator)"
+)
+
+
 def _default_credentials() -> Any:
     import google.auth
+    import google.auth.exceptions
 
-    credentials, _ = google.auth.default(scopes=[_SCOPE])
+    try:
+        credentials, _ = google.auth.default(scopes=[_SCOPE])
+    except google.auth.exceptions.DefaultCredentialsError:
+        raise ConfigurationError(_NO_CREDENTIALS) from None
     return credentials
 
 
 def _refresh(credentials: Any) -> None:
+    import google.auth.exceptions
     import google.auth.transport.requests
 
-    credentials.refresh(google.auth.transport.requests.Request())
+    try:
+        credentials.refresh(google.auth.transport.requests.Request())
+    except google.auth.exceptions.RefreshError as exc:
+        if getattr(exc, "retryable", False):  # google-auth marks 5xx and timeouts so
+            raise TransientError(f"refreshing Google credentials failed: {exc}") from None
+        # Revoked or expired user credentials, a deleted service account: the same
+        # answer until someone logs in again.
+        raise ConfigurationError(f"Google credentials cannot be refreshed: {exc}") from None
 
 
 class StorageClient:

@@ -149,3 +149,78 @@ def test_backfill_of_a_missing_bucket_says_so(stack_env: dict[str, str], gcs: An
     completed = run_cli(stack_env, "backfill", "gs://no-such-bucket-here/")
     assert completed.returncode == 2
     assert "does the bucket exist" in completed.stderr
+
+
+def test_no_api_key_is_one_line_naming_the_variables_and_exit_2(
+    stack_env: dict[str, str],
+) -> None:
+    env = {k: v for k, v in {**os.environ, **stack_env}.items() if "API_KEY" not in k}
+    completed = subprocess.run(
+        [sys.executable, "-m", "captioner", "describe", str(images.PHOTOS / "chelsea.jpg")],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO / "src")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.splitlines() == [
+        "error: no Gemini API key: set GEMINI_API_KEY (or GOOGLE_API_KEY), or use Vertex AI "
+        "with GOOGLE_GENAI_USE_VERTEXAI=true and GOOGLE_CLOUD_PROJECT"
+    ]  # no traceback, no unclosed-session warning
+
+
+def test_no_google_credentials_names_the_gcloud_command_and_exit_2(
+    stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {k: v for k, v in {**os.environ, **stack_env}.items() if k != "STORAGE_EMULATOR_HOST"}
+    env["GOOGLE_APPLICATION_CREDENTIALS"] = str(tmp_path / "missing.json")
+    completed = subprocess.run(
+        [sys.executable, "-m", "captioner", "backfill", "gs://bucket/", "--dry-run"],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": str(REPO / "src")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2
+    assert len(completed.stderr.splitlines()) == 1, completed.stderr
+    assert "gcloud auth application-default login" in completed.stderr
+
+
+def test_describe_of_a_bucket_path_points_to_backfill(stack_env: dict[str, str]) -> None:
+    completed = run_cli(stack_env, "describe", "gs://bucket/photo.jpg")
+    assert completed.returncode == 2
+    assert "captioner backfill gs://" in completed.stderr
+
+
+def test_output_closed_early_ends_quietly_with_141(
+    stack_env: dict[str, str], gemini: Any, tmp_path: Path
+) -> None:
+    for i in range(40):
+        (tmp_path / f"{i:02}.png").write_bytes(images.encode(images.solid((20 + i, 20)), "PNG"))
+    command = [sys.executable, "-m", "captioner", "describe", str(tmp_path)]
+    with subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**os.environ, **stack_env, "PYTHONPATH": str(REPO / "src")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as process:
+        assert process.stdout is not None
+        assert process.stderr is not None
+        process.stdout.readline()  # `| head -1`: read one line, then close the pipe
+        process.stdout.close()
+        stderr = process.stderr.read().decode()
+        returncode = process.wait(timeout=120)
+    assert returncode == 141
+    assert "Traceback" not in stderr
+    assert "BrokenPipeError" not in stderr
+
+
+def test_version_prints_the_package_version(stack_env: dict[str, str]) -> None:
+    from captioner import __version__
+
+    completed = run_cli(stack_env, "--version")
+    assert completed.returncode == 0
+    assert completed.stdout.strip() == f"captioner {__version__}"
