@@ -152,6 +152,8 @@ data "archive_file" "source" {
     "**/.ruff_cache",
     "**/.hypothesis",
     "**/*.egg-info",
+    "build",
+    "dist",
     "Makefile",
     "pyproject.toml",
     "requirements-dev.txt",
