@@ -114,7 +114,9 @@ class BatchRun:
             return bounded_as_completed(request.urls, self._describe_url, self._concurrency)
         if request.dry_run:
             return self._plan(request)
-        return self._captioner.caption_many(self._candidates(request), overwrite=request.overwrite)
+        return self._captioner.caption_many(
+            self._candidates(request), overwrite=request.overwrite, if_stale=request.if_stale
+        )
 
     async def _describe_url(self, url: str) -> CaptionResult:
         return await self._captioner.describe_source(url, lambda: self._fetch(url))

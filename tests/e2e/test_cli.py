@@ -224,3 +224,26 @@ def test_version_prints_the_package_version(stack_env: dict[str, str]) -> None:
     completed = run_cli(stack_env, "--version")
     assert completed.returncode == 0
     assert completed.stdout.strip() == f"captioner {__version__}"
+
+
+def test_backfill_if_stale_recaptions_after_the_prompt_changes(
+    stack_env: dict[str, str], gemini: Any, bucket: Any
+) -> None:
+    for i in range(4):
+        bucket.blob(f"prompt/{i}.png").upload_from_string(
+            images.encode(images.solid((30 + i, 20)), "PNG"), content_type="image/png"
+        )
+    target = f"gs://{bucket.name}/prompt/"
+    assert run_cli(stack_env, "backfill", target).returncode == 0
+    assert gemini.calls == 4
+    changed = {**stack_env, "CAPTION_PROMPT": "Describe this product photo for a shop."}
+
+    dry = run_cli(changed, "backfill", target, "--if-stale", "--dry-run")
+    assert "would caption 4" in dry.stderr
+    again = run_cli(changed, "backfill", target, "--if-stale")
+    assert again.returncode == 0, again.stderr
+    assert "done 4, skipped 0" in again.stderr
+    assert gemini.calls == 8
+    unchanged = run_cli(changed, "backfill", target, "--if-stale")
+    assert "done 0, skipped 4" in unchanged.stderr
+    assert gemini.calls == 8

@@ -339,3 +339,31 @@ def test_an_integer_of_thousands_of_digits_is_a_400(http_function: FunctionServe
 def test_no_hostile_json_text_can_cause_a_5xx(http_function: FunctionServer, raw: str) -> None:
     answer = post(http_function, raw.encode("utf-8"))
     assert answer.status_code < 500, (raw, answer.text)
+
+
+def test_if_stale_recaptions_what_an_older_model_wrote_and_only_that(
+    http_function: FunctionServer, allowed_bucket: Any, gemini: Any
+) -> None:
+    for i in range(3):
+        upload(
+            allowed_bucket,
+            f"stale/{i}.png",
+            images.encode(images.solid((60 + i, 30)), "PNG"),
+            "image/png",
+        )
+    first = post(http_function, {"bucket": ALLOWED, "prefix": "stale/"})
+    assert first.json()["totals"]["ok"] == 3
+    current_model = allowed_bucket.get_blob("stale/0.png").metadata["caption-model"]
+    for name in ("stale/0.png", "stale/1.png"):  # as an older model left them
+        blob = allowed_bucket.get_blob(name)
+        blob.metadata = {**blob.metadata, "caption-model": "gemini-1.5-flash"}
+        blob.patch()
+    gemini.reset()
+
+    answer = post(http_function, {"bucket": ALLOWED, "prefix": "stale/", "if_stale": True})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["totals"]["ok"] == 2
+    assert answer.json()["totals"]["skipped"] == 1
+    assert gemini.calls == 2
+    for name in ("stale/0.png", "stale/1.png"):
+        assert allowed_bucket.get_blob(name).metadata["caption-model"] == current_model
