@@ -111,3 +111,98 @@ def truncated(fmt: str) -> bytes:
 def garbage_after_header(fmt: str, keep: int = 16) -> bytes:
     data = encode(Image.open(io.BytesIO(photo("coffee.jpg"))).convert("RGB"), fmt)
     return data[:keep] + random.Random(5).randbytes(len(data) - keep)
+
+
+# Hostile images for the decode-memory tests: each is small on disk (solid colour
+# compresses ~1000:1) and stays under CAPTION_MAX_PIXELS, yet costs hundreds of MB
+# to decode naively. Built straight from PNG chunks, so making one needs no more
+# memory than one block of rows.
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return (
+        struct.pack(">I", len(body))
+        + kind
+        + body
+        + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    )
+
+
+# PNG colour types: channels per pixel.
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+
+
+def raw_png(
+    width: int,
+    height: int,
+    *,
+    color_type: int = 0,
+    bit_depth: int = 8,
+    pixel: bytes | None = None,
+    extra_chunks: tuple[tuple[bytes, bytes], ...] = (),
+) -> bytes:
+    """A PNG of one repeated pixel, written row block by row block (fast for 49 MP).
+
+    ``pixel`` is the raw bytes of one pixel (default: all zero, a black image);
+    for bit depths under 8 it is ignored and rows are zero.
+    """
+    bits = _PNG_CHANNELS[color_type] * bit_depth
+    row_bytes = (width * bits + 7) // 8
+    row = b"\x00" * (1 + row_bytes) if pixel is None or bits < 8 else b"\x00" + pixel * width
+    rows_per_block = max(1, (4 << 20) // len(row))
+    block = row * rows_per_block
+    compressor = zlib.compressobj(6)
+    body = []
+    left = height
+    while left > 0:
+        count = min(left, rows_per_block)
+        body.append(compressor.compress(block if count == rows_per_block else row * count))
+        left -= count
+    body.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    chunks = [_png_chunk(b"IHDR", header)]
+    chunks += [_png_chunk(kind, content) for kind, content in extra_chunks]
+    chunks.append(_png_chunk(b"IDAT", b"".join(body)))
+    chunks.append(_png_chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + b"".join(chunks)
+
+
+def palette_png_with_transparency(width: int, height: int) -> bytes:
+    """A palette PNG with a tRNS chunk: Pillow converts these through RGBA."""
+    palette = bytes(range(256)) * 3
+    transparency = b"\x00\x80"
+    return raw_png(
+        width,
+        height,
+        color_type=3,
+        pixel=b"\x01",
+        extra_chunks=((b"PLTE", palette[: 3 * 256]), (b"tRNS", transparency)),
+    )
+
+
+def solid_webp(size: tuple[int, int], *, frames: int = 1) -> bytes:
+    """A lossless WebP of one colour: a few hundred bytes for any size."""
+    image = Image.new("RGB", size, (30, 120, 200))
+    out = io.BytesIO()
+    if frames == 1:
+        image.save(out, "WEBP", lossless=True, quality=0, method=0)
+    else:
+        others = [Image.new("RGB", size, (i * 20 % 255, 40, 90)) for i in range(1, frames)]
+        image.save(
+            out, "WEBP", lossless=True, quality=0, method=0, save_all=True, append_images=others
+        )
+    return out.getvalue()
+
+
+def big_gif(size: tuple[int, int], *, frames: int = 3) -> bytes:
+    """An animated GIF whose logical screen is ``size``, every frame full size."""
+    images = [Image.new("P", size, i) for i in range(frames)]
+    out = io.BytesIO()
+    images[0].save(out, "GIF", save_all=True, append_images=images[1:], duration=10, loop=0)
+    return out.getvalue()
+
+
+def big_jpeg(size: tuple[int, int], *, progressive: bool = False, mode: str = "RGB") -> bytes:
+    color: object = (0, 255, 255, 0) if mode == "CMYK" else (90, 140, 200)
+    image = Image.new(mode, size, color)  # type: ignore[arg-type]
+    return encode(image, "JPEG", quality=50, progressive=progressive, subsampling=0)
