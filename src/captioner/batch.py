@@ -32,9 +32,15 @@ class Totals:
     usage: Usage = field(default_factory=Usage)
     # A dry run's estimate of what the planned captions would cost, kept apart.
     estimated: Usage = field(default_factory=Usage)
+    # Why objects were skipped: already-captioned, not-an-image, excluded-by-rule, …
+    skipped: Counter[str] = field(default_factory=Counter)
 
-    def add(self, outcome: Outcome, n: int = 1, usage: Usage | None = None) -> None:
+    def add(
+        self, outcome: Outcome, n: int = 1, usage: Usage | None = None, reason: str | None = None
+    ) -> None:
         self.counts[outcome.value] += n
+        if outcome is Outcome.SKIPPED:
+            self.skipped[reason or "unknown"] += n
         if usage is None:
             return
         if outcome is Outcome.PLANNED:
@@ -54,6 +60,7 @@ class Totals:
             "total": sum(self.counts.values()),
             "seconds": round(seconds, 3),
             "images_per_second": round(described / seconds, 2) if seconds > 0 else 0.0,
+            "skipped_by_reason": dict(self.skipped.most_common()),
             "tokens": self.usage.as_fields(),
             **({"estimated_tokens": self.estimated.as_fields()} if self.estimated.calls else {}),
         }
@@ -103,7 +110,7 @@ class BatchRun:
 
     async def results(self) -> AsyncGenerator[CaptionResult, None]:
         async for result in self._run():
-            self.totals.add(result.outcome, usage=result.usage)
+            self.totals.add(result.outcome, usage=result.usage, reason=result.reason)
             yield result
 
     def _run(self) -> AsyncIterator[CaptionResult]:
@@ -119,7 +126,9 @@ class BatchRun:
         )
 
     async def _describe_url(self, url: str) -> CaptionResult:
-        return await self._captioner.describe_source(url, lambda: self._fetch(url))
+        from captioner.urls import redact  # here: aiohttp is loaded in URL mode anyway
+
+        return await self._captioner.describe_source(redact(url), lambda: self._fetch(url))
 
     async def _candidates(self, request: PrefixRequest) -> AsyncIterator[ObjectInfo]:
         """Listed objects that need a caption, up to ``limit``; the rest are only counted."""
@@ -134,7 +143,7 @@ class BatchRun:
                 chosen += 1
                 yield info
             else:
-                self.totals.add(Outcome.SKIPPED)
+                self.totals.add(Outcome.SKIPPED, reason=reason)
 
     async def _plan(self, request: PrefixRequest) -> AsyncIterator[CaptionResult]:
         async for info in self._candidates(request):

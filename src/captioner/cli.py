@@ -240,7 +240,7 @@ async def _report(
     try:
         async for result in stream:
             if own_totals:
-                totals.add(result.outcome, usage=result.usage)
+                totals.add(result.outcome, usage=result.usage, reason=result.reason)
             _print_result(result, as_json, bar)
             if bar is not None:
                 bar.update(1)
@@ -287,8 +287,11 @@ def _short(totals: Totals) -> str:
 
 def _summary(totals: Totals, out: TextIO) -> None:
     t = totals.as_dict()
+    why = ", ".join(f"{n} {reason}" for reason, n in t["skipped_by_reason"].items())
     print(
-        f"done {t['ok']}, skipped {t['skipped']}, blocked {t['blocked']}, "
+        f"done {t['ok']}, skipped {t['skipped']}"
+        + (f" ({why})" if why else "")
+        + f", blocked {t['blocked']}, "
         f"failed {t['error']}, to retry {t['retry']}"
         + (f", would caption {t['would-caption']}" if t["would-caption"] else "")
         + f" in {t['seconds']:.1f} s ({t['images_per_second']:.1f} images/s)",

@@ -245,5 +245,5 @@ def test_backfill_if_stale_recaptions_after_the_prompt_changes(
     assert "done 4, skipped 0" in again.stderr
     assert gemini.calls == 8
     unchanged = run_cli(changed, "backfill", target, "--if-stale")
-    assert "done 0, skipped 4" in unchanged.stderr
+    assert "done 0, skipped 4 (4 already-captioned)," in unchanged.stderr
     assert gemini.calls == 8

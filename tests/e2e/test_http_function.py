@@ -107,6 +107,10 @@ def test_prefix_mode_backfills_then_skips_what_is_done(
     again = post(http_function, {"bucket": ALLOWED, "prefix": "backfill/"})
     assert again.json()["totals"]["ok"] == 0
     assert again.json()["totals"]["skipped"] == 6
+    assert again.json()["totals"]["skipped_by_reason"] == {
+        "already-captioned": 5,
+        "not-an-image": 1,
+    }
     assert gemini.calls == 5  # nothing described twice
 
     redo = post(http_function, {"bucket": ALLOWED, "prefix": "backfill/", "overwrite": True})
@@ -364,6 +368,7 @@ def test_if_stale_recaptions_what_an_older_model_wrote_and_only_that(
     assert answer.status_code == 200, answer.text
     assert answer.json()["totals"]["ok"] == 2
     assert answer.json()["totals"]["skipped"] == 1
+    assert answer.json()["totals"]["skipped_by_reason"] == {"already-captioned": 1}
     assert gemini.calls == 2
     for name in ("stale/0.png", "stale/1.png"):
         assert allowed_bucket.get_blob(name).metadata["caption-model"] == current_model
