@@ -63,7 +63,9 @@ async def _handle(runtime: Runtime, request: Request, request_id: str) -> Respon
     try:
         caption_request = await _parse(runtime, request)
     except BadRequestError as exc:
-        log.warning("bad request: %s", exc, extra={"fields": {"status": exc.status}})
+        from captioner.urls import redact  # here: loads aiohttp only on a bad request
+
+        log.warning("bad request: %s", redact(str(exc)), extra={"fields": {"status": exc.status}})
         headers = {"Allow": "POST"} if exc.status == 405 else {}
         return error(exc.status, str(exc), **headers)
 

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import http.client
 import socket
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
+from urllib.parse import urlencode
 
+import aiohttp
 import pytest
-from aiohttp import ThreadedResolver
+from aiohttp import ThreadedResolver, web
 from aiohttp.abc import AbstractResolver, ResolveResult
+from yarl import URL
 
 from captioner.errors import PermanentError, TransientError
-from captioner.urls import UrlFetcher, is_public_address
+from captioner.urls import (
+    BlockedAddressError,
+    GuardedConnector,
+    GuardedResolver,
+    UrlFetcher,
+    is_public_address,
+)
 from tests import images
 from tests.webserver import ImageSite
 
@@ -159,3 +170,193 @@ async def test_not_found_is_permanent(fetcher: UrlFetcher, site: ImageSite) -> N
     with pytest.raises(PermanentError) as info:
         await fetcher.fetch(site.url("/missing"))
     assert info.value.reason == "url-404"
+
+
+# Issue 11: the guard judges the address connected to, whatever the spelling.
+
+
+class CountingSite(ImageSite):
+    """An ImageSite that records every request whatever its path, and can answer a
+    redirect with a Location header exactly as given (aiohttp's HTTPFound would
+    normalise a non-ASCII host first, hiding the spelling under test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[str] = []
+
+    def make_app(self) -> web.Application:
+        @web.middleware
+        async def count(request: web.Request, handler: Any) -> web.StreamResponse:
+            self.requests.append(request.path_qs)
+            response: web.StreamResponse = await handler(request)
+            return response
+
+        app = super().make_app()
+        app.middlewares.append(count)
+        app.router.add_get("/raw-redirect", self._raw_redirect)
+        return app
+
+    async def _raw_redirect(self, request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": request.query["to"]})
+
+
+@pytest.fixture(scope="module")
+def internal() -> Iterator[CountingSite]:
+    """An internal service on 127.0.0.1 that is not in the allowed list."""
+    server = CountingSite().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[CountingSite]:
+    """A 'public' first hop: reached as public.test, which is allowed."""
+    server = CountingSite().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def public_fetcher(gateway: CountingSite) -> AsyncIterator[UrlFetcher]:
+    f = UrlFetcher.create(
+        max_bytes=2_000_000,
+        allowed_hosts=[f"public.test:{gateway.port}"],
+        max_redirects=3,
+        timeout=2,
+        inner_resolver=FixedResolver({"public.test": "127.0.0.1"}),
+    )
+    yield f
+    await f.close()
+
+
+def spellings_of_loopback(port: int) -> list[str]:
+    return [
+        f"http://１２７．０．０．１:{port}/photos/chelsea.jpg",  # fullwidth digits and stops
+        f"http://127。0。0。1:{port}/photos/chelsea.jpg",  # ideographic full stop
+        f"http://127｡0｡0｡1:{port}/photos/chelsea.jpg",  # halfwidth ideographic full stop
+        f"http://①②⑦.⓪.⓪.①:{port}/photos/chelsea.jpg",  # circled digits
+        f"http://𝟏𝟐𝟕.0.0.1:{port}/photos/chelsea.jpg",  # mathematical bold digits
+        f"http://１２７.0。0．1:{port}/photos/chelsea.jpg",  # mixed
+        f"http://127.0.0.1.:{port}/photos/chelsea.jpg",  # root label
+        f"http://2130706433:{port}/photos/chelsea.jpg",
+        f"http://0x7f000001:{port}/photos/chelsea.jpg",
+        f"http://0x7f.1:{port}/photos/chelsea.jpg",
+        f"http://0177.0.0.1:{port}/photos/chelsea.jpg",
+        f"http://127.1:{port}/photos/chelsea.jpg",
+        f"http://[::ffff:127.0.0.1]:{port}/photos/chelsea.jpg",
+        f"http://[::ffff:7f00:1]:{port}/photos/chelsea.jpg",
+        f"http://[::127.0.0.1]:{port}/photos/chelsea.jpg",
+        f"http://[64:ff9b::7f00:1]:{port}/photos/chelsea.jpg",
+        f"http://[::1]:{port}/photos/chelsea.jpg",
+    ]
+
+
+SPELLING_IDS = [
+    "fullwidth",
+    "ideographic-stop",
+    "halfwidth-stop",
+    "circled",
+    "math-bold",
+    "mixed",
+    "trailing-dot",
+    "decimal",
+    "hex",
+    "hex-short",
+    "octal",
+    "short",
+    "v4-mapped",
+    "v4-mapped-hex",
+    "v4-compatible",
+    "nat64",
+    "v6-loopback",
+]
+
+
+@pytest.mark.parametrize("index", range(len(SPELLING_IDS)), ids=SPELLING_IDS)
+async def test_every_spelling_of_loopback_is_blocked_and_the_internal_server_sees_nothing(
+    public_fetcher: UrlFetcher, internal: CountingSite, index: int
+) -> None:
+    before = len(internal.requests)
+    url = spellings_of_loopback(internal.port)[index]
+    with pytest.raises(PermanentError) as info:
+        await public_fetcher.fetch(url)
+    assert info.value.reason in ("blocked-address", "bad-url"), str(info.value)
+    assert len(internal.requests) == before
+
+
+def test_the_gateway_really_sends_a_fullwidth_location(
+    gateway: CountingSite, internal: CountingSite
+) -> None:
+    """The redirect tests below only prove something if the spelling reaches the client."""
+    target = f"http://１２７．０．０．１:{internal.port}/photos/chelsea.jpg"
+    connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=5)
+    connection.request("GET", "/raw-redirect?" + urlencode({"to": target}))
+    response = connection.getresponse()
+    connection.close()
+    assert response.status == 302
+    raw = response.msg.get_all("Location") or []
+    assert [value.encode("latin-1").decode("utf-8") for value in raw] == [target]
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "http://１２７．０．０．１:{port}/photos/chelsea.jpg",
+        "http://127。0。0。1:{port}/photos/chelsea.jpg",
+        "http://[::ffff:127.0.0.1]:{port}/photos/chelsea.jpg",
+        "http://[::127.0.0.1]:{port}/photos/chelsea.jpg",
+        "//①②⑦.⓪.⓪.①:{port}/photos/chelsea.jpg",
+        "http://0x7f.1:{port}/photos/chelsea.jpg",
+    ],
+    ids=["fullwidth", "ideographic-stop", "v4-mapped", "v4-compatible", "circled-relative", "hex"],
+)
+async def test_an_allowed_public_hop_redirecting_to_a_spelled_internal_address_is_blocked(
+    public_fetcher: UrlFetcher, gateway: CountingSite, internal: CountingSite, location: str
+) -> None:
+    before, hops = len(internal.requests), len(gateway.requests)
+    to = location.format(port=internal.port)
+    with pytest.raises(PermanentError) as info:
+        await public_fetcher.fetch(
+            f"http://public.test:{gateway.port}/raw-redirect?{urlencode({'to': to})}"
+        )
+    assert info.value.reason == "blocked-address", str(info.value)
+    assert len(gateway.requests) == hops + 1  # the first hop was fetched
+    assert len(internal.requests) == before
+
+
+async def test_the_allowed_name_still_serves_images(
+    public_fetcher: UrlFetcher, gateway: CountingSite
+) -> None:
+    data = await public_fetcher.fetch(f"http://public.test:{gateway.port}/photos/chelsea.jpg")
+    assert data == images.photo("chelsea.jpg")
+
+
+async def test_a_redirect_with_credentials_is_refused_without_showing_them(
+    public_fetcher: UrlFetcher, gateway: CountingSite
+) -> None:
+    to = f"http://admin:hunter2@public.test:{gateway.port}/photos/chelsea.jpg"
+    with pytest.raises(PermanentError) as info:
+        await public_fetcher.fetch(
+            f"http://public.test:{gateway.port}/raw-redirect?{urlencode({'to': to})}"
+        )
+    assert info.value.reason == "bad-url"
+    assert "hunter2" not in str(info.value)
+    assert "admin" not in str(info.value)
+
+
+async def test_the_socket_check_refuses_what_an_unchecking_resolver_lets_through(
+    internal: CountingSite,
+) -> None:
+    """DNS rebinding, or any resolver that misses: the address connected to is judged."""
+    before = len(internal.requests)
+    unchecked = FixedResolver({"rebound.test": "127.0.0.1"})
+    connector = GuardedConnector(GuardedResolver(), resolver=unchecked)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for url in (
+            f"http://rebound.test:{internal.port}/photos/chelsea.jpg",
+            f"http://１２７．０．０．１:{internal.port}/photos/chelsea.jpg",
+        ):
+            with pytest.raises(aiohttp.ClientConnectorError) as info:
+                await session.get(URL(url))
+            assert isinstance(info.value.os_error, BlockedAddressError)
+    assert len(internal.requests) == before
