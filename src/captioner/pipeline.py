@@ -21,11 +21,12 @@ from collections.abc import (
     Mapping,
 )
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
+from captioner.budget import Budget
 from captioner.captions import DEFAULT_PROMPT, CaptionSpec
 from captioner.domain import (
     CaptionResult,
@@ -92,6 +93,9 @@ class Describer(Protocol):
 
 
 Preparer = Callable[[bytes], PreparedImage]
+# Peak bytes a prepare of these bytes will allocate, from the image's header
+# (images.decode_cost); never raises.
+DecodeCost = Callable[[bytes], int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +106,14 @@ class PipelineConfig:
     rules: RuleBook = RuleBook(CaptionSpec(DEFAULT_PROMPT, structured=False))  # noqa: RUF009 - frozen
     # Threads that decode and shrink images; None: one per CPU this process may use.
     prepare_threads: int | None = None
+    # Memory, for an instance of 1 GiB and a target peak of 600 MB (~70 MB of it the
+    # interpreter and libraries). Decodes running at once may sum to this much by their
+    # estimated cost (images.DECODE_BUDGET is the same figure: what one image may cost).
+    decode_budget: int = 256 * 1024 * 1024
+    # Downloaded objects held in memory at once, from the start of their download to the
+    # end of their prepare. Without it 20 objects in flight of CAPTION_MAX_BYTES (20 MiB)
+    # would hold 400 MiB; 128 MiB still lets 6 such objects, or hundreds of photos, wait.
+    held_bytes_budget: int = 128 * 1024 * 1024
 
     @property
     def images_in_flight(self) -> int:
@@ -136,6 +148,7 @@ class Captioner:
         describer: Describer,
         prepare: Preparer,
         config: PipelineConfig,
+        decode_cost: DecodeCost | None = None,
     ) -> None:
         self._storage = storage
         self._describer = describer
@@ -152,14 +165,38 @@ class Captioner:
         self._prepare_pool = ThreadPoolExecutor(
             config.prepare_threads or usable_cpus(), thread_name_prefix="captioner-prepare"
         )
+        # Threads bound CPU, not memory: a 49 MP PNG costs 200 MB to decode, so a few at
+        # once would exceed the instance. Without a cost function every decode is free.
+        self._decode_cost = decode_cost
+        self.decode_budget = Budget(config.decode_budget)
+        self.held_bytes = Budget(config.held_bytes_budget)
 
     def close(self) -> None:
         """Let the prepare threads go (they would also end with the process)."""
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _prepared(self, data: bytes) -> PreparedImage:
+        """Prepare in a thread once the decode's estimated cost fits the decode budget.
+
+        The budget comes back when the thread is done, not when this task is: a
+        cancelled caption must not let another decode start next to one still running.
+        """
+        cost = self._decode_cost(data) if self._decode_cost is not None else 0
+        taken = await self.decode_budget.acquire(cost)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._prepare_pool, self._prepare, data)
+
+        def give_back(_: object) -> None:
+            # RuntimeError: the loop is closed, and nobody is left to wait.
+            with suppress(RuntimeError):
+                loop.call_soon_threadsafe(self.decode_budget.release, taken)
+
+        try:
+            future = self._prepare_pool.submit(self._prepare, data)
+        except BaseException:
+            self.decode_budget.release(taken)
+            raise
+        future.add_done_callback(give_back)
+        return await asyncio.wrap_future(future)
 
     async def caption_object(
         self, ref: ObjectRef | ObjectInfo, *, overwrite: bool = False, if_stale: bool = False
@@ -212,9 +249,11 @@ class Captioner:
         self, source: str, load: Callable[[], Awaitable[bytes]]
     ) -> CaptionResult:
         try:
-            data = await load()
-            prepared = await self._prepared(data)
-            del data
+            # The size is not known before the load: hold room for the largest allowed.
+            async with self.held_bytes.take(self._config.max_bytes):
+                data = await load()
+                prepared = await self._prepared(data)
+                del data
             description = await self._describer.describe(prepared, self._rules.default)
         except PermanentError as exc:
             result = CaptionResult(source, Outcome.FAILED, reason=exc.reason, message=str(exc))
@@ -377,17 +416,18 @@ class Captioner:
                 f"{info.size} bytes is over CAPTION_MAX_BYTES={self._config.max_bytes}",
             )
         stages = _stages()
-        with stages.measure("fetch"):
-            data = await self._storage.download(
-                info.bucket,
-                info.name,
-                generation=info.generation,
-                max_bytes=self._config.max_bytes,
-            )
-        # Pillow releases the GIL while decoding; a thread keeps the loop serving others.
-        with stages.measure("prepare"):
-            prepared = await self._prepared(data)
-        del data
+        async with self.held_bytes.take(info.size):
+            with stages.measure("fetch"):
+                data = await self._storage.download(
+                    info.bucket,
+                    info.name,
+                    generation=info.generation,
+                    max_bytes=self._config.max_bytes,
+                )
+            # Pillow releases the GIL while decoding; a thread keeps the loop serving others.
+            with stages.measure("prepare"):
+                prepared = await self._prepared(data)
+            del data
         with stages.measure("describe"):
             return await self._describer.describe(prepared, spec)
 
