@@ -18,13 +18,14 @@ import json
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from captioner import __version__
+from captioner import __version__, html_page, readback
 from captioner.batch import Totals, result_json
-from captioner.domain import CaptionResult, Outcome
+from captioner.domain import CaptionResult, ObjectInfo, Outcome
 from captioner.errors import (
     BadRequestError,
     CaptionerError,
@@ -34,7 +35,8 @@ from captioner.errors import (
     TransientError,
 )
 from captioner.http_requests import PrefixRequest, UrlsRequest
-from captioner.pipeline import IMAGE_SUFFIXES, bounded_as_completed
+from captioner.metadata import MetadataKeys
+from captioner.pipeline import IMAGE_SUFFIXES, bounded_as_completed, looks_like_image
 from captioner.runtime import Runtime
 from captioner.settings import Settings
 
@@ -72,7 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--concurrency", type=int, help="Gemini calls in flight (CAPTION_MAX_CONCURRENCY)"
         )
+        command.add_argument("--model", help="Gemini model for this run (CAPTION_MODEL)")
+        command.add_argument("--prompt", help="instruction for this run (CAPTION_PROMPT)")
         command.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+
+    show = sub.add_parser("show", help="print the captions stored on objects")
+    show.add_argument("objects", nargs="+", metavar="gs://bucket/name")
+    show.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    export = sub.add_parser(
+        "export", help="write every image under gs://bucket/prefix with its caption"
+    )
+    export.add_argument("target", help="gs://bucket or gs://bucket/prefix")
+    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    export.add_argument("--output", "-o", help="write to this file instead of standard output")
+    export.add_argument(
+        "--html", metavar="FILE", help="also write one page of thumbnails with their captions"
+    )
+    export.add_argument("--limit", type=int, help="at most this many images")
     return parser
 
 
@@ -93,8 +112,16 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = Settings.from_env(os.environ)
-        if args.concurrency is not None:
+        overrides = {
+            name: value
+            for name, value in (
+                ("CAPTION_MODEL", getattr(args, "model", None)),
+                ("CAPTION_PROMPT", getattr(args, "prompt", None)),
+            )
+            if value is not None
+        }
+        settings = Settings.from_env({**os.environ, **overrides})
+        if getattr(args, "concurrency", None) is not None:
             if not 1 <= args.concurrency <= 1000:
                 raise SettingsError("--concurrency must be from 1 to 1000")
             settings = settings.model_copy(update={"max_concurrency": args.concurrency})
@@ -102,12 +129,23 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
+        if args.command in ("show", "export"):
+            with ExitStack() as files:
+                out, page = sys.stdout, None
+                if getattr(args, "output", None):
+                    out = files.enter_context(open(args.output, "w", encoding="utf-8", newline=""))
+                if getattr(args, "html", None):
+                    page = files.enter_context(open(args.html, "w", encoding="utf-8"))
+                return asyncio.run(_read_back(args, settings, out, page))
         return asyncio.run(_run(args, settings))
     except KeyboardInterrupt:
         print("interrupted; a second run resumes where this one stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (BadRequestError, CaptionerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:  # an --output or --html file that cannot be written
+        print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
 
 
@@ -160,6 +198,10 @@ async def _describe(
     max_bytes = runtime.settings.max_bytes
 
     async def one(source: Path | str) -> CaptionResult:
+        if source == STDIN:
+            return await resources.captioner.describe_source(
+                "-", lambda: asyncio.to_thread(_read_stdin, max_bytes)
+            )
         if isinstance(source, Path):
             return await resources.captioner.describe_source(
                 str(source), lambda: _read_file(source, max_bytes)
@@ -188,10 +230,26 @@ def _read_capped(path: Path, max_bytes: int) -> bytes:
     return data
 
 
+def _read_stdin(max_bytes: int) -> bytes:
+    data = sys.stdin.buffer.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise PermanentError("too-large", f"over CAPTION_MAX_BYTES={max_bytes} bytes")
+    return data
+
+
+# `describe -` reads one image from standard input.
+STDIN = Path("-")
+
+
 def _split_sources(sources: list[str]) -> tuple[list[Path], list[str]]:
     files: list[Path] = []
     urls: list[str] = []
     for source in sources:
+        if source == "-":
+            if STDIN in files:
+                raise BadRequestError("standard input (-) can be given once")
+            files.append(STDIN)
+            continue
         if source.startswith("gs://"):
             raise BadRequestError(
                 f"{source}: describe reads local files and URLs and writes nothing; "
@@ -215,6 +273,114 @@ def _images_under(folder: Path) -> Iterator[Path]:
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
             yield path
+
+
+async def _read_back(
+    args: argparse.Namespace, settings: Settings, out: TextIO, page: TextIO | None
+) -> int:
+    """`show` and `export`: read captions back; needs Cloud Storage only, not Gemini."""
+    from captioner.storage import StorageClient
+
+    keys = MetadataKeys(settings.metadata_prefix, settings.languages)
+    try:
+        async with StorageClient.opened(attempts=settings.storage_attempts) as storage:
+            if args.command == "show":
+                return await _show(storage, keys, args.objects, as_json=args.json)
+            return await _export(storage, keys, args, settings, out, page)
+    except ObjectGoneError as exc:
+        print(f"error: {exc} (does the bucket exist?)", file=sys.stderr)
+        return EXIT_USAGE
+    except (PermanentError, TransientError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+async def _show(storage: Any, keys: MetadataKeys, targets: list[str], *, as_json: bool) -> int:
+    missing = 0
+    for target in targets:
+        bucket, name = _parse_target(target)
+        if not name:
+            raise BadRequestError(
+                f"{target!r} names no object; `captioner export {target}` lists a prefix"
+            )
+        try:
+            info = await storage.get_object(bucket, name)
+        except ObjectGoneError:
+            print(f"{target}\tno such object", file=sys.stderr)
+            missing += 1
+            continue
+        record = readback.record_of(info, keys)
+        if as_json:
+            print(json.dumps(readback.as_json(record), ensure_ascii=False), flush=True)
+        else:
+            print(readback.as_text(record), flush=True)
+    return EXIT_FAILED if missing else EXIT_OK
+
+
+async def _export(
+    storage: Any,
+    keys: MetadataKeys,
+    args: argparse.Namespace,
+    settings: Settings,
+    out: TextIO,
+    page: TextIO | None,
+) -> int:
+    bucket, prefix = _parse_target(args.target)
+    count = 0
+    if args.format == "csv":
+        out.write(readback.csv_header())
+    if page is not None:
+        page.write(html_page.page_start(f"Captions of {args.target}"))
+
+    async def listed() -> AsyncIterator[ObjectInfo]:
+        nonlocal count
+        async for info in storage.list_objects(bucket, prefix):
+            if not looks_like_image(info):
+                continue
+            if args.limit is not None and count >= args.limit:
+                return
+            count += 1
+            record = readback.record_of(info, keys)
+            if args.format == "csv":
+                out.write(readback.csv_row(record))
+            else:
+                out.write(json.dumps(readback.as_json(record), ensure_ascii=False) + "\n")
+            yield info
+
+    if page is None:
+        async for _ in listed():
+            pass
+    else:
+        async for card in bounded_as_completed(
+            listed(), lambda info: _card(storage, keys, info, settings), 8
+        ):
+            page.write(card)
+        page.write(html_page.page_end(count))
+    out.flush()
+    print(f"exported {count} images", file=sys.stderr)
+    return EXIT_OK
+
+
+async def _card(storage: Any, keys: MetadataKeys, info: ObjectInfo, settings: Settings) -> str:
+    """One thumbnail and its caption; an image that cannot be shown still gets its card."""
+    from captioner.images import prepare
+
+    record = readback.record_of(info, keys)
+    try:
+        data = await storage.download(
+            info.bucket, info.name, generation=info.generation, max_bytes=settings.max_bytes
+        )
+        thumb = await asyncio.to_thread(
+            prepare, data, max_edge=_THUMBNAIL_EDGE, max_pixels=settings.max_pixels
+        )
+    except (ObjectGoneError, PermanentError, TransientError):
+        return html_page.card(record, None)
+    return html_page.card(record, thumb.data, thumb.mime_type)
+
+
+# Thumbnails for the HTML page: 240 px is sharp in a 240 px grid cell and keeps a
+# page of a thousand images near 15 MB.
+_THUMBNAIL_EDGE = 240
 
 
 def _parse_target(target: str) -> tuple[str, str]:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -123,6 +124,13 @@ class StorageClient:
     def from_env(cls, session: aiohttp.ClientSession, *, attempts: int = 5) -> StorageClient:
         endpoint, emulator = endpoint_from_env()
         return cls(session, endpoint=endpoint, emulator=emulator, attempts=attempts)
+
+    @classmethod
+    @asynccontextmanager
+    async def opened(cls, *, attempts: int = 5) -> AsyncIterator[StorageClient]:
+        """A client with a session of its own, for commands that need only Cloud Storage."""
+        async with aiohttp.ClientSession() as session:
+            yield cls.from_env(session, attempts=attempts)
 
     async def _headers(self) -> dict[str, str]:
         if self._credentials is None:

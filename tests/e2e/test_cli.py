@@ -247,3 +247,106 @@ def test_backfill_if_stale_recaptions_after_the_prompt_changes(
     unchanged = run_cli(changed, "backfill", target, "--if-stale")
     assert "done 0, skipped 4 (4 already-captioned)," in unchanged.stderr
     assert gemini.calls == 8
+
+
+def test_describe_reads_an_image_from_stdin(stack_env: dict[str, str], gemini: Any) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "captioner", "describe", "-"],
+        cwd=REPO,
+        env={**os.environ, **stack_env, "PYTHONPATH": str(REPO / "src")},
+        input=images.photo("chelsea.jpg"),
+        capture_output=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.decode().startswith("-\tOffline stand-in caption: a landscape 451x300")
+
+
+def test_model_and_prompt_flags_override_the_settings_for_the_run(
+    stack_env: dict[str, str], gemini: Any
+) -> None:
+    completed = run_cli(
+        stack_env,
+        "describe",
+        "--model",
+        "gemini-2.5-flash-lite",
+        "--prompt",
+        "Name the animal.",
+        str(images.PHOTOS / "chelsea.jpg"),
+    )
+    assert completed.returncode == 0, completed.stderr
+    (request,) = gemini.requests
+    assert request.model == "gemini-2.5-flash-lite"
+    assert "Name the animal." in request.prompt
+
+
+def test_show_prints_the_captions_stored_on_objects(
+    stack_env: dict[str, str], gemini: Any, bucket: Any
+) -> None:
+    bucket.blob("show/cat #1.jpg").upload_from_string(
+        images.photo("chelsea.jpg"), content_type="image/jpeg"
+    )
+    bucket.blob("show/new.png").upload_from_string(
+        images.encode(images.solid((20, 20)), "PNG"), content_type="image/png"
+    )
+    assert run_cli(stack_env, "backfill", f"gs://{bucket.name}/show/cat").returncode == 0
+    text = run_cli(stack_env, "show", f"gs://{bucket.name}/show/cat #1.jpg")
+    assert text.returncode == 0, text.stderr
+    assert "status:  ok" in text.stdout
+    assert "caption: Offline stand-in caption: a landscape 451x300" in text.stdout
+
+    as_json = run_cli(
+        stack_env,
+        "show",
+        "--json",
+        f"gs://{bucket.name}/show/cat #1.jpg",
+        f"gs://{bucket.name}/show/new.png",
+        f"gs://{bucket.name}/show/missing.png",
+    )
+    assert as_json.returncode == 1  # one of them does not exist
+    records = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [r["status"] for r in records] == ["ok", "none"]
+    assert records[0]["current"] is True
+    assert records[1]["caption"] is None
+    assert "missing.png\tno such object" in as_json.stderr
+
+
+def test_export_streams_jsonl_and_csv_and_an_html_page(
+    stack_env: dict[str, str], gemini: Any, bucket: Any, tmp_path: Path
+) -> None:
+    import csv
+
+    for name in ("a.jpg", 'b, "quoted".png'):
+        data = (
+            images.photo("chelsea.jpg")
+            if name.endswith("jpg")
+            else images.encode(images.solid((30, 20)), "PNG")
+        )
+        bucket.blob(f"exp/{name}").upload_from_string(
+            data, content_type="image/jpeg" if name.endswith("jpg") else "image/png"
+        )
+    bucket.blob("exp/notes.txt").upload_from_string(b"x", content_type="text/plain")
+    assert run_cli(stack_env, "backfill", f"gs://{bucket.name}/exp/").returncode == 0
+    target = f"gs://{bucket.name}/exp/"
+
+    jsonl = run_cli(stack_env, "export", target)
+    assert jsonl.returncode == 0, jsonl.stderr
+    rows = [json.loads(line) for line in jsonl.stdout.splitlines()]
+    assert {r["source"].rsplit("/", 1)[1] for r in rows} == {"a.jpg", 'b, "quoted".png'}
+    assert all(r["status"] == "ok" and r["caption"] for r in rows)
+    assert "exported 2 images" in jsonl.stderr
+
+    out = tmp_path / "captions.csv"
+    page = tmp_path / "page.html"
+    both = run_cli(
+        stack_env, "export", target, "--format", "csv", "-o", str(out), "--html", str(page)
+    )
+    assert both.returncode == 0, both.stderr
+    with out.open(newline="", encoding="utf-8") as handle:
+        table = list(csv.DictReader(handle))
+    assert {row["source"].rsplit("/", 1)[1] for row in table} == {"a.jpg", 'b, "quoted".png'}
+    assert all(row["caption"].startswith("Offline stand-in caption") for row in table)
+    html = page.read_text()
+    assert html.count("<figure>") == 2
+    assert html.count('src="data:image/') == 2
+    assert "b, &quot;quoted&quot;.png" in html  # names are escaped

@@ -1,0 +1,136 @@
+"""Captions read back from object metadata, for `captioner show` and `captioner export`.
+
+One record per object, whatever wrote it: the caption keys of the configured
+prefix and languages, and whether they describe the object's current bytes (the
+``<prefix>-generation`` key equals the object's generation).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from captioner.domain import ObjectInfo
+from captioner.metadata import MetadataKeys
+
+CSV_FIELDS = (
+    "source",
+    "generation",
+    "content_type",
+    "size",
+    "status",
+    "current",
+    "caption",
+    "alt",
+    "tags",
+    "model",
+    "created",
+    "rule",
+    "translations",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CaptionRecord:
+    source: str
+    generation: int
+    content_type: str
+    size: int
+    status: str
+    current: bool
+    caption: str | None = None
+    alt: str | None = None
+    tags: tuple[str, ...] = ()
+    model: str | None = None
+    created: str | None = None
+    rule: str | None = None
+    translations: Mapping[str, str] = field(default_factory=dict)
+
+
+def record_of(info: ObjectInfo, keys: MetadataKeys) -> CaptionRecord:
+    meta = info.metadata
+    status = meta.get(keys.status) or "none"
+    written_for = meta.get(keys.generation)
+    tags = tuple(t for t in (meta.get(keys.tags) or "").split(",") if t.strip())
+    return CaptionRecord(
+        source=f"gs://{info.bucket}/{info.name}",
+        generation=info.generation,
+        content_type=info.content_type,
+        size=info.size,
+        status=status,
+        current=written_for == str(info.generation),
+        caption=meta.get(keys.caption),
+        alt=meta.get(keys.alt),
+        tags=tuple(t.strip() for t in tags),
+        model=meta.get(keys.model),
+        created=meta.get(keys.created),
+        rule=meta.get(keys.rule),
+        translations={
+            code: text
+            for code in keys.languages[1:]
+            if (text := meta.get(keys.language(code))) is not None
+        },
+    )
+
+
+def as_json(record: CaptionRecord) -> dict[str, Any]:
+    """One JSON object; absent fields are null, so every line has the same columns
+    (what BigQuery's JSON loader and pandas expect)."""
+    return {
+        "source": record.source,
+        "generation": str(record.generation),
+        "content_type": record.content_type,
+        "size": record.size,
+        "status": record.status,
+        "current": record.current,
+        "caption": record.caption,
+        "alt": record.alt,
+        "tags": list(record.tags),
+        "model": record.model,
+        "created": record.created,
+        "rule": record.rule,
+        "translations": dict(record.translations),
+    }
+
+
+def csv_header() -> str:
+    return _csv_line(CSV_FIELDS)
+
+
+def csv_row(record: CaptionRecord) -> str:
+    values = as_json(record)
+    values["tags"] = ",".join(record.tags)
+    values["current"] = "true" if record.current else "false"
+    values["translations"] = ";".join(f"{k}={v}" for k, v in record.translations.items())
+    return _csv_line("" if values[name] is None else str(values[name]) for name in CSV_FIELDS)
+
+
+def as_text(record: CaptionRecord) -> str:
+    """What `captioner show` prints for one object."""
+    lines = [f"{record.source}  (generation {record.generation})"]
+    lines.append(
+        f"  status:  {record.status}" + ("" if record.current else " (for an older upload)")
+    )
+    for label, value in (
+        ("caption", record.caption),
+        ("alt", record.alt),
+        ("tags", ", ".join(record.tags) or None),
+        ("model", record.model),
+        ("created", record.created),
+    ):
+        if value:
+            lines.append(f"  {label + ':':<8} {value}")
+    for code, text in record.translations.items():
+        lines.append(f"  {code + ':':<8} {text}")
+    return "\n".join(lines)
+
+
+def _csv_line(values: Iterable[str]) -> str:
+    # csv quotes commas, quotes and newlines in captions; one row per call so the
+    # export streams instead of holding the listing.
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerow(list(values))
+    return out.getvalue()
