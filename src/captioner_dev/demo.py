@@ -40,7 +40,26 @@ def _deliver(function_url: str, resource: dict[str, Any]) -> tuple[int, float]:
         return response.status, time.monotonic()
 
 
+WHAT_NEXT = """
+What next:
+  captioner describe ~/Pictures/some-folder/     your own photos (pipx install . first;
+                                                 GEMINI_API_KEY for real captions)
+  captioner backfill gs://your-bucket/ --dry-run what a backfill of a bucket would do
+  README.md, "HTTP function"                     caption by HTTP: objects, a prefix or URLs
+  make test                                      every test against this same local stack
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # The local stack is stopped by the context managers on the way out.
+        print("\ninterrupted; nothing is left running", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--photos", type=Path, default=PHOTOS, help="folder of images to upload")
     args = parser.parse_args(argv)
@@ -54,69 +73,73 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     stub_thread = None
-    with FakeGcs() as gcs:
-        env = {
-            "STORAGE_EMULATOR_HOST": gcs.url,
-            "CAPTION_LOG_FORMAT": "text",
-        }
-        if os.environ.get("GEMINI_API_KEY"):
-            print("Gemini: the real API (GEMINI_API_KEY is set)")
-        else:
-            from captioner_dev.gemini_server import GeminiStub
+    try:
+        with FakeGcs() as gcs:
+            env = {
+                "STORAGE_EMULATOR_HOST": gcs.url,
+                "CAPTION_LOG_FORMAT": "text",
+            }
+            if os.environ.get("GEMINI_API_KEY"):
+                print("Gemini: the real API (GEMINI_API_KEY is set)")
+            else:
+                from captioner_dev.gemini_server import GeminiStub
 
-            stub_thread = GeminiStub().start_in_thread()
-            env |= {"GOOGLE_GEMINI_BASE_URL": stub_thread.base_url, "GEMINI_API_KEY": "offline"}
-            print(
-                f"Gemini: the offline stand-in at {stub_thread.base_url} (set GEMINI_API_KEY "
-                "to use the real API)"
+                stub_thread = GeminiStub().start_in_thread()
+                env |= {"GOOGLE_GEMINI_BASE_URL": stub_thread.base_url, "GEMINI_API_KEY": "offline"}
+                print(
+                    f"Gemini: the offline stand-in at {stub_thread.base_url} (set GEMINI_API_KEY "
+                    "to use the real API)"
+                )
+            print(f"Cloud Storage: fake-gcs-server at {gcs.url}")
+
+            client = storage.Client(
+                project="demo",
+                credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+                client_options={"api_endpoint": gcs.url},
             )
-        print(f"Cloud Storage: fake-gcs-server at {gcs.url}")
+            bucket = client.create_bucket(BUCKET)
+            names = []
+            for path in photos:
+                blob = bucket.blob(f"uploads/{path.name}")
+                blob.metadata = {"uploaded-by": "demo"}
+                blob.upload_from_filename(str(path), content_type="image/jpeg")
+                names.append(blob.name)
+            print(f"uploaded {len(names)} photos to gs://{BUCKET}/uploads/")
 
-        client = storage.Client(
-            project="demo",
-            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-            client_options={"api_endpoint": gcs.url},
-        )
-        bucket = client.create_bucket(BUCKET)
-        names = []
-        for path in photos:
-            blob = bucket.blob(f"uploads/{path.name}")
-            blob.metadata = {"uploaded-by": "demo"}
-            blob.upload_from_filename(str(path), content_type="image/jpeg")
-            names.append(blob.name)
-        print(f"uploaded {len(names)} photos to gs://{BUCKET}/uploads/")
+            server = FunctionServer("caption_on_upload", env=env, signature_type="cloudevent")
+            with server:
+                resources = [_object_resource(gcs.url, name) for name in names]
+                # The first event alone: how long from the process start to a caption written.
+                status, first_done = _deliver(server.url, resources[0])
+                cold = first_done - server.started_at
+                with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+                    rest = pool.map(lambda r: _deliver(server.url, r)[0], resources[1:])
+                    statuses = [status, *rest]
+                if any(s != 200 for s in statuses):
+                    print(f"some events failed: {statuses}\n{server.log_text()}", file=sys.stderr)
+                    return 1
 
-        server = FunctionServer("caption_on_upload", env=env, signature_type="cloudevent")
-        with server:
-            resources = [_object_resource(gcs.url, name) for name in names]
-            # The first event alone: how long from the process start to a caption written.
-            status, first_done = _deliver(server.url, resources[0])
-            cold = first_done - server.started_at
-            with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-                rest = pool.map(lambda r: _deliver(server.url, r)[0], resources[1:])
-                statuses = [status, *rest]
-            if any(s != 200 for s in statuses):
-                print(f"some events failed: {statuses}\n{server.log_text()}", file=sys.stderr)
-                return 1
-
-        print()
-        failures = 0
-        for name in names:
-            blob = bucket.get_blob(name)
-            meta = blob.metadata or {}
-            status = meta.get("caption-status", "(none)")
-            failures += status != "ok"
-            print(f"gs://{BUCKET}/{name}")
-            print(f"  caption-status: {status}   caption-model: {meta.get('caption-model')}")
-            print(f"  caption: {meta.get('caption', '(none)')}")
-            print(f"  alt text: {meta.get('caption-alt', '(none)')}")
-            print(f"  tags: {meta.get('caption-tags', '(none)')}")
-            print(f"  kept owner key uploaded-by={meta.get('uploaded-by')}")
-        print()
-        print(f"process start → first caption written: {cold:.2f} s")
-        print(f"demo wall time: {time.monotonic() - started:.2f} s")
-    if stub_thread is not None:
-        stub_thread.stop()
+            print()
+            failures = 0
+            for name in names:
+                blob = bucket.get_blob(name)
+                meta = blob.metadata or {}
+                status = meta.get("caption-status", "(none)")
+                failures += status != "ok"
+                print(f"gs://{BUCKET}/{name}")
+                print(f"  caption-status: {status}   caption-model: {meta.get('caption-model')}")
+                print(f"  caption: {meta.get('caption', '(none)')}")
+                print(f"  alt text: {meta.get('caption-alt', '(none)')}")
+                print(f"  tags: {meta.get('caption-tags', '(none)')}")
+                print(f"  kept owner key uploaded-by={meta.get('uploaded-by')}")
+            print()
+            print(f"process start → first caption written: {cold:.2f} s")
+            print(f"demo wall time: {time.monotonic() - started:.2f} s")
+    finally:
+        if stub_thread is not None:
+            stub_thread.stop()
+    if not failures:
+        print(WHAT_NEXT)
     return 1 if failures else 0
 
 

@@ -49,7 +49,13 @@ class LoggedProcess:
         Path(self._log.name).unlink(missing_ok=True)
 
     def __enter__(self) -> Self:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            # Ctrl-C or a failure while waiting for readiness: __exit__ will not run,
+            # so end the child and remove its log here.
+            self.stop()
+            raise
 
     def __exit__(
         self,
