@@ -202,7 +202,10 @@ def big_gif(size: tuple[int, int], *, frames: int = 3) -> bytes:
     return out.getvalue()
 
 
-def big_jpeg(size: tuple[int, int], *, progressive: bool = False, mode: str = "RGB") -> bytes:
+def big_jpeg(
+    size: tuple[int, int], *, progressive: bool = False, mode: str = "RGB", subsampling: int = 0
+) -> bytes:
+    """A solid JPEG; ``subsampling`` 0 is 4:4:4 (the costliest to buffer), 2 is 4:2:0."""
     color: object = (0, 255, 255, 0) if mode == "CMYK" else (90, 140, 200)
     image = Image.new(mode, size, color)  # type: ignore[arg-type]
-    return encode(image, "JPEG", quality=50, progressive=progressive, subsampling=0)
+    return encode(image, "JPEG", quality=50, progressive=progressive, subsampling=subsampling)
