@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import ExitStack, aclosing
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -29,6 +30,7 @@ from captioner.domain import CaptionResult, ObjectInfo, Outcome
 from captioner.errors import (
     BadRequestError,
     CaptionerError,
+    ConfigurationError,
     ObjectGoneError,
     PermanentError,
     SettingsError,
@@ -111,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    # stamina logs each scheduled retry as a warning; with no logging configured,
+    # Python prints it bare ("stamina.retry_scheduled") among the captions. A retry
+    # that ends badly shows in the image's own line and the summary.
+    logging.getLogger("stamina").setLevel(logging.ERROR)
     try:
         overrides = {
             name: value
@@ -144,6 +150,8 @@ def _main(argv: list[str] | None) -> int:
     except (BadRequestError, CaptionerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        raise  # main() ends quietly with 141
     except OSError as exc:  # an --output or --html file that cannot be written
         print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
@@ -193,7 +201,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 async def _describe(
     runtime: Runtime, files: list[Path], urls: list[str], concurrency: int
-) -> AsyncIterator[CaptionResult]:
+) -> AsyncGenerator[CaptionResult, None]:
     resources = runtime.resources()
     max_bytes = runtime.settings.max_bytes
 
@@ -393,7 +401,7 @@ def _parse_target(target: str) -> tuple[str, str]:
 
 
 async def _report(
-    stream: AsyncIterator[CaptionResult],
+    stream: AsyncGenerator[CaptionResult, None],
     totals: Totals,
     total: int | None,
     *,
@@ -404,18 +412,28 @@ async def _report(
     bar = _progress_bar(total) if progress else None
     own_totals = count_here
     try:
-        async for result in stream:
-            if own_totals:
-                totals.add(result.outcome, usage=result.usage, reason=result.reason)
-            _print_result(result, as_json, bar)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(_short(totals), refresh=False)
+        # aclosing: on an early stop, the images still in flight are cancelled here,
+        # before the clients they use are closed.
+        async with aclosing(stream):
+            async for result in stream:
+                if own_totals:
+                    totals.add(result.outcome, usage=result.usage, reason=result.reason)
+                if result.outcome is Outcome.RETRY and result.reason in _STOPS_THE_RUN:
+                    # A bad key, a missing role, a used-up daily quota: every other image
+                    # would get the same answer, so stop here (exit 2) rather than list them.
+                    raise ConfigurationError(result.message or result.reason)
+                _print_result(result, as_json, bar)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(_short(totals), refresh=False)
     finally:
         if bar is not None:
             bar.close()
     if as_json:
         print(json.dumps({"totals": totals.as_dict()}), flush=True)
+
+
+_STOPS_THE_RUN = frozenset({ConfigurationError.reason, "daily-quota"})
 
 
 def _shows_progress(args: argparse.Namespace) -> bool:

@@ -258,7 +258,7 @@ class Captioner:
         except PermanentError as exc:
             result = CaptionResult(source, Outcome.FAILED, reason=exc.reason, message=str(exc))
         except TransientError as exc:
-            result = CaptionResult(source, Outcome.RETRY, reason="transient", message=str(exc))
+            result = CaptionResult(source, Outcome.RETRY, reason=exc.reason, message=str(exc))
         else:
             caption = clean_caption(description.text) if description.text else ""
             if caption:
@@ -379,7 +379,7 @@ class Captioner:
             )
         except TransientError as exc:
             return _result(
-                ref, Outcome.RETRY, reason="transient", message=str(exc), generation=info.generation
+                ref, Outcome.RETRY, reason=exc.reason, message=str(exc), generation=info.generation
             )
 
         if description.text is None:
@@ -544,7 +544,7 @@ def _storage_failure(
     if isinstance(exc, ObjectGoneError):
         return _result(ref, Outcome.SKIPPED, reason="gone", message="object not found")
     if isinstance(exc, TransientError):
-        return _result(ref, Outcome.RETRY, reason="transient", message=str(exc))
+        return _result(ref, Outcome.RETRY, reason=exc.reason, message=str(exc))
     return _result(ref, Outcome.FAILED, reason=exc.reason, message=str(exc))
 
 

@@ -350,3 +350,16 @@ def test_export_streams_jsonl_and_csv_and_an_html_page(
     assert html.count("<figure>") == 2
     assert html.count('src="data:image/') == 2
     assert "b, &quot;quoted&quot;.png" in html  # names are escaped
+
+
+def test_a_key_gemini_refuses_stops_the_run_with_one_line_and_exit_2(
+    stack_env: dict[str, str], gemini: Any
+) -> None:
+    completed = run_cli(
+        {**stack_env, "GEMINI_API_KEY": "bad-key-123"}, "describe", str(images.PHOTOS)
+    )
+    assert completed.returncode == 2
+    (line,) = completed.stderr.splitlines()
+    assert line.startswith("error: ")
+    assert "API_KEY_INVALID" in line or "API key not valid" in line
+    assert completed.stdout == ""  # no image is reported as failed
