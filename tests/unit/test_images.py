@@ -5,10 +5,20 @@ from __future__ import annotations
 import io
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from captioner.errors import PermanentError
-from captioner.images import prepare
+from captioner.images import (
+    DECODE_BUDGET,
+    Header,
+    _shrink,
+    check_header,
+    decode_cost,
+    decode_estimate,
+    prepare,
+)
 from tests import images
 
 
@@ -77,6 +87,8 @@ def test_sixteen_bit_greyscale_is_scaled_not_clipped() -> None:
     image = Image.frombytes("I;16", (900, 20), row * 20)  # 45:1, under the aspect limit
     out = decoded(prepare(images.encode(image, "PNG"), max_edge=768).data).convert("L")
     left, right = out.getpixel((100, 4)), out.getpixel((700, 4))
+    assert isinstance(left, int)
+    assert isinstance(right, int)
     assert 110 < left < 145  # half of full scale, not clipped to 255
     assert right > 240
 
@@ -123,3 +135,177 @@ def test_pixel_limit_is_a_setting() -> None:
     data = images.encode(images.solid((300, 300)), "PNG")
     with pytest.raises(PermanentError, match="CAPTION_MAX_PIXELS"):
         prepare(data, max_pixels=10_000)
+
+
+# Decode memory (issue 11): the estimate, the refusals, the shrink.
+
+MiB = 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("header", "low", "high"),
+    [
+        # One full-size copy in the image's own mode (1, 2 or 4 bytes a pixel), and
+        # ~23 MiB of bands and small copies for the shrink.
+        (Header("PNG", "L", 7070, 7070), 47 * MiB, 75 * MiB),
+        (Header("PNG", "I;16", 7070, 7070), 95 * MiB, 122 * MiB),
+        (Header("PNG", "RGBA", 7070, 7070), 190 * MiB, 215 * MiB),
+        (Header("PNG", "LA", 7070, 7070), 190 * MiB, 215 * MiB),
+        (Header("GIF", "P", 7070, 7070), 95 * MiB, 120 * MiB),
+        # libwebp's two canvases, a bytes copy and the image: 16 bytes a pixel.
+        (Header("WEBP", "RGB", 3900, 3900), 232 * MiB, DECODE_BUDGET),
+        # A baseline JPEG is decoded at 1/8 scale: a few MB whatever its size.
+        (Header("JPEG", "RGB", 8000, 6000, ((1, 1),) * 3), 1 * MiB, 30 * MiB),
+        # Progressive: every coefficient is buffered, 2 bytes per sample (4:2:0 = 1.5).
+        (Header("JPEG", "RGB", 8000, 6000, ((2, 2), (1, 1), (1, 1)), True), 137 * MiB, 165 * MiB),
+    ],
+    ids=["L", "I;16", "RGBA", "LA", "GIF-P", "WEBP", "JPEG", "JPEG-progressive-420"],
+)
+def test_decode_estimate_table(header: Header, low: int, high: int) -> None:
+    assert low <= decode_estimate(header, 768) <= high
+
+
+@pytest.mark.parametrize(
+    "size", [(1, 49_000_000), (49_000_000, 1), (2, 24_500_000), (20000, 1), (763, 65500), (51, 1)]
+)
+def test_absurd_aspect_ratio_is_refused_from_the_header(size: tuple[int, int]) -> None:
+    with pytest.raises(PermanentError) as info:
+        check_header(Header("PNG", "L", *size), max_edge=768, max_pixels=50_000_000)
+    assert info.value.reason == "bad-aspect-ratio"
+    assert "50:1" in str(info.value)
+
+
+def test_tiny_png_of_one_by_49_million_pixels_is_refused_before_decoding() -> None:
+    with pytest.raises(PermanentError) as info:
+        prepare(images.raw_png(1, 49_000_000))
+    assert info.value.reason == "bad-aspect-ratio"
+
+
+def test_huge_lossless_webp_is_refused_with_the_estimate_and_the_budget() -> None:
+    data = images.solid_webp((7000, 7000))
+    assert len(data) < 1000
+    with pytest.raises(PermanentError) as info:
+        prepare(data)
+    assert info.value.reason == "too-large-to-decode"
+    assert "770 MiB" in str(info.value)
+    assert "256 MiB" in str(info.value)
+    assert decode_cost(data) == 0  # refused from the header: costs nothing to try
+
+
+_MODES = ["1", "L", "P", "I;16", "LA", "RGB", "RGBA", "CMYK"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    fmt=st.sampled_from(["PNG", "GIF", "WEBP", "JPEG"]),
+    mode=st.sampled_from(_MODES),
+    width=st.integers(1, 1_000_000),
+    height=st.integers(1, 1_000_000),
+    buffered=st.booleans(),
+    max_edge=st.sampled_from([64, 768, 4096]),
+)
+def test_any_header_is_refused_with_a_reason_or_fits_the_budget(
+    fmt: str, mode: str, width: int, height: int, buffered: bool, max_edge: int
+) -> None:
+    header = Header(fmt, mode, width, height, ((1, 1),) * 3, buffered and fmt == "JPEG")
+    refused: PermanentError | None = None
+    try:
+        cost = check_header(header, max_edge=max_edge, max_pixels=50_000_000)
+    except PermanentError as exc:
+        refused = exc
+    if refused is not None:
+        assert refused.reason in {"too-many-pixels", "bad-aspect-ratio", "too-large-to-decode"}
+        assert f"{width}x{height}" in str(refused)
+    else:
+        assert 0 < cost <= DECODE_BUDGET
+        assert width * height <= 50_000_000
+        assert max(width, height) <= 50 * min(width, height)
+
+
+@pytest.mark.parametrize(
+    ("mode", "color"),
+    [("RGBA", (10, 200, 30, 255)), ("LA", (90, 255)), ("P", 3), ("L", 77), ("RGB", (1, 2, 3))],
+)
+def test_band_by_band_shrink_matches_a_whole_image_thumbnail(mode: str, color: object) -> None:
+    source = images.solid((3000, 1700), color, mode)
+    source.paste(images.solid((900, 500), (255, 0, 0, 0) if mode == "RGBA" else 0, mode), (5, 7))
+    if mode == "P":
+        source.info["transparency"] = 0
+    out = _shrink(source, 768)  # with bands of ~4 MiB: 87 rows of 3000 pixels
+    whole = source.convert("RGBA")
+    flat = Image.new("RGB", whole.size, (255, 255, 255))
+    flat.paste(whole, mask=whole.getchannel("A"))
+    flat.thumbnail((768, 768), Image.Resampling.BOX, reducing_gap=1.0)
+    assert out.size == flat.size
+    diff = max(abs(a - b) for a, b in zip(out.tobytes(), flat.tobytes(), strict=True))
+    assert diff <= 2  # rounding: flattened then averaged, against averaged then flattened
+
+
+def test_near_black_sixteen_bit_greyscale_stays_near_black() -> None:
+    # Values up to 2000 of 65535, 3% of full scale. Scaled by its content's peak
+    # (divided by 256 only when the peak passed 255) it came out up to 7 of 255 here,
+    # but a peak of 255 or less was sent as is: 200/65535 became 200/255, light grey.
+    row = b"".join(value.to_bytes(2, "little") for value in range(0, 2000, 2))
+    image = Image.frombytes("I;16", (1000, 30), row * 30)
+    out = decoded(prepare(images.encode(image, "PNG"), max_edge=768).data).convert("L")
+    assert out.getextrema()[1] <= 2000 // 257 + 2  # type: ignore[operator]
+
+
+def _gps_exif() -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x010F] = "Camera maker"
+    gps = exif.get_ifd(0x8825)
+    gps[2] = (48.0, 51.0, 29.0)  # GPSLatitude
+    gps[1] = "N"
+    return exif
+
+
+def test_small_jpeg_is_sent_without_its_gps_exif_comment_or_icc_profile() -> None:
+    source = images.solid((200, 100), (30, 60, 90))
+    data = images.encode(
+        source, "JPEG", exif=_gps_exif(), comment=b"secret", icc_profile=b"x" * 300
+    )
+    assert b"Exif" in data
+    out = prepare(data)
+    assert not out.reencoded
+    assert b"Exif" not in out.data
+    assert b"secret" not in out.data
+    assert b"ICC_PROFILE" not in out.data
+    image = decoded(out.data)
+    assert not image.getexif()
+    assert image.tobytes() == decoded(data).tobytes()  # the pixels are untouched
+
+
+def test_small_png_is_sent_without_text_chunks_or_exif() -> None:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Author", "Someone at 48.85N 2.35E")
+    info.add_itxt("Comment", "private", zip=True)
+    data = images.encode(images.solid((64, 64), (9, 9, 9, 128), "RGBA"), "PNG", pnginfo=info)
+    data = images.encode(Image.open(io.BytesIO(data)), "PNG", pnginfo=info, exif=_gps_exif())
+    out = prepare(data)
+    assert not out.reencoded
+    for marker in (b"tEXt", b"iTXt", b"eXIf", b"Someone"):
+        assert marker not in out.data
+    assert decoded(out.data).tobytes() == decoded(data).tobytes()
+
+
+def test_small_webp_is_sent_without_exif() -> None:
+    data = images.encode(images.solid((64, 64)), "WEBP", exif=_gps_exif(), lossless=True)
+    assert b"EXIF" in data
+    out = prepare(data)
+    assert not out.reencoded
+    assert b"EXIF" not in out.data
+    assert decoded(out.data).tobytes() == decoded(data).tobytes()
+
+
+def test_small_image_without_metadata_is_sent_byte_for_byte() -> None:
+    data = images.encode(images.solid((64, 64)), "PNG")
+    assert prepare(data).data is data
+
+
+def test_sixteen_bit_image_with_a_dark_peak_is_not_stretched_to_light_grey() -> None:
+    image = Image.frombytes("I;16", (100, 100), (200).to_bytes(2, "little") * 10000)
+    out = decoded(prepare(images.encode(image, "PNG"), max_edge=768).data).convert("L")
+    assert out.getextrema()[1] <= 1  # type: ignore[operator]  # 200/65535 of full scale, not 200/255
