@@ -46,6 +46,9 @@ from captioner.errors import PermanentError, TransientError
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 USER_AGENT = "captioner/0.1 (+image captions; fetches only the URLs it is given)"
 BLOCKED = "not a public address"
+# Said with every refusal: a loopback or private address is often the user's own
+# test server, and this is the setting that lets it through.
+_ALLOW_HINT = "; to fetch from it anyway, add its host:port to CAPTION_URL_ALLOWED_HOSTS"
 
 # IPv6 ranges that carry an IPv4 address in their last 32 bits.
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix
@@ -282,7 +285,9 @@ class UrlFetcher:
                     return await self._read(shown, response)
             except aiohttp.ClientConnectorError as exc:
                 if isinstance(exc.os_error, BlockedAddressError) or BLOCKED in str(exc.os_error):
-                    raise PermanentError("blocked-address", redact(str(exc.os_error))) from None
+                    raise PermanentError(
+                        "blocked-address", redact(str(exc.os_error)) + _ALLOW_HINT
+                    ) from None
                 raise TransientError(
                     f"cannot connect to {target.raw_host}: {redact(str(exc.os_error))}"
                 ) from None
@@ -317,7 +322,7 @@ class UrlFetcher:
             return
         address = literal_address(host)
         if address is not None and not is_public_address(address):
-            raise PermanentError("blocked-address", f"{host} ({address}) is {BLOCKED}")
+            raise PermanentError("blocked-address", f"{host} ({address}) is {BLOCKED}{_ALLOW_HINT}")
         # A name: the guarded resolver checks what it resolves to, the socket factory
         # what is connected to.
 

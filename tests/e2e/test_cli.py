@@ -363,3 +363,13 @@ def test_a_key_gemini_refuses_stops_the_run_with_one_line_and_exit_2(
     assert line.startswith("error: ")
     assert "API_KEY_INVALID" in line or "API key not valid" in line
     assert completed.stdout == ""  # no image is reported as failed
+
+
+def test_a_loopback_url_is_refused_with_the_setting_that_allows_it(
+    stack_env: dict[str, str], gemini: Any
+) -> None:
+    completed = run_cli(stack_env, "describe", "http://127.0.0.1:9/cat.jpg")
+    assert completed.returncode == 1
+    assert "blocked-address" in completed.stdout
+    assert "CAPTION_URL_ALLOWED_HOSTS" in completed.stdout
+    assert gemini.calls == 0
