@@ -190,17 +190,19 @@ class _Describer:
         return Description("a picture", self.model)
 
 
-def _child_together(paths: list[str]) -> dict[str, Any]:
+def _child_together(paths: list[str], images_path: str | None = None) -> dict[str, Any]:
     from captioner.domain import ObjectRef
-    from captioner.images import decode_cost, prepare
     from captioner.pipeline import Captioner, PipelineConfig
 
+    images = _images_module(images_path)
+    # An old images.py has no cost function: its decodes are gated by nothing.
+    decode_cost = getattr(images, "decode_cost", None)
     named = {f"{index}-{Path(path).name}": Path(path) for index, path in enumerate(paths)}
     storage = _FileStorage(named)
     captioner = Captioner(
         storage=storage,
         describer=_Describer(),
-        prepare=prepare,
+        prepare=images.prepare,
         decode_cost=decode_cost,
         config=PipelineConfig(max_bytes=20 * 1024 * 1024, max_concurrency=16),
     )
@@ -245,9 +247,10 @@ def measure_one(name: str, images_path: str | None = None) -> dict[str, Any]:
     return run_child(["one", str(path), *([images_path] if images_path else [])])
 
 
-def measure_together(names: list[str]) -> dict[str, Any]:
+def measure_together(names: list[str], images_path: str | None = None) -> dict[str, Any]:
     paths = build(names)
-    return run_child(["together", *(str(paths[name]) for name in names)])
+    old = [f"--images={images_path}"] if images_path else []
+    return run_child(["together", *old, *(str(paths[name]) for name in names)])
 
 
 # The 16 costliest images that are accepted, at once: what an instance at
@@ -279,7 +282,9 @@ def main(argv: list[str] | None = None) -> None:
         if kind == "one":
             report = _child_one(rest[0], rest[1] if len(rest) > 1 else None)
         else:
-            report = _child_together(rest)
+            old = [arg.split("=", 1)[1] for arg in rest if arg.startswith("--images=")]
+            files = [arg for arg in rest if not arg.startswith("--images=")]
+            report = _child_together(files, old[0] if old else None)
         print(json.dumps(report))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -308,15 +313,20 @@ def main(argv: list[str] | None = None) -> None:
         before = "-"
         if old_path:
             try:
-                old = measure_one(name, old_path)
-                before = f"{old['peak_mb']:.0f}, {old['cpu_s']:.2f}, {old['outcome']}"
+                earlier = measure_one(name, old_path)
+                before = f"{earlier['peak_mb']:.0f}, {earlier['cpu_s']:.2f}, {earlier['outcome']}"
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
                 before = f"failed: {str(exc)[:60]}"
         now = f"{after['peak_mb']:.0f}, {after['cpu_s']:.2f}, {after['outcome']}"
         print(f"| {name} | {size / 1024:,.0f} KiB | {before} | {now} |", flush=True)
     if args.together:
-        report = measure_together(TOGETHER)
-        print(f"\n16 at once through Captioner: {json.dumps(report)}")
+        print(f"\n16 at once through Captioner, now: {json.dumps(measure_together(TOGETHER))}")
+        if old_path:
+            try:
+                before_report = json.dumps(measure_together(TOGETHER, old_path))
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                before_report = f"failed: {str(exc)[:200]}"
+            print(f"16 at once through Captioner, before: {before_report}")
 
 
 if __name__ == "__main__":
