@@ -216,8 +216,9 @@ def decode_cost(
     """Bytes ``prepare(data)`` will allocate at its peak, from the header; never raises.
 
     Something ``prepare`` refuses before decoding costs next to nothing, and so does
-    something that is not an image. Cheap: opening a header took ~30 us for a PNG,
-    and the multi-scan test of a JPEG reads its bytes once at memchr speed.
+    something that is not an image. Cheap: 0.2-0.3 ms for a photo, as only the header
+    is read; but Pillow copies any PNG chunk before IDAT that it skips, so a PNG
+    padded with a 19 MiB private chunk took 14 ms.
     """
     try:
         image = _open(data)
