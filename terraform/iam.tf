@@ -3,9 +3,14 @@
 # Cloud Storage service agent publish its notifications. Object access is granted
 # bucket by bucket, through a custom role that can read, list and update metadata
 # and nothing more (no create, no delete, no bucket or IAM changes).
+#
+# Everything here calls IAM or Resource Manager, so it waits for those APIs
+# (google_project_service.core): in a fresh project they are not on yet.
 
 data "google_project" "this" {
   project_id = var.project_id
+
+  depends_on = [google_project_service.core]
 }
 
 # ---------------------------------------------------------------------------
@@ -18,7 +23,7 @@ resource "google_service_account" "runtime" {
   display_name = "Captioner runtime"
   description  = "Runs both captioner functions: reads images and writes caption metadata in the allowed buckets, calls Gemini."
 
-  depends_on = [google_project_service.enabled]
+  depends_on = [google_project_service.core]
 }
 
 resource "google_service_account" "trigger" {
@@ -27,7 +32,7 @@ resource "google_service_account" "trigger" {
   display_name = "Captioner Eventarc trigger"
   description  = "Identity Eventarc uses to deliver storage events to the caption_on_upload function."
 
-  depends_on = [google_project_service.enabled]
+  depends_on = [google_project_service.core]
 }
 
 # ---------------------------------------------------------------------------
@@ -44,8 +49,12 @@ resource "google_project_iam_custom_role" "object_captioner" {
     "storage.objects.list",
     "storage.objects.update",
   ]
+
+  depends_on = [google_project_service.core]
 }
 
+# Only on buckets of project_id: a project's custom role can't be granted elsewhere.
+# The data sources in main.tf check that each bucket is in project_id before this runs.
 resource "google_storage_bucket_iam_member" "runtime_objects" {
   for_each = local.runtime_buckets
 
@@ -53,20 +62,47 @@ resource "google_storage_bucket_iam_member" "runtime_objects" {
   role   = google_project_iam_custom_role.object_captioner.id
   member = google_service_account.runtime.member
 
-  depends_on = [google_storage_bucket.watched]
+  depends_on = [
+    google_storage_bucket.watched,
+    data.google_storage_bucket.existing,
+    data.google_storage_bucket.allowed,
+  ]
 }
 
 # ---------------------------------------------------------------------------
 # Runtime: Gemini
 # ---------------------------------------------------------------------------
 
-# Vertex AI has no narrower scope than the project for online predictions, and
-# aiplatform.user is the smallest predefined role that allows them.
+# roles/aiplatform.user carries hundreds of permissions (datasets, endpoints, tuning,
+# notebooks, ...). Calling Gemini needs one: Vertex AI's generative AI access-control
+# page lists aiplatform.endpoints.predict for "Make prompt requests" (generateContent
+# on publishers/google/models/*), https://cloud.google.com/vertex-ai/generative-ai/docs/access-control.
+# Batch prediction jobs take aiplatform.batchPredictionJobs.create on the location and
+# .get / .list to follow them, https://cloud.google.com/vertex-ai/docs/general/iam-permissions
+# (the Vertex AI service agent, not this account, reads the inputs). Publisher models
+# have no IAM policy of their own, so the project is the narrowest place to grant it.
+resource "google_project_iam_custom_role" "vertex_caller" {
+  count = local.use_vertex ? 1 : 0
+
+  project     = var.project_id
+  role_id     = "${replace(var.name_prefix, "-", "_")}_vertexCaller"
+  title       = "Captioner Gemini caller"
+  description = "Call Gemini models on Vertex AI (online and batch prediction) and nothing else."
+  permissions = [
+    "aiplatform.batchPredictionJobs.create",
+    "aiplatform.batchPredictionJobs.get",
+    "aiplatform.batchPredictionJobs.list",
+    "aiplatform.endpoints.predict",
+  ]
+
+  depends_on = [google_project_service.core]
+}
+
 resource "google_project_iam_member" "runtime_vertex" {
   count = local.use_vertex ? 1 : 0
 
   project = var.project_id
-  role    = "roles/aiplatform.user"
+  role    = google_project_iam_custom_role.vertex_caller[0].id
   member  = google_service_account.runtime.member
 }
 
@@ -86,7 +122,7 @@ resource "google_secret_manager_secret_iam_member" "runtime_api_key" {
 data "google_storage_project_service_account" "gcs" {
   project = var.project_id
 
-  depends_on = [google_project_service.enabled]
+  depends_on = [google_project_service.core]
 }
 
 # Cloud Storage publishes the object notifications Eventarc listens to.
@@ -94,6 +130,8 @@ resource "google_project_iam_member" "gcs_pubsub_publisher" {
   project = var.project_id
   role    = "roles/pubsub.publisher"
   member  = "serviceAccount:${data.google_storage_project_service_account.gcs.email_address}"
+
+  depends_on = [google_project_service.core]
 }
 
 # Eventarc requires it of a trigger's service account for Google-sourced events;
@@ -102,6 +140,8 @@ resource "google_project_iam_member" "trigger_event_receiver" {
   project = var.project_id
   role    = "roles/eventarc.eventReceiver"
   member  = google_service_account.trigger.member
+
+  depends_on = [google_project_service.core]
 }
 
 # The trigger's identity may invoke the event function's Cloud Run service, and

@@ -2,18 +2,25 @@ locals {
   use_vertex  = var.gemini_mode == "vertex"
   use_api_key = var.gemini_mode == "api_key"
 
+  # The APIs the data sources and the IAM resources call. A fixed set on purpose: a data
+  # source that depends on a resource with pending changes is read at apply time, not
+  # at plan, so data sources wait for these only (their changes are pending on the
+  # first apply alone), never for the mode-dependent set below.
+  core_services = toset([
+    "cloudresourcemanager.googleapis.com", # project IAM members, data.google_project
+    "iam.googleapis.com",                  # service accounts, custom roles
+    "storage.googleapis.com",              # buckets, their IAM, the storage service agent
+  ])
+
   services = toset(concat(
     [
       "artifactregistry.googleapis.com", # built function images
       "cloudbuild.googleapis.com",       # builds them from the uploaded source
       "cloudfunctions.googleapis.com",
-      "cloudresourcemanager.googleapis.com",
       "eventarc.googleapis.com",
-      "iam.googleapis.com",
       "logging.googleapis.com",
       "pubsub.googleapis.com", # transport of the storage events
       "run.googleapis.com",    # 2nd-gen functions are Cloud Run services
-      "storage.googleapis.com",
     ],
     local.use_vertex ? ["aiplatform.googleapis.com"] : [],
     local.use_api_key ? ["secretmanager.googleapis.com"] : [],
@@ -53,6 +60,20 @@ locals {
   } : {}
 
   runtime_env = merge(local.caption_env, local.gemini_env)
+
+  # caption_http answers with what is done when CAPTION_HTTP_DEADLINE passes, so it must
+  # come before the function's own timeout cuts the request off: 30 s earlier (half the
+  # timeout when that is under a minute).
+  http_deadline_seconds = max(var.http_timeout_seconds - 30, var.http_timeout_seconds / 2)
+  http_env              = merge(local.runtime_env, { CAPTION_HTTP_DEADLINE = tostring(local.http_deadline_seconds) })
+}
+
+resource "google_project_service" "core" {
+  for_each = local.core_services
+
+  project            = var.project_id
+  service            = each.value
+  disable_on_destroy = false
 }
 
 resource "google_project_service" "enabled" {
@@ -61,6 +82,22 @@ resource "google_project_service" "enabled" {
   project            = var.project_id
   service            = each.value
   disable_on_destroy = false
+}
+
+# These three were in google_project_service.enabled before the split.
+moved {
+  from = google_project_service.enabled["cloudresourcemanager.googleapis.com"]
+  to   = google_project_service.core["cloudresourcemanager.googleapis.com"]
+}
+
+moved {
+  from = google_project_service.enabled["iam.googleapis.com"]
+  to   = google_project_service.core["iam.googleapis.com"]
+}
+
+moved {
+  from = google_project_service.enabled["storage.googleapis.com"]
+  to   = google_project_service.core["storage.googleapis.com"]
 }
 
 # ---------------------------------------------------------------------------
@@ -96,13 +133,42 @@ resource "google_storage_bucket" "watched" {
     }
   }
 
-  depends_on = [google_project_service.enabled]
+  depends_on = [google_project_service.core]
 }
 
+# The runtime's object role is a project-level custom role, and IAM lets a project's
+# custom role be granted only on that project and the resources inside it
+# (https://cloud.google.com/iam/docs/understanding-custom-roles). So every bucket the
+# module grants on must live in project_id; a bucket elsewhere would fail the grant at
+# apply. These reads fail the plan instead (or the first apply, before any grant).
 data "google_storage_bucket" "existing" {
   count = var.create_bucket ? 0 : 1
 
   name = var.bucket_name
+
+  lifecycle {
+    postcondition {
+      condition     = tostring(self.project_number) == data.google_project.this.number
+      error_message = "bucket_name (with create_bucket = false) must be a bucket in project_id: Eventarc storage triggers and the module's custom object role only work inside that project."
+    }
+  }
+
+  depends_on = [google_project_service.core]
+}
+
+data "google_storage_bucket" "allowed" {
+  for_each = toset([for name in var.allowed_buckets : name if name != var.bucket_name])
+
+  name = each.value
+
+  lifecycle {
+    postcondition {
+      condition     = tostring(self.project_number) == data.google_project.this.number
+      error_message = "Every bucket in allowed_buckets must be in project_id: the object role is a custom role of project_id, which IAM only lets the module grant inside that project. For a bucket in another project, grant the runtime service account (output runtime_service_account_email) a role there yourself."
+    }
+  }
+
+  depends_on = [google_project_service.core]
 }
 
 # ---------------------------------------------------------------------------
@@ -122,7 +188,7 @@ resource "google_storage_bucket" "source" {
   # Only rebuildable archives live here, so it never blocks a destroy.
   force_destroy = true
 
-  depends_on = [google_project_service.enabled]
+  depends_on = [google_project_service.core]
 }
 
 # The deployed folder is what the python312 runtime sees: main.py, requirements.txt
@@ -225,7 +291,14 @@ resource "google_cloudfunctions2_function" "caption_on_upload" {
     dynamic "secret_environment_variables" {
       for_each = local.use_api_key ? [google_secret_manager_secret.gemini_api_key[0].secret_id] : []
       content {
-        key        = "GEMINI_API_KEY"
+        key = "GEMINI_API_KEY"
+        # The provider's docs prefer the project number here, but take the ID too. The ID
+        # gives a stable plan: the provider stores what the API returns, and its own
+        # acceptance-tested example (cloudfunctions2_secret_env) passes the project ID
+        # and must plan empty after apply. The number would have to come from
+        # data.google_project, unknown until read, which on a first apply is at apply
+        # time. (The permadiff of issue #11383 is the 1st-gen resource's, which only
+        # accepts numbers.)
         project_id = var.project_id
         secret     = secret_environment_variables.value
         version    = var.gemini_api_key_secret_version
@@ -253,6 +326,10 @@ resource "google_cloudfunctions2_function" "caption_on_upload" {
     precondition {
       condition     = var.min_instances <= var.max_instances
       error_message = "min_instances must not exceed max_instances."
+    }
+    precondition {
+      condition     = local.cpu_memory_ok
+      error_message = "cpu and memory must be a pair Cloud Run accepts: cpu below 0.5 takes 128Mi to 512Mi, 0.5 to below 1 takes 128Mi to 1Gi, \"1\" 128Mi to 4Gi, \"2\" 128Mi to 8Gi, \"4\" 2Gi to 16Gi, \"6\" 4Gi to 24Gi, \"8\" 4Gi to 32Gi (see terraform/limits.tf)."
     }
   }
 
@@ -300,12 +377,19 @@ resource "google_cloudfunctions2_function" "caption_http" {
     available_cpu                    = var.cpu
     available_memory                 = var.memory
     timeout_seconds                  = var.http_timeout_seconds
-    environment_variables            = local.runtime_env
+    environment_variables            = local.http_env
 
     dynamic "secret_environment_variables" {
       for_each = local.use_api_key ? [google_secret_manager_secret.gemini_api_key[0].secret_id] : []
       content {
-        key        = "GEMINI_API_KEY"
+        key = "GEMINI_API_KEY"
+        # The provider's docs prefer the project number here, but take the ID too. The ID
+        # gives a stable plan: the provider stores what the API returns, and its own
+        # acceptance-tested example (cloudfunctions2_secret_env) passes the project ID
+        # and must plan empty after apply. The number would have to come from
+        # data.google_project, unknown until read, which on a first apply is at apply
+        # time. (The permadiff of issue #11383 is the 1st-gen resource's, which only
+        # accepts numbers.)
         project_id = var.project_id
         secret     = secret_environment_variables.value
         version    = var.gemini_api_key_secret_version
@@ -321,6 +405,10 @@ resource "google_cloudfunctions2_function" "caption_http" {
     precondition {
       condition     = var.min_instances <= var.max_instances
       error_message = "min_instances must not exceed max_instances."
+    }
+    precondition {
+      condition     = local.cpu_memory_ok
+      error_message = "cpu and memory must be a pair Cloud Run accepts: cpu below 0.5 takes 128Mi to 512Mi, 0.5 to below 1 takes 128Mi to 1Gi, \"1\" 128Mi to 4Gi, \"2\" 128Mi to 8Gi, \"4\" 2Gi to 16Gi, \"6\" 4Gi to 24Gi, \"8\" 4Gi to 32Gi (see terraform/limits.tf)."
     }
   }
 

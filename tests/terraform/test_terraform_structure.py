@@ -18,13 +18,14 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hcl2
 import pytest
+from wcmatch import glob as wcglob
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TERRAFORM_DIR = REPO_ROOT / "terraform"
@@ -236,7 +237,9 @@ def role_permissions(config: Config, role_raw: str) -> set[str] | None:
     """Permissions of a custom role referenced by expression, or None for a literal role."""
     if not is_expression(role_raw):
         return None
-    match = re.fullmatch(r"google_project_iam_custom_role\.(\w+)\.(id|name)", role_raw[2:-1])
+    match = re.fullmatch(
+        r"google_project_iam_custom_role\.(\w+)(?:\[0\])?\.(id|name)", role_raw[2:-1]
+    )
     assert match, f"role must be a literal or a module custom role, got {role_raw}"
     role = config.resource("google_project_iam_custom_role", match.group(1))
     return {literal(permission) for permission in role["permissions"]}
@@ -271,6 +274,19 @@ def test_versions_pin_terraform_and_providers(config: Config) -> None:
     for name, spec in required.items():
         assert "version" in spec, f"provider {name} has no version constraint"
         assert "<" in literal(spec["version"]), f"provider {name} has no upper bound"
+
+
+def _lower_bound(constraint: str) -> tuple[int, ...]:
+    (found,) = re.findall(r">=\s*(\d+(?:\.\d+)*)", constraint)
+    return tuple(int(part) for part in found.split("."))
+
+
+def test_archive_provider_is_one_with_glob_excludes(config: Config) -> None:
+    # archive_file `excludes` are doublestar globs from 2.5.0 (CHANGELOG 2.5.0, #354);
+    # 2.4.x compares each pattern to the path literally (see the literal-match test below).
+    (block,) = config.terraform
+    (required,) = block["required_providers"]
+    assert _lower_bound(literal(required["archive"]["version"])) >= (2, 5, 0)
 
 
 # --------------------------------------------------------------------------- variables
@@ -525,6 +541,9 @@ def test_concurrency_above_one_requires_a_whole_cpu(config: Config) -> None:
         )
 
 
+HTTP_ONLY_SETTINGS = {"CAPTION_HTTP_DEADLINE"}
+
+
 def test_environment_carries_the_caption_settings_and_never_the_key(config: Config) -> None:
     for name, body in _functions(config).items():
         service = single_block(body, "service_config")
@@ -537,7 +556,8 @@ def test_environment_carries_the_caption_settings_and_never_the_key(config: Conf
         assert keys & API_KEY_NAMES == set(), name
         assert "google_secret_manager" not in text, name
         caption_keys = {key for key in keys if key.startswith("CAPTION_")}
-        assert caption_keys == CAPTION_SETTINGS, name
+        expected = CAPTION_SETTINGS | (HTTP_ONLY_SETTINGS if name == "caption_http" else set())
+        assert caption_keys == expected, name
         assert keys >= VERTEX_SETTINGS, name
         # CAPTION_PROMPT is optional: only set when the variable is.
         assert re.search(r"var\.caption_prompt\s*==\s*null\s*\?\s*\{\}", text), name
@@ -637,7 +657,7 @@ def test_storage_access_is_granted_on_buckets_only(config: Config) -> None:
 
 
 def test_object_role_is_minimal_and_covers_every_allowed_bucket(config: Config) -> None:
-    (role,) = config.resources["google_project_iam_custom_role"].values()
+    role = config.resource("google_project_iam_custom_role", "object_captioner")
     assert {literal(p) for p in role["permissions"]} == {
         "storage.objects.get",
         "storage.objects.list",
@@ -652,14 +672,26 @@ def test_object_role_is_minimal_and_covers_every_allowed_bucket(config: Config) 
     assert grant["bucket"] == "${each.value}"
 
 
+VERTEX_PERMISSIONS = {
+    # Vertex AI generative AI access control, "Make prompt requests" (generateContent).
+    "aiplatform.endpoints.predict",
+    # Vertex AI IAM permissions: create a batch prediction job, then follow it.
+    "aiplatform.batchPredictionJobs.create",
+    "aiplatform.batchPredictionJobs.get",
+    "aiplatform.batchPredictionJobs.list",
+}
+
+
 def test_gemini_access_is_narrow(config: Config) -> None:
-    (vertex,) = [
-        body
-        for body in config.resources["google_project_iam_member"].values()
-        if literal(body["role"]) == "roles/aiplatform.user"
-    ]
+    vertex = config.resource("google_project_iam_member", "runtime_vertex")
     assert "local.use_vertex" in vertex["count"] or "var.gemini_mode" in vertex["count"]
     assert vertex["member"] == "${google_service_account.runtime.member}"
+    # A custom role with exactly what calling Gemini takes, not roles/aiplatform.user.
+    assert role_permissions(config, vertex["role"]) == VERTEX_PERMISSIONS
+    role = config.resource("google_project_iam_custom_role", "vertex_caller")
+    assert role["count"] == vertex["count"]
+    for raw in walk_strings(config.everything()):
+        assert "roles/aiplatform" not in raw, f"a predefined Vertex AI role is granted: {raw}"
     (accessor,) = config.resources["google_secret_manager_secret_iam_member"].values()
     assert literal(accessor["role"]) == "roles/secretmanager.secretAccessor"
     assert "google_secret_manager_secret.gemini_api_key" in accessor["secret_id"]
@@ -670,6 +702,7 @@ def test_event_delivery_grants(config: Config) -> None:
     project_roles = {
         (literal(body["role"]), body["member"])
         for body in config.resources["google_project_iam_member"].values()
+        if not is_expression(body["role"])
     }
     assert ("roles/eventarc.eventReceiver", "${google_service_account.trigger.member}") in (
         project_roles
@@ -712,39 +745,45 @@ def test_created_bucket_is_locked_down(config: Config) -> None:
 # --------------------------------------------------------------------------- source archive
 
 
-def _doublestar_regex(pattern: str) -> re.Pattern[str]:
-    """Translate a doublestar glob (what the archive provider's excludes use) to a regex."""
-    assert not set(pattern) & set("[]{}\\"), f"unsupported glob syntax in {pattern!r}"
-    components = pattern.split("/")
-    regex = ""
-    for index, component in enumerate(components):
-        last = index == len(components) - 1
-        if component == "**":
-            regex += ".*" if last else "(?:[^/]+/)*"
-            continue
-        regex += "".join(
-            "[^/]*" if char == "*" else "[^/]" if char == "?" else re.escape(char)
-            for char in component
-        )
-        regex += "" if last else "/"
-    return re.compile(regex + r"\Z")
+# The archive provider (>= 2.5.0) matches each exclude with doublestar's PathMatch
+# against the path relative to source_dir, walks with filepath.Walk, and skips a
+# matching directory whole. wcmatch with these flags has the same rules: `*` and `?`
+# stop at "/", `**` as a whole component spans any number of directories (none too),
+# leading dots are ordinary characters, and {a,b} alternates.
+DOUBLESTAR = wcglob.GLOBSTAR | wcglob.DOTGLOB | wcglob.BRACE | wcglob.FORCEUNIX
+
+
+def _doublestar(pattern: str) -> Callable[[str], bool]:
+    return lambda path: wcglob.globmatch(path, pattern, flags=DOUBLESTAR)
+
+
+def _literal(pattern: str) -> Callable[[str], bool]:
+    """How archive 2.4.x matched an exclude: the whole relative path, equal or not."""
+    return lambda path: path == pattern
+
+
+Matcher = Callable[[str], bool]
 
 
 def _archive(config: Config) -> dict[str, Any]:
     return config.data["archive_file"]["source"]
 
 
-def _excluded(patterns: list[re.Pattern[str]], relative: str) -> bool:
-    return any(pattern.match(relative) for pattern in patterns)
+def _excludes(config: Config) -> list[str]:
+    return [literal(raw) for raw in _archive(config)["excludes"]]
 
 
-def _excluded_path(patterns: list[re.Pattern[str]], relative: str) -> bool:
+def _excluded(patterns: list[Matcher], relative: str) -> bool:
+    return any(pattern(relative) for pattern in patterns)
+
+
+def _excluded_path(patterns: list[Matcher], relative: str) -> bool:
     """Whether the walk drops this file, itself or through one of its directories."""
     parts = relative.split("/")
     return any(_excluded(patterns, "/".join(parts[: depth + 1])) for depth in range(len(parts)))
 
 
-def _archived_files(root: Path, patterns: list[re.Pattern[str]]) -> list[str]:
+def _archived_files(root: Path, patterns: list[Matcher]) -> list[str]:
     """Mimic the provider's walk: a matching directory is skipped with its contents."""
     kept = []
     for current, dirs, files in os.walk(root):
@@ -755,13 +794,86 @@ def _archived_files(root: Path, patterns: list[re.Pattern[str]]) -> list[str]:
     return sorted(kept)
 
 
-def test_doublestar_translation() -> None:
-    assert _doublestar_regex("**/__pycache__").match("__pycache__")
-    assert _doublestar_regex("**/__pycache__").match("src/captioner/__pycache__")
-    assert _doublestar_regex(".venv*").match(".venv-checkov")
-    assert not _doublestar_regex(".venv*").match("src/.venv")
-    assert not _doublestar_regex("tests").match("src/tests")
-    assert not _doublestar_regex("*.pyc").match("src/a.pyc")
+def test_doublestar_matching() -> None:
+    assert _doublestar("**/__pycache__")("__pycache__")
+    assert _doublestar("**/__pycache__")("src/captioner/__pycache__")
+    assert _doublestar(".venv*")(".venv-checkov")
+    assert _doublestar(".env.*")(".env.local")
+    assert not _doublestar(".venv*")("src/.venv")
+    assert not _doublestar("tests")("src/tests")
+    assert not _doublestar("*.pyc")("src/a.pyc")
+    assert _doublestar("**/*.pyc")("a.pyc")
+    assert not _doublestar("src/captioner_dev")("src/captioner")
+
+
+# A checkout as a developer has it: secrets, virtualenvs, caches and build output
+# beside the three things the function needs.
+CHECKOUT = {
+    "main.py": "",
+    "requirements.txt": "",
+    "src/captioner/__init__.py": "",
+    "src/captioner/pipeline.py": "",
+    "src/captioner/sub/module.py": "",
+    ".env": "GEMINI_API_KEY=secret",
+    ".env.local": "GEMINI_API_KEY=secret",
+    ".venv/bin/python": "",
+    ".venv/lib/python3.12/site-packages/x.py": "",
+    ".venv-checkov/bin/checkov": "",
+    "__pycache__/main.cpython-312.pyc": "",
+    "src/captioner/__pycache__/pipeline.cpython-312.pyc": "",
+    "src/captioner/stray.pyc": "",
+    "build/lib/captioner/__init__.py": "",
+    "dist/captioner-1.0.tar.gz": "",
+    "src/captioner_dev/fake_gemini.py": "",
+    "src/captioner.egg-info/PKG-INFO": "",
+    "tests/unit/test_pipeline.py": "",
+    "terraform/main.tf": "",
+    "terraform/.terraform/captioner-source.zip": "",
+    "bench/run.py": "",
+    "docs/deploy.md": "",
+    ".git/HEAD": "",
+    ".pytest_cache/v/cache/nodeids": "",
+    ".mypy_cache/3.12/main.meta.json": "",
+    ".ruff_cache/CACHEDIR.TAG": "",
+    "README.md": "",
+    "pyproject.toml": "",
+    "Makefile": "",
+    "requirements-dev.txt": "",
+}
+FUNCTION_FILES = [
+    "main.py",
+    "requirements.txt",
+    "src/captioner/__init__.py",
+    "src/captioner/pipeline.py",
+    "src/captioner/sub/module.py",
+]
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    for relative, content in CHECKOUT.items():
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content, encoding="utf-8")
+    return tmp_path
+
+
+def test_archive_keeps_exactly_the_function_with_glob_excludes(
+    config: Config, checkout: Path
+) -> None:
+    patterns = [_doublestar(pattern) for pattern in _excludes(config)]
+    assert _archived_files(checkout, patterns) == FUNCTION_FILES
+
+
+def test_literal_excludes_of_archive_2_4_would_deploy_secrets(
+    config: Config, checkout: Path
+) -> None:
+    # Why versions.tf asks for archive >= 2.5.0: with 2.4's literal matching the same
+    # excludes let a .env.local, the virtualenvs and the caches into the archive.
+    patterns = [_literal(pattern) for pattern in _excludes(config)]
+    leaked = set(_archived_files(checkout, patterns)) - set(FUNCTION_FILES)
+    assert {".env.local", ".venv-checkov/bin/checkov"} <= leaked
+    assert any(path.endswith(".pyc") for path in leaked)
 
 
 def test_archive_is_the_repository_root(config: Config) -> None:
@@ -771,7 +883,7 @@ def test_archive_is_the_repository_root(config: Config) -> None:
 
 
 def test_archive_excludes_everything_but_the_function(config: Config) -> None:
-    patterns = [_doublestar_regex(literal(raw)) for raw in _archive(config)["excludes"]]
+    patterns = [_doublestar(pattern) for pattern in _excludes(config)]
     for path in (
         "tests/unit/test_pipeline.py",
         "tests/terraform/run_checkov.sh",
@@ -804,7 +916,7 @@ def test_archive_excludes_everything_but_the_function(config: Config) -> None:
 
 
 def test_archive_of_this_checkout_holds_only_the_function(config: Config) -> None:
-    patterns = [_doublestar_regex(literal(raw)) for raw in _archive(config)["excludes"]]
+    patterns = [_doublestar(pattern) for pattern in _excludes(config)]
     files = _archived_files(REPO_ROOT, patterns)
     tolerated = re.compile(
         r"main\.py|requirements\.txt|src/captioner/.+|LICENSE.*|\.python-version"
