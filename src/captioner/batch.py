@@ -13,9 +13,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from captioner.concurrency import bounded_as_completed
+from captioner.decisions import Skip
 from captioner.domain import CaptionResult, ObjectInfo, Outcome, Usage
 from captioner.http_requests import CaptionRequest, ObjectsRequest, PrefixRequest, UrlsRequest
-from captioner.pipeline import Captioner, bounded_as_completed
+from captioner.pipeline import Captioner
 
 
 class Lister(Protocol):
@@ -136,14 +138,14 @@ class BatchRun:
         async for info in self._lister.list_objects(request.bucket, request.prefix):
             if chosen >= request.limit:
                 return
-            reason = self._captioner.needs_caption(
+            decision = self._captioner.decide(
                 info, overwrite=request.overwrite, if_stale=request.if_stale
             )
-            if reason is None:
+            if isinstance(decision, Skip):
+                self.totals.add(Outcome.SKIPPED, reason=decision.reason)
+            else:
                 chosen += 1
                 yield info
-            else:
-                self.totals.add(Outcome.SKIPPED, reason=reason)
 
     async def _plan(self, request: PrefixRequest) -> AsyncIterator[CaptionResult]:
         async for info in self._candidates(request):

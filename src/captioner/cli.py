@@ -26,6 +26,8 @@ from typing import Any, TextIO
 
 from captioner import __version__, html_page, readback
 from captioner.batch import Totals, result_json
+from captioner.concurrency import bounded_as_completed
+from captioner.decisions import IMAGE_SUFFIXES, looks_like_image
 from captioner.domain import CaptionResult, ObjectInfo, Outcome
 from captioner.errors import (
     BadRequestError,
@@ -38,7 +40,6 @@ from captioner.errors import (
 )
 from captioner.http_requests import PrefixRequest, UrlsRequest
 from captioner.metadata import MetadataKeys
-from captioner.pipeline import IMAGE_SUFFIXES, bounded_as_completed, looks_like_image
 from captioner.runtime import Runtime
 from captioner.settings import Settings
 

@@ -81,7 +81,7 @@ class Runtime:
         import aiohttp
 
         from captioner.gemini import GeminiDescriber, make_client
-        from captioner.images import prepare
+        from captioner.images import decode_cost, prepare
         from captioner.limiter import AdaptiveLimiter
         from captioner.storage import StorageClient
         from captioner.urls import UrlFetcher
@@ -111,6 +111,8 @@ class Runtime:
             storage=storage,
             describer=describer,
             prepare=partial(prepare, max_edge=s.max_edge, max_pixels=s.max_pixels),
+            # What each decode costs in memory, so the pipeline's budget can bound it.
+            decode_cost=partial(decode_cost, max_edge=s.max_edge, max_pixels=s.max_pixels),
             config=PipelineConfig(
                 max_bytes=s.max_bytes,
                 max_concurrency=s.max_concurrency,

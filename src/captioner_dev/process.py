@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import IO, Self
 
 
 class LoggedProcess:
@@ -15,9 +15,10 @@ class LoggedProcess:
 
     def __init__(self, log_prefix: str) -> None:
         self._process: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
-            prefix=log_prefix, suffix=".log", delete=False
-        )
+        self._log_prefix = log_prefix
+        # Made when the child starts, not here: an object made but never started (Ctrl-C
+        # between the two) must leave no file behind.
+        self._log: IO[bytes] | None = None
 
     def start(self) -> Self:
         raise NotImplementedError
@@ -25,6 +26,10 @@ class LoggedProcess:
     def _spawn(
         self, args: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None
     ) -> subprocess.Popen[bytes]:
+        if self._log is None:
+            self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
+                prefix=self._log_prefix, suffix=".log", delete=False
+            )
         self._process = subprocess.Popen(
             list(args), cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
@@ -34,6 +39,8 @@ class LoggedProcess:
         return self._process is None or self._process.poll() is not None
 
     def log_text(self) -> str:
+        if self._log is None:
+            return ""
         return Path(self._log.name).read_text(errors="replace")
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -45,8 +52,10 @@ class LoggedProcess:
                 self._process.kill()
                 self._process.wait()
             self._process = None
-        self._log.close()
-        Path(self._log.name).unlink(missing_ok=True)
+        if self._log is not None:
+            self._log.close()
+            Path(self._log.name).unlink(missing_ok=True)
+            self._log = None
 
     def __enter__(self) -> Self:
         try:
