@@ -137,7 +137,7 @@ class Library:
             found[anchor.group(1)] = not prop.get("optional", False)
         return found
 
-    def block(self, class_name: str, struct_name: str | None) -> dict[str, Any]:
+    def block(self, class_name: str, struct_name: str) -> dict[str, Any]:
         chunk = self.classes[class_name]
         nested = {tf_name: cls for _field, cls, tf_name in NESTED.findall(chunk)}
         readable = set(GETTER.findall(chunk)) | set(nested) | set(COMPUTED_MAP.findall(chunk))
@@ -191,14 +191,15 @@ def build(wheel_dir: Path) -> dict[str, Any]:
     sources = {}
     for dist, version, provider, expected_release in WHEELS:
         pattern = f"{dist.replace('-', '_')}-{version}-*.whl"
-        (path,) = sorted(wheel_dir.glob(pattern)) or [None]
-        assert path is not None, f"{pattern} not in {wheel_dir}"
+        found = sorted(wheel_dir.glob(pattern))
+        assert len(found) == 1, f"{pattern} not in {wheel_dir}"
+        path = found[0]
         name, release, files, types = read_wheel(path)
         assert (name, release) == (provider, expected_release), (path.name, name, release)
         library = Library(files, types)
         schema: dict[str, Any] = {"resource": {}, "data": {}}
-        for kind, types in wanted.items():
-            for tf_type in sorted(types):
+        for kind, type_names in wanted.items():
+            for tf_type in sorted(type_names):
                 if not tf_type.startswith(provider + "_"):
                     continue
                 class_name = library.types.get((kind, tf_type))

@@ -785,7 +785,7 @@ def _excluded_path(patterns: list[Matcher], relative: str) -> bool:
 
 def _archived_files(root: Path, patterns: list[Matcher]) -> list[str]:
     """Mimic the provider's walk: a matching directory is skipped with its contents."""
-    kept = []
+    kept: list[str] = []
     for current, dirs, files in os.walk(root):
         relative_dir = Path(current).relative_to(root).as_posix()
         prefix = "" if relative_dir == "." else relative_dir + "/"
