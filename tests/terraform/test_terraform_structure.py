@@ -1043,3 +1043,240 @@ def test_public_invokers_are_rejected_with_the_reason(variables_only: Path) -> N
 def test_validations_accept_good_values(variables_only: Path, name: str, value: str) -> None:
     result = _plan(variables_only, **{name: value})
     assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------- apply-time failures
+
+
+def _preconditions(body: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(single_block(body, "lifecycle").get("precondition", []))
+
+
+def _cpu_memory_precondition(body: dict[str, Any]) -> dict[str, Any]:
+    (found,) = [pre for pre in _preconditions(body) if "local.cpu_memory_ok" in pre["condition"]]
+    return found
+
+
+def test_cpu_memory_pair_is_checked_at_plan_on_both_functions(config: Config) -> None:
+    # Terraform 1.5 (required_version) lets a validation see only its own variable, so
+    # the pair is a precondition; it runs at plan, before anything is created.
+    for name, body in _functions(config).items():
+        pre = _cpu_memory_precondition(body)
+        closure = local_closure(config, " ".join(expression_parts(pre["condition"])))
+        assert "var.cpu" in closure, name
+        assert "var.memory" in closure, name
+        message = literal(pre["error_message"])
+        for allowed in ("512Mi", "1Gi", "4Gi", "8Gi", "2Gi to 16Gi", "4Gi to 24Gi", "4Gi to 32Gi"):
+            assert allowed in message, (name, allowed)
+
+
+def test_http_deadline_is_the_timeout_less_30_seconds(config: Config) -> None:
+    http = single_block(_functions(config)["caption_http"], "service_config")
+    assert http["timeout_seconds"] == "${var.http_timeout_seconds}"
+    text = local_closure(config, " ".join(expression_parts(http["environment_variables"])))
+    assert re.search(r"CAPTION_HTTP_DEADLINE\s*=\s*tostring\(local\.http_deadline_seconds\)", text)
+    assert "var.http_timeout_seconds - 30" in config.locals["http_deadline_seconds"]
+    event = single_block(_functions(config)["caption_on_upload"], "service_config")
+    event_text = local_closure(config, " ".join(expression_parts(event["environment_variables"])))
+    assert "CAPTION_HTTP_DEADLINE" not in event_text
+
+
+def test_granted_buckets_must_be_in_the_project(config: Config) -> None:
+    # The object role is a custom role of project_id; IAM only lets it be granted there.
+    for name in ("existing", "allowed"):
+        body = config.data["google_storage_bucket"][name]
+        (post,) = single_block(body, "lifecycle")["postcondition"]
+        condition = " ".join(expression_parts(post["condition"]))
+        assert "self.project_number" in condition, name
+        assert "data.google_project.this.number" in condition, name
+        assert "project_id" in literal(post["error_message"]), name
+    allowed = config.data["google_storage_bucket"]["allowed"]
+    assert "var.allowed_buckets" in allowed["for_each"]
+    grant = config.resource("google_storage_bucket_iam_member", "runtime_objects")
+    waits_for = " ".join(grant["depends_on"])
+    assert "data.google_storage_bucket.allowed" in waits_for
+    assert "data.google_storage_bucket.existing" in waits_for
+
+
+def test_secret_project_is_the_project_id(config: Config) -> None:
+    # The project ID gives a stable plan (the provider's own secret example uses it);
+    # data.google_project's number would be unknown on a first plan.
+    for name, body in _functions(config).items():
+        (secret,) = dynamic_blocks(
+            single_block(body, "service_config"), "secret_environment_variables"
+        )
+        assert secret["project_id"] == "${var.project_id}", name
+
+
+# Which API each kind of object calls, so which google_project_service it must wait for.
+API_OF = {
+    "google_project_iam_custom_role": "iam",
+    "google_service_account": "iam",
+    "google_service_account_iam_member": "iam",
+    "google_project_iam_member": "cloudresourcemanager",
+    "data.google_project": "cloudresourcemanager",
+    "google_storage_bucket": "storage",
+    "google_storage_bucket_object": "storage",
+    "google_storage_bucket_iam_member": "storage",
+    "data.google_storage_bucket": "storage",
+    "data.google_storage_project_service_account": "storage",
+    "google_secret_manager_secret": "secretmanager",
+    "google_secret_manager_secret_iam_member": "secretmanager",
+    "google_cloudfunctions2_function": "cloudfunctions",
+    "google_cloud_run_v2_service_iam_member": "run",
+}
+
+
+def _dependencies(body: dict[str, Any]) -> set[str]:
+    """Resources and data sources a body refers to, depends_on included."""
+    found: set[str] = set()
+    for part in expressions_in(body):
+        found.update("{}.{}".format(*ref) for ref in REFERENCE_PATTERNS["resource"].findall(part))
+        found.update("data.{}.{}".format(*ref) for ref in REFERENCE_PATTERNS["data"].findall(part))
+    return found
+
+
+def _object_body(config: Config, address: str) -> dict[str, Any]:
+    if address.startswith("data."):
+        _, rtype, name = address.split(".")
+        return config.data[rtype][name]
+    rtype, name = address.split(".")
+    return config.resources[rtype][name]
+
+
+def _transitive(config: Config, address: str) -> set[str]:
+    seen: set[str] = set()
+    pending = [address]
+    while pending:
+        current = pending.pop()
+        for dependency in _dependencies(_object_body(config, current)):
+            if dependency not in seen:
+                seen.add(dependency)
+                pending.append(dependency)
+    return seen
+
+
+def _services_of(config: Config, address: str) -> set[str]:
+    body = _object_body(config, address)
+    text = local_closure(config, " ".join(expression_parts(body["for_each"])))
+    return set(re.findall(r'"([a-z]+)\.googleapis\.com"', text))
+
+
+def test_everything_waits_for_the_apis_it_calls(config: Config) -> None:
+    addresses = [f"{t}.{n}" for t, named in config.resources.items() for n in named]
+    addresses += [f"data.{t}.{n}" for t, named in config.data.items() for n in named]
+    unchecked = []
+    for address in addresses:
+        kind = address.rsplit(".", 1)[0]
+        if kind == "google_project_service" or not address.startswith(("google", "data.google")):
+            continue
+        if kind not in API_OF:
+            unchecked.append(kind)
+            continue
+        enabling = {
+            dep for dep in _transitive(config, address) if dep.startswith("google_project_service.")
+        }
+        apis = set().union(*(_services_of(config, dep) for dep in enabling)) if enabling else set()
+        assert API_OF[kind] in apis, f"{address} does not wait for {API_OF[kind]}.googleapis.com"
+    assert unchecked == [], "say which API these call in API_OF"
+
+
+def test_data_sources_wait_only_for_the_fixed_api_set(config: Config) -> None:
+    # A data source whose dependency has pending changes is read at apply, leaving its
+    # values unknown at plan; the mode-dependent API set must not cause that.
+    for rtype, named in config.data.items():
+        for name in named:
+            enabling = {
+                dep
+                for dep in _transitive(config, f"data.{rtype}.{name}")
+                if dep.startswith("google_project_service.")
+            }
+            assert "google_project_service.enabled" not in enabling, f"data.{rtype}.{name}"
+    core = config.resource("google_project_service", "core")
+    assert not re.search(r"var\.|local\.use_", local_closure(config, core["for_each"]))
+
+
+# Real terraform: the CPU/memory precondition and the deadline, evaluated by the binary.
+
+
+@pytest.fixture(scope="module")
+def limits_module(config: Config, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """variables.tf, limits.tf and a terraform_data carrying the functions' precondition."""
+    directory = tmp_path_factory.mktemp("tf-limits")
+    shutil.copy(TERRAFORM_DIR / "variables.tf", directory / "variables.tf")
+    shutil.copy(TERRAFORM_DIR / "limits.tf", directory / "limits.tf")
+    pre = _cpu_memory_precondition(_functions(config)["caption_http"])
+    (condition,) = expression_parts(pre["condition"])
+    deadline = config.locals["http_deadline_seconds"]
+    (deadline_expression,) = expression_parts(deadline)
+    (directory / "harness.tf").write_text(
+        'resource "terraform_data" "function" {\n'
+        "  lifecycle {\n"
+        "    precondition {\n"
+        f"      condition     = {condition}\n"
+        f"      error_message = {pre['error_message']}\n"
+        "    }\n"
+        "  }\n"
+        "}\n"
+        f"locals {{\n  http_deadline_seconds = {deadline_expression}\n}}\n",
+        encoding="utf-8",
+    )
+    result = _terraform(["init", "-no-color", "-backend=false"], directory)
+    assert result.returncode == 0, result.stderr
+    return directory
+
+
+@needs_terraform
+@pytest.mark.parametrize(
+    ("cpu", "memory", "accepted"),
+    [
+        ("1", "1Gi", True),
+        ("0.3", "1Gi", False),
+        ("0.3", "512Mi", True),
+        ("0.08", "512M", True),
+        ("0.5", "1Gi", True),
+        ("0.5", "2Gi", False),
+        ("1", "4Gi", True),
+        ("1", "5Gi", False),
+        ("1", "64Mi", False),
+        ("2", "8Gi", True),
+        ("2", "9Gi", False),
+        ("4", "1Gi", False),
+        ("4", "2Gi", True),
+        ("4", "16Gi", True),
+        ("6", "2Gi", False),
+        ("6", "24Gi", True),
+        ("8", "4Gi", True),
+        ("8", "33Gi", False),
+    ],
+)
+def test_cpu_memory_pairs_at_plan(
+    limits_module: Path, cpu: str, memory: str, accepted: bool
+) -> None:
+    result = _plan(limits_module, cpu=cpu, memory=memory, max_instance_request_concurrency="1")
+    if accepted:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode != 0, f"cpu={cpu} memory={memory} was accepted"
+        assert "a pair Cloud Run accepts" in " ".join(result.stderr.split()), result.stderr
+
+
+@needs_terraform
+@pytest.mark.parametrize(("timeout", "deadline"), [("540", "510"), ("3600", "3570"), ("40", "20")])
+def test_http_deadline_by_terraform(limits_module: Path, timeout: str, deadline: str) -> None:
+    args = ["console", "-no-color", "-var", f"http_timeout_seconds={timeout}"]
+    for name, value in REQUIRED_VARS.items():
+        args += ["-var", f"{name}={value}"]
+    assert TERRAFORM is not None
+    result = subprocess.run(
+        [TERRAFORM, *args],
+        cwd=limits_module,
+        input="tostring(local.http_deadline_seconds)\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "CHECKPOINT_DISABLE": "1", "TF_CLI_CONFIG_FILE": os.devnull},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().strip('"') == deadline
