@@ -21,9 +21,9 @@ from starlette.exceptions import HTTPException  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import Response  # noqa: E402
 
-from captioner.entrypoints import on_upload  # noqa: E402
+from captioner.edges.logs import configure_logging, trace_id, traced  # noqa: E402
+from captioner.edges.upload import on_upload  # noqa: E402
 from captioner.errors import BadRequestError, TransientError  # noqa: E402
-from captioner.logs import configure_logging, trace_id, traced  # noqa: E402
 from captioner.runtime import Runtime  # noqa: E402
 from captioner.settings import Settings  # noqa: E402
 
@@ -68,7 +68,7 @@ async def caption_on_upload(event: Any) -> None:
 @functions_framework.aio.http
 async def caption_http(request: Request) -> Response:
     """Caption objects, a prefix or image URLs on request (see README)."""
-    from captioner.http_api import handle
+    from captioner.edges.http_api import handle
 
     trace = trace_id(
         request.headers.get("traceparent"), request.headers.get("x-cloud-trace-context")

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from google import genai
 from google.genai import types
 
+from captioner.adapters.gemini import GeminiDescriber
+from captioner.adapters.images import prepare
 from captioner.domain import Usage
-from captioner.gemini import GeminiDescriber
-from captioner.images import prepare
 from captioner.models import MediaResolution, Thinking
 from captioner.settings import Settings
 from captioner_dev import PHOTOS

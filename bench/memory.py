@@ -2,7 +2,7 @@
 
 Each case is prepared in a fresh child process, which reports its own peak
 (``VmHWM``), its CPU time and what prepare said. ``--old REV`` runs the same
-cases with ``src/captioner/images.py`` as it was at a git revision, for a
+cases with ``src/captioner/adapters/images.py`` as it was at a git revision, for a
 before/after table; ``--together`` also sends 16 cases at once through the real
 ``Captioner`` (its budgets, thread pool and ``images.decode_cost``), as an
 instance with CAPTION_MAX_CONCURRENCY=16 would see them.
@@ -119,9 +119,9 @@ def _peak_mb() -> float:
 
 def _images_module(path: str | None) -> Any:
     if path is None:
-        import captioner.images
+        import captioner.adapters.images
 
-        return captioner.images
+        return captioner.adapters.images
     spec = importlib.util.spec_from_file_location("captioner_images_under_test", path)
     assert spec is not None
     assert spec.loader is not None
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     old_path = None
     if args.old:
         source = subprocess.run(
-            ["git", "show", f"{args.old}:src/captioner/images.py"],
+            ["git", "show", f"{args.old}:src/captioner/adapters/images.py"],
             cwd=REPO,
             capture_output=True,
             text=True,

@@ -22,7 +22,7 @@ from PIL import Image
 
 from bench.data import REPO, Catalogue, SourceImage
 from bench.stack import Stack
-from captioner.images import prepare
+from captioner.adapters.images import prepare
 from captioner_dev.eventarc import binary_event
 from captioner_dev.gcs import free_port
 from captioner_dev.gemini_server import image_tokens

@@ -198,11 +198,11 @@ def _mean_prompt_tokens(prompt_tokens: list[int]) -> float | None:
 
 
 async def run_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
-    import captioner.images
+    import captioner.adapters.images
 
     log = PrepareLog()
     # Runtime imports images.prepare when it builds, so this wrapper is what it uses.
-    captioner.images.prepare = log.wrap(captioner.images.prepare)
+    captioner.adapters.images.prepare = log.wrap(captioner.adapters.images.prepare)
     from captioner.runtime import Runtime
 
     runtime = Runtime(Settings.from_env(os.environ))
@@ -289,7 +289,7 @@ def _prompt_tokens(response: Any) -> int:
 
 
 async def run_sequential(spec: dict[str, Any]) -> dict[str, Any]:
-    from captioner.images import prepare
+    from captioner.adapters.images import prepare
 
     simple = _Simple()
     log = PrepareLog()

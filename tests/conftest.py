@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from captioner.storage import StorageClient
+from captioner.adapters.storage import StorageClient
 from captioner_dev.gcs import FakeGcs
 
 

@@ -1,3 +1,3 @@
-from captioner.cli import main
+from captioner.edges.cli import main
 
 raise SystemExit(main())

@@ -15,9 +15,42 @@ from typing import Any, Protocol
 
 from captioner.concurrency import bounded_as_completed
 from captioner.decisions import Skip
-from captioner.domain import CaptionResult, ObjectInfo, Outcome, Usage
-from captioner.http_requests import CaptionRequest, ObjectsRequest, PrefixRequest, UrlsRequest
+from captioner.domain import CaptionResult, ObjectInfo, ObjectRef, Outcome, Usage
 from captioner.pipeline import Captioner
+
+
+# The three forms of a request, whether they come from the HTTP function or the
+# command line (edges/http_body.py parses the HTTP form).
+@dataclass(frozen=True, slots=True)
+class ObjectsRequest:
+    objects: tuple[ObjectRef, ...]
+    overwrite: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixRequest:
+    bucket: str
+    prefix: str = ""
+    limit: int = 1000
+    overwrite: bool = False
+    dry_run: bool = False
+    if_stale: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UrlsRequest:
+    urls: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FilesRequest:
+    """Local files, standard input (``-``) and URLs: the command line's ``describe``.
+    Never made from an HTTP body: the HTTP function must not read its own disk."""
+
+    sources: tuple[str, ...]
+
+
+CaptionRequest = ObjectsRequest | PrefixRequest | UrlsRequest | FilesRequest
 
 
 class Lister(Protocol):
@@ -101,12 +134,14 @@ class BatchRun:
         fetch: Fetch,
         concurrency: int,
         estimate: Usage | None = None,
+        read_local: Fetch | None = None,
     ) -> None:
         self.request = request
         self.totals = Totals()
         self._captioner = captioner
         self._lister = lister
         self._fetch = fetch
+        self._read_local = read_local
         self._concurrency = concurrency
         self._estimate = estimate or Usage(calls=1)
 
@@ -121,6 +156,8 @@ class BatchRun:
             return self._captioner.caption_many(request.objects, overwrite=request.overwrite)
         if isinstance(request, UrlsRequest):
             return bounded_as_completed(request.urls, self._describe_url, self._concurrency)
+        if isinstance(request, FilesRequest):
+            return bounded_as_completed(request.sources, self._describe_local, self._concurrency)
         if request.dry_run:
             return self._plan(request)
         return self._captioner.caption_many(
@@ -128,9 +165,17 @@ class BatchRun:
         )
 
     async def _describe_url(self, url: str) -> CaptionResult:
-        from captioner.urls import redact  # here: aiohttp is loaded in URL mode anyway
+        from captioner.adapters.urls import redact  # here: aiohttp is loaded in URL mode anyway
 
         return await self._captioner.describe_source(redact(url), lambda: self._fetch(url))
+
+    async def _describe_local(self, source: str) -> CaptionResult:
+        if source.startswith(("http://", "https://")):
+            return await self._describe_url(source)
+        read = self._read_local
+        if read is None:
+            raise RuntimeError("this run was not given a reader of local files")
+        return await self._captioner.describe_source(source, lambda: read(source))
 
     async def _candidates(self, request: PrefixRequest) -> AsyncIterator[ObjectInfo]:
         """Listed objects that need a caption, up to ``limit``; the rest are only counted."""

@@ -2,7 +2,7 @@
 
 ``CAPTION_MODEL`` stays free text: a model released next month is placed in a family
 by its name (``gemini-<major>[.<minor>]-<tier>``) and gets that family's settings,
-with no code change. Pure: no SDK import; ``captioner.gemini`` turns the answers
+with no code change. Pure: no SDK import; ``captioner.adapters.gemini`` turns the answers
 into google-genai types.
 
 Sources (read 2026-11-25):

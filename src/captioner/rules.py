@@ -16,11 +16,11 @@ from __future__ import annotations
 import fnmatch
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from captioner.captions import CaptionSpec
-
-_KEYS = frozenset({"name", "match", "prefix", "exclude", "prompt", "mode"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +66,21 @@ def _mode(spec: CaptionSpec) -> str:
     return "structured" if spec.structured else "sentence"
 
 
+class _RuleModel(BaseModel):
+    """One rule as JSON gives it. Strict: ``"exclude": "yes"`` is an error, not true.
+    ``None`` is accepted for every optional field: Terraform's jsonencode writes unset
+    optional attributes as null."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    match: str | None = None
+    prefix: str | None = None
+    exclude: bool | None = None
+    prompt: str | None = None
+    mode: Literal["structured", "sentence"] | None = None
+
+
 def parse_rules(text: str) -> tuple[Rule, ...]:
     """Rules from JSON text; ValueError with a message saying which rule is wrong."""
     if not text.strip():
@@ -76,29 +91,35 @@ def parse_rules(text: str) -> tuple[Rule, ...]:
         raise ValueError(f"is not JSON: {exc}") from None
     if not isinstance(data, list):
         raise ValueError("must be a JSON list of rules")
-    rules = []
-    for index, item in enumerate(data):
-        where = f"rule {index + 1}"
-        if not isinstance(item, dict):
-            raise ValueError(f"{where} must be an object")
-        unknown = set(item) - _KEYS
-        if unknown:
-            raise ValueError(f"{where} has unknown field(s) {sorted(unknown)}")
-        name = item.get("name")
-        if not isinstance(name, str) or not name or len(name) > 64:
-            raise ValueError(f"{where} needs a 'name' (a short string)")
-        match, prefix = item.get("match"), item.get("prefix")
-        if (match is None) == (prefix is None):
-            raise ValueError(f"{where} ({name}) needs exactly one of 'match' or 'prefix'")
-        for key in ("match", "prefix", "prompt"):
-            if item.get(key) is not None and not isinstance(item[key], str):
-                raise ValueError(f"{where} ({name}): {key!r} must be a string")
-        # Terraform's jsonencode writes unset optional attributes as null.
-        item = {k: v for k, v in item.items() if v is not None}
-        if not isinstance(item.get("exclude", False), bool):
-            raise ValueError(f"{where} ({name}): 'exclude' must be true or false")
-        if item.get("mode") not in (None, "structured", "sentence"):
-            raise ValueError(f"{where} ({name}): 'mode' is 'structured' or 'sentence'")
-        rules.append(Rule(name, match, prefix, item.get("exclude", False), item.get("prompt"),
-                          item.get("mode")))  # fmt: skip
-    return tuple(rules)
+    return tuple(_rule(index, item) for index, item in enumerate(data))
+
+
+def _rule(index: int, item: Any) -> Rule:
+    where = f"rule {index + 1}"
+    if not isinstance(item, dict):
+        raise ValueError(f"{where} must be an object")
+    try:
+        model = _RuleModel.model_validate(item)
+    except ValidationError as exc:
+        raise ValueError(_sentence(where, item, exc)) from None
+    if (model.match is None) == (model.prefix is None):
+        raise ValueError(f"{where} ({model.name}) needs exactly one of 'match' or 'prefix'")
+    return Rule(
+        model.name, model.match, model.prefix, bool(model.exclude), model.prompt, model.mode
+    )
+
+
+def _sentence(where: str, item: dict[str, Any], exc: ValidationError) -> str:
+    errors = exc.errors()
+    unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
+    if unknown:
+        return f"{where} has unknown field(s) {unknown}"
+    field = str(errors[0]["loc"][0])
+    if field == "name":
+        return f"{where} needs a 'name' (a short string)"
+    named = f"{where} ({item.get('name')})"
+    if field == "exclude":
+        return f"{named}: 'exclude' must be true or false"
+    if field == "mode":
+        return f"{named}: 'mode' is 'structured' or 'sentence'"
+    return f"{named}: {field!r} must be a string"

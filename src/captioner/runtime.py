@@ -13,16 +13,15 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
-from captioner.batch import BatchRun
+from captioner.batch import BatchRun, CaptionRequest, FilesRequest
 from captioner.domain import Usage
-from captioner.http_requests import CaptionRequest
 from captioner.models import estimated_tokens
 from captioner.pipeline import Captioner, PipelineConfig
 from captioner.settings import Settings
 
 if TYPE_CHECKING:
-    from captioner.storage import StorageClient
-    from captioner.urls import UrlFetcher
+    from captioner.adapters.storage import StorageClient
+    from captioner.adapters.urls import UrlFetcher
 
 
 @dataclass(slots=True)
@@ -66,7 +65,14 @@ class Runtime:
             fetch=resources.urls.fetch,
             concurrency=self.settings.max_concurrency,
             estimate=self.estimated_usage(),
+            # Only the command line's describe reads local files; HTTP never does.
+            read_local=self._read_local if isinstance(request, FilesRequest) else None,
         )
+
+    async def _read_local(self, source: str) -> bytes:
+        from captioner.adapters.files import read_local
+
+        return await read_local(source, self.settings.max_bytes)
 
     def estimated_usage(self) -> Usage:
         """What one caption is expected to cost, for dry runs (captioner.models)."""
@@ -80,11 +86,11 @@ class Runtime:
         # Imported here so a cold start pays for google-genai only when it is used.
         import aiohttp
 
-        from captioner.gemini import GeminiDescriber, make_client
-        from captioner.images import decode_cost, prepare
+        from captioner.adapters.gemini import GeminiDescriber, make_client
+        from captioner.adapters.images import decode_cost, prepare
+        from captioner.adapters.storage import StorageClient
+        from captioner.adapters.urls import UrlFetcher
         from captioner.limiter import AdaptiveLimiter
-        from captioner.storage import StorageClient
-        from captioner.urls import UrlFetcher
 
         s = self.settings
         # The Gemini client first: it refuses a missing key (ConfigurationError)

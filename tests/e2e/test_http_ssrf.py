@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 import pytest
 import requests
 
-from captioner.urls import redact
+from captioner.adapters.urls import redact
 from captioner_dev.functions import FunctionServer
 from tests.integration.test_url_fetcher import CountingSite
 

@@ -940,7 +940,7 @@ async def test_error_faults_have_the_real_shapes(
 async def test_the_product_classifies_each_real_error_shape(
     stub: GeminiStub, client: genai.Client, kind: Any, outcome: str
 ) -> None:
-    from captioner.gemini import _classify
+    from captioner.adapters.gemini import _classify
 
     stub.add_fault(kind, count=1, retry_delay=3)
     with pytest.raises(errors.APIError) as caught:

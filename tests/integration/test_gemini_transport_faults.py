@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from captioner.adapters.gemini import GeminiDescriber, make_client
 from captioner.domain import PreparedImage
 from captioner.errors import TransientError
-from captioner.gemini import GeminiDescriber, make_client
 from tests import images
 
 Handler = Callable[[web.Request], Any]

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from captioner.adapters.gemini import GeminiDescriber, make_client
+from captioner.adapters.images import prepare
 from captioner.domain import ObjectRef, Outcome
-from captioner.gemini import GeminiDescriber, make_client
-from captioner.images import prepare
 from captioner.metadata import TOTAL_BUDGET, size_of
 from captioner.runtime import Runtime
 from captioner.settings import Settings

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from captioner.adapters.storage import StorageClient, endpoint_from_env, object_path
 from captioner.errors import ObjectGoneError, PermanentError, TransientError
-from captioner.storage import StorageClient, endpoint_from_env, object_path
 
 ODD_NAMES = [
     "plain.jpg",

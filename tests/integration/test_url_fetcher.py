@@ -14,14 +14,14 @@ from aiohttp import ThreadedResolver, web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from captioner.errors import PermanentError, TransientError
-from captioner.urls import (
+from captioner.adapters.urls import (
     BlockedAddressError,
     GuardedConnector,
     GuardedResolver,
     UrlFetcher,
     is_public_address,
 )
+from captioner.errors import PermanentError, TransientError
 from tests import images
 from tests.webserver import ImageSite
 

@@ -17,16 +17,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from captioner.batch import ObjectsRequest, PrefixRequest, UrlsRequest
 from captioner.domain import first_unencodable
+from captioner.edges.events import object_ref_from_event
+from captioner.edges.http_body import parse_body, parse_gs_uri
 from captioner.errors import BadRequestError
-from captioner.events import object_ref_from_event
-from captioner.http_requests import (
-    ObjectsRequest,
-    PrefixRequest,
-    UrlsRequest,
-    parse_body,
-    parse_gs_uri,
-)
 
 SURROGATES = st.integers(0xD800, 0xDFFF).map(lambda c: f"\\u{c:04x}")
 # JSON string bodies, written as JSON source so that escapes reach the parser as such.

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from captioner.edges.events import object_ref_from_event
 from captioner.errors import BadRequestError
-from captioner.events import object_ref_from_event
 
 GOOD = {
     "bucket": "photos",

@@ -9,15 +9,15 @@ from typing import Any
 import pytest
 from google.genai import errors, types
 
-from captioner.domain import PreparedImage
-from captioner.errors import ConfigurationError, PermanentError, TransientError
-from captioner.gemini import (
+from captioner.adapters.gemini import (
     DailyQuotaError,
     GeminiDescriber,
     _classify,
     _description,
     _next_quota_day,
 )
+from captioner.domain import PreparedImage
+from captioner.errors import ConfigurationError, PermanentError, TransientError
 
 
 def api_error(code: int, status: str, details: list[dict[str, Any]] | None = None) -> Any:

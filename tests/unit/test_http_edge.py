@@ -1,7 +1,7 @@
 """caption_http's last line of defence and its deadline, on a real starlette Request.
 
 The batch run is a stand-in that fails or stalls on cue; everything between the
-raw request and the answer is the real ``captioner.http_api``.
+raw request and the answer is the real ``captioner.edges.http_api``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from starlette.requests import Request
 
-from captioner import http_api
 from captioner.batch import Totals
 from captioner.domain import CaptionResult, Outcome
+from captioner.edges import http_api
 from captioner.errors import TransientError
 
 

@@ -9,8 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from captioner.errors import PermanentError
-from captioner.images import (
+from captioner.adapters.images import (
     DECODE_BUDGET,
     Header,
     _shrink,
@@ -19,6 +18,7 @@ from captioner.images import (
     decode_estimate,
     prepare,
 )
+from captioner.errors import PermanentError
 from tests import images
 
 

@@ -39,7 +39,7 @@ def declared() -> dict[str, Requirement]:
 
 def third_party_imports() -> set[str]:
     found: set[str] = set()
-    for path in (REPO / "src" / "captioner").glob("*.py"):
+    for path in (REPO / "src" / "captioner").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = (
                 [a.name for a in node.names]
@@ -77,5 +77,5 @@ def test_declared_ranges_admit_the_pinned_versions_the_function_runs() -> None:
 
 
 def test_console_script_and_version_come_from_the_package() -> None:
-    assert PYPROJECT["project"]["scripts"] == {"captioner": "captioner.cli:main"}
+    assert PYPROJECT["project"]["scripts"] == {"captioner": "captioner.edges.cli:main"}
     assert PYPROJECT["tool"]["hatch"]["version"]["path"] == "src/captioner/__init__.py"

@@ -7,10 +7,10 @@ from functools import partial
 
 import pytest
 
+from captioner.adapters.images import prepare
 from captioner.concurrency import bounded_as_completed
 from captioner.domain import Description, ObjectRef, Outcome
 from captioner.errors import PermanentError, TransientError
-from captioner.images import prepare
 from captioner.metadata import TOTAL_BUDGET, size_of
 from captioner.pipeline import Captioner, PipelineConfig
 from tests import images

@@ -22,8 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from captioner.errors import PermanentError
-from captioner.urls import (
+from captioner.adapters.urls import (
     BlockedAddressError,
     GuardedConnector,
     GuardedResolver,
@@ -32,6 +31,7 @@ from captioner.urls import (
     literal_address,
     redact,
 )
+from captioner.errors import PermanentError
 
 # Each ASCII digit and the characters UTS-46 maps to it.
 DIGITS: dict[str, list[str]] = {

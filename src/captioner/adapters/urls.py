@@ -40,7 +40,7 @@ from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
 from yarl import URL
 
-from captioner.bodies import read_capped
+from captioner.adapters.bodies import read_capped
 from captioner.errors import PermanentError, TransientError
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})

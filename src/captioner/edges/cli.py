@@ -24,11 +24,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from captioner import __version__, html_page, readback
-from captioner.batch import Totals, result_json
+from captioner import __version__, readback
+from captioner.adapters.files import STDIN
+from captioner.batch import FilesRequest, PrefixRequest, Totals, result_json
 from captioner.concurrency import bounded_as_completed
 from captioner.decisions import IMAGE_SUFFIXES, looks_like_image
 from captioner.domain import CaptionResult, ObjectInfo, Outcome
+from captioner.edges import html_page
 from captioner.errors import (
     BadRequestError,
     CaptionerError,
@@ -38,7 +40,6 @@ from captioner.errors import (
     SettingsError,
     TransientError,
 )
-from captioner.http_requests import PrefixRequest, UrlsRequest
 from captioner.metadata import MetadataKeys
 from captioner.runtime import Runtime
 from captioner.settings import Settings
@@ -160,33 +161,12 @@ def _main(argv: list[str] | None) -> int:
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     runtime = Runtime(settings)
-    totals = Totals()
     try:
-        if args.command == "describe":
-            files, urls = _split_sources(args.sources)
-            total: int | None = len(files) + len(urls)
-            stream = _describe(runtime, files, urls, settings.max_concurrency)
-        else:
-            bucket, prefix = _parse_target(args.target)
-            request = PrefixRequest(
-                bucket, prefix, args.limit, args.overwrite, args.dry_run, args.if_stale
-            )
-            total = None
-            if _shows_progress(args) and not args.dry_run:
-                # A listing pass first, so the bar can show an ETA: listing costs
-                # milliseconds per thousand objects, captioning seconds per image.
-                plan = runtime.batch(replace(request, dry_run=True))
-                total = sum([1 async for _ in plan.results()])
-            run = runtime.batch(request)
-            totals = run.totals
-            stream = run.results()
+        request, total = await _request(args, runtime)
+        run = runtime.batch(request)
+        totals = run.totals
         await _report(
-            stream,
-            totals,
-            total,
-            as_json=args.json,
-            progress=_shows_progress(args),
-            count_here=args.command == "describe",
+            run.results(), totals, total, as_json=args.json, progress=_shows_progress(args)
         )
     except ObjectGoneError as exc:
         print(f"error: {exc} (does the bucket exist?)", file=sys.stderr)
@@ -200,82 +180,46 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_FAILED if totals.failed else EXIT_OK
 
 
-async def _describe(
-    runtime: Runtime, files: list[Path], urls: list[str], concurrency: int
-) -> AsyncGenerator[CaptionResult, None]:
-    resources = runtime.resources()
-    max_bytes = runtime.settings.max_bytes
+async def _request(
+    args: argparse.Namespace, runtime: Runtime
+) -> tuple[FilesRequest | PrefixRequest, int | None]:
+    """The batch request for ``describe`` or ``backfill``, and how many images it has
+    when that is known (for the progress bar's ETA)."""
+    if args.command == "describe":
+        sources = _sources(args.sources)
+        return FilesRequest(sources), len(sources)
+    bucket, prefix = _parse_target(args.target)
+    request = PrefixRequest(bucket, prefix, args.limit, args.overwrite, args.dry_run, args.if_stale)
+    if not _shows_progress(args) or args.dry_run:
+        return request, None
+    # A listing pass first, so the bar can show an ETA: listing costs milliseconds per
+    # thousand objects, captioning seconds per image.
+    plan = runtime.batch(replace(request, dry_run=True))
+    return request, sum([1 async for _ in plan.results()])
 
-    async def one(source: Path | str) -> CaptionResult:
+
+def _sources(arguments: list[str]) -> tuple[str, ...]:
+    """Files (folders searched for images), ``-`` for standard input, and URLs."""
+    sources: list[str] = []
+    for source in arguments:
         if source == STDIN:
-            return await resources.captioner.describe_source(
-                "-", lambda: asyncio.to_thread(_read_stdin, max_bytes)
-            )
-        if isinstance(source, Path):
-            return await resources.captioner.describe_source(
-                str(source), lambda: _read_file(source, max_bytes)
-            )
-        return await resources.captioner.describe_source(
-            source, lambda: resources.urls.fetch(source)
-        )
-
-    sources: list[Path | str] = [*files, *urls]
-    async for result in bounded_as_completed(sources, one, concurrency):
-        yield result
-
-
-async def _read_file(path: Path, max_bytes: int) -> bytes:
-    return await asyncio.to_thread(_read_capped, path, max_bytes)
-
-
-def _read_capped(path: Path, max_bytes: int) -> bytes:
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(max_bytes + 1)
-    except OSError as exc:
-        raise PermanentError("unreadable", f"cannot read {path}: {exc.strerror}") from None
-    if len(data) > max_bytes:
-        raise PermanentError("too-large", f"over CAPTION_MAX_BYTES={max_bytes} bytes")
-    return data
-
-
-def _read_stdin(max_bytes: int) -> bytes:
-    data = sys.stdin.buffer.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise PermanentError("too-large", f"over CAPTION_MAX_BYTES={max_bytes} bytes")
-    return data
-
-
-# `describe -` reads one image from standard input.
-STDIN = Path("-")
-
-
-def _split_sources(sources: list[str]) -> tuple[list[Path], list[str]]:
-    files: list[Path] = []
-    urls: list[str] = []
-    for source in sources:
-        if source == "-":
-            if STDIN in files:
+            if STDIN in sources:
                 raise BadRequestError("standard input (-) can be given once")
-            files.append(STDIN)
-            continue
-        if source.startswith("gs://"):
+            sources.append(source)
+        elif source.startswith("gs://"):
             raise BadRequestError(
                 f"{source}: describe reads local files and URLs and writes nothing; "
                 "to caption objects in a bucket, run `captioner backfill gs://bucket/prefix`"
             )
-        if source.startswith(("http://", "https://")):
-            UrlsRequest((source,))
-            urls.append(source)
-            continue
-        path = Path(source)
-        if path.is_dir():
-            files.extend(_images_under(path))
+        elif source.startswith(("http://", "https://")):
+            sources.append(source)
+        elif (path := Path(source)).is_dir():
+            sources.extend(str(p) for p in _images_under(path))
         elif path.is_file():
-            files.append(path)
+            sources.append(source)
         else:
             raise BadRequestError(f"{source}: no such file, folder or http(s) URL")
-    return files, urls
+    return tuple(sources)
 
 
 def _images_under(folder: Path) -> Iterator[Path]:
@@ -288,7 +232,7 @@ async def _read_back(
     args: argparse.Namespace, settings: Settings, out: TextIO, page: TextIO | None
 ) -> int:
     """`show` and `export`: read captions back; needs Cloud Storage only, not Gemini."""
-    from captioner.storage import StorageClient
+    from captioner.adapters.storage import StorageClient
 
     keys = MetadataKeys(settings.metadata_prefix, settings.languages)
     try:
@@ -372,7 +316,7 @@ async def _export(
 
 async def _card(storage: Any, keys: MetadataKeys, info: ObjectInfo, settings: Settings) -> str:
     """One thumbnail and its caption; an image that cannot be shown still gets its card."""
-    from captioner.images import prepare
+    from captioner.adapters.images import prepare
 
     record = readback.record_of(info, keys)
     try:
@@ -408,17 +352,13 @@ async def _report(
     *,
     as_json: bool,
     progress: bool,
-    count_here: bool,
 ) -> None:
     bar = _progress_bar(total) if progress else None
-    own_totals = count_here
     try:
         # aclosing: on an early stop, the images still in flight are cancelled here,
         # before the clients they use are closed.
         async with aclosing(stream):
             async for result in stream:
-                if own_totals:
-                    totals.add(result.outcome, usage=result.usage, reason=result.reason)
                 if result.outcome is Outcome.RETRY and result.reason in _STOPS_THE_RUN:
                     # A bad key, a missing role, a used-up daily quota: every other image
                     # would get the same answer, so stop here (exit 2) rather than list them.

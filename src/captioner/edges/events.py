@@ -1,6 +1,10 @@
-"""Edge parsing: a Cloud Storage CloudEvent becomes a typed ObjectRef, or a clear 4xx.
+"""Edge parsing: a Cloud Storage CloudEvent becomes a typed ObjectRef, or a BadRequestError.
 
 Cloud Storage sends int64 fields (generation, metageneration, size) as strings.
+Written by hand rather than as a pydantic model (as the HTTP bodies and rules are):
+these fields need lax string-to-int conversion, and pydantic's lax mode would then
+also take ``true`` as 1 and ``"1e3"``-like floats; a generation is too important to
+guess (it decides which bytes a caption belongs to).
 """
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from captioner.batch import BatchRun, result_json
-from captioner.entrypoints import log_result
+from captioner.batch import BatchRun, CaptionRequest, ObjectsRequest, PrefixRequest, result_json
+from captioner.edges.http_body import parse_body
+from captioner.edges.logs import log_result
 from captioner.errors import BadRequestError, ObjectGoneError, PermanentError, TransientError
-from captioner.http_requests import CaptionRequest, ObjectsRequest, PrefixRequest, parse_body
 from captioner.runtime import Runtime
 
 MAX_BODY = 1024 * 1024
@@ -63,7 +63,7 @@ async def _handle(runtime: Runtime, request: Request, request_id: str) -> Respon
     try:
         caption_request = await _parse(runtime, request)
     except BadRequestError as exc:
-        from captioner.urls import redact  # here: loads aiohttp only on a bad request
+        from captioner.adapters.urls import redact  # here: loads aiohttp only on a bad request
 
         log.warning("bad request: %s", redact(str(exc)), extra={"fields": {"status": exc.status}})
         headers = {"Allow": "POST"} if exc.status == 405 else {}

@@ -17,8 +17,11 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
+from captioner.domain import CaptionResult, Outcome
+
 TRACE_KEY = "logging.googleapis.com/trace"
 LABELS_KEY = "logging.googleapis.com/labels"
+log = logging.getLogger("captioner")
 _TRACE: ContextVar[str | None] = ContextVar("captioner_trace", default=None)
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 _CLOUD_TRACE = re.compile(r"^([0-9a-fA-F]{32})(?:/\d+)?(?:;o=\d)?$")
@@ -88,3 +91,41 @@ def configure_logging(fmt: str = "json", level: int = logging.INFO) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
+
+
+def log_result(result: CaptionResult) -> None:
+    level = {
+        Outcome.CAPTIONED: logging.INFO,
+        Outcome.SKIPPED: logging.INFO,
+        Outcome.BLOCKED: logging.WARNING,
+        Outcome.FAILED: logging.ERROR,
+        Outcome.RETRY: logging.WARNING,
+        Outcome.PLANNED: logging.INFO,
+    }[result.outcome]
+    ref = result.ref
+    generation = result.generation or (ref.generation if ref else None)
+    labels = {"bucket": ref.bucket, "object": ref.name} if ref else {"source": result.source}
+    if generation:
+        labels["generation"] = str(generation)
+    log.log(
+        level,
+        "%s %s%s",
+        result.source,
+        result.outcome.value,
+        f" ({result.reason})" if result.reason else "",
+        extra={
+            "fields": {
+                LABELS_KEY: labels,
+                "bucket": ref.bucket if ref else None,
+                "object": ref.name if ref else result.source,
+                "generation": generation,
+                "outcome": result.outcome.value,
+                "reason": result.reason,
+                "detail": result.message,
+                "recorded": result.recorded,
+                **result.usage.as_fields(),
+                "seconds": round(result.seconds, 3),
+                "stages": dict(result.stages),
+            }
+        },
+    )

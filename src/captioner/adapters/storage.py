@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from captioner.bodies import read_capped
+from captioner.adapters.bodies import read_capped
 from captioner.domain import ObjectInfo, first_unencodable
 from captioner.errors import (
     ConfigurationError,

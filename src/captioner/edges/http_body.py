@@ -4,15 +4,21 @@ Three forms, exactly one per request:
 ``{"objects": ["gs://bucket/name", ...]}``,
 ``{"bucket": "b", "prefix": "p/", "limit": 1000, "overwrite": false, "dry_run": false}``,
 ``{"urls": ["https://...", ...]}``.
+
+Each form is a pydantic model in strict mode (``"true"`` is not true, ``1.0`` is not
+an integer) that forbids unknown fields; pydantic's errors are turned into one
+sentence naming the field, as a caller reading a 400 needs.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from captioner.batch import CaptionRequest, ObjectsRequest, PrefixRequest, UrlsRequest
 from captioner.domain import MAX_OBJECT_NAME_BYTES, ObjectRef, first_unencodable
 from captioner.errors import BadRequestError
 
@@ -22,33 +28,42 @@ MAX_LIMIT = 100_000
 _MAX_URL_LENGTH = 2048
 
 
-@dataclass(frozen=True, slots=True)
-class ObjectsRequest:
-    objects: tuple[ObjectRef, ...]
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class _ObjectsBody(_Body):
+    objects: Annotated[list[str], Field(min_length=1, max_length=MAX_OBJECTS)]
     overwrite: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class PrefixRequest:
-    bucket: str
+class _PrefixBody(_Body):
+    bucket: Annotated[str, Field(min_length=1)]
     prefix: str = ""
-    limit: int = 1000
+    limit: Annotated[int, Field(ge=1, le=MAX_LIMIT)] = 1000
     overwrite: bool = False
     dry_run: bool = False
     if_stale: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class UrlsRequest:
-    urls: tuple[str, ...]
+class _UrlsBody(_Body):
+    urls: Annotated[list[str], Field(min_length=1, max_length=MAX_URLS)]
 
 
-CaptionRequest = ObjectsRequest | PrefixRequest | UrlsRequest
-
-_FIELDS: dict[str, frozenset[str]] = {
-    "objects": frozenset({"objects", "overwrite"}),
-    "bucket": frozenset({"bucket", "prefix", "limit", "overwrite", "dry_run", "if_stale"}),
-    "urls": frozenset({"urls"}),
+# The key that names each form, and its model.
+_FORMS: dict[str, type[_Body]] = {
+    "objects": _ObjectsBody,
+    "bucket": _PrefixBody,
+    "urls": _UrlsBody,
+}
+# What to say about a field whatever pydantic found wrong with it.
+_FIELD_RULES = {
+    "bucket": "'bucket' must be a non-empty string",
+    "prefix": f"'prefix' must be a string of at most {MAX_OBJECT_NAME_BYTES} bytes",
+    "limit": f"'limit' must be an integer from 1 to {MAX_LIMIT}",
+    "overwrite": "'overwrite' must be true or false",
+    "dry_run": "'dry_run' must be true or false",
+    "if_stale": "'if_stale' must be true or false",
 }
 
 
@@ -80,48 +95,57 @@ def parse_request(body: Any) -> CaptionRequest:
         raise BadRequestError(
             f"{where} is not valid Unicode text (a lone surrogate such as \\ud800?)"
         )
-    forms = [key for key in _FIELDS if key in body]
+    forms = [key for key in _FORMS if key in body]
     if len(forms) != 1:
         raise BadRequestError(
             "give exactly one of 'objects', 'bucket' (with 'prefix') or 'urls'"
             + (f"; got {', '.join(forms)}" if forms else "")
         )
     form = forms[0]
-    unknown = sorted(set(body) - _FIELDS[form])
+    try:
+        parsed = _FORMS[form].model_validate(body)
+    except ValidationError as exc:
+        raise BadRequestError(_sentence(exc, form)) from None
+    if isinstance(parsed, _ObjectsBody):
+        refs = tuple(parse_gs_uri(item) for item in parsed.objects)
+        return ObjectsRequest(refs, overwrite=parsed.overwrite)
+    if isinstance(parsed, _UrlsBody):
+        return UrlsRequest(tuple(_check_url(url) for url in parsed.urls))
+    assert isinstance(parsed, _PrefixBody)
+    if len(parsed.prefix.encode("utf-8")) > MAX_OBJECT_NAME_BYTES:
+        raise BadRequestError(_FIELD_RULES["prefix"])
+    return PrefixRequest(
+        bucket=parsed.bucket,
+        prefix=parsed.prefix,
+        limit=parsed.limit,
+        overwrite=parsed.overwrite,
+        dry_run=parsed.dry_run,
+        if_stale=parsed.if_stale,
+    )
+
+
+def _sentence(exc: ValidationError, form: str) -> str:
+    """pydantic's first complaint about a body, as one sentence naming the field."""
+    errors = exc.errors()
+    unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
     if unknown:
-        allowed = ", ".join(sorted(_FIELDS[form]))
-        raise BadRequestError(
+        allowed = ", ".join(sorted(_FORMS[form].model_fields))
+        return (
             f"unknown field(s) {', '.join(map(repr, unknown))}; "
             f"with {form!r} the fields are: {allowed}"
         )
-    if form == "objects":
-        items = _list_of_strings(body, "objects", MAX_OBJECTS)
-        return ObjectsRequest(
-            tuple(parse_gs_uri(item) for item in items),
-            overwrite=_bool(body, "overwrite"),
-        )
-    if form == "urls":
-        return UrlsRequest(tuple(_check_url(u) for u in _list_of_strings(body, "urls", MAX_URLS)))
-    bucket = body["bucket"]
-    if not isinstance(bucket, str) or not bucket:
-        raise BadRequestError("'bucket' must be a non-empty string")
-    prefix = body.get("prefix", "")
-    if (
-        not isinstance(prefix, str)
-        or len(prefix.encode("utf-8", "surrogatepass")) > MAX_OBJECT_NAME_BYTES
-    ):
-        raise BadRequestError("'prefix' must be a string of at most 1024 bytes")
-    limit = body.get("limit", 1000)
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-        raise BadRequestError(f"'limit' must be an integer from 1 to {MAX_LIMIT}")
-    return PrefixRequest(
-        bucket=bucket,
-        prefix=prefix,
-        limit=limit,
-        overwrite=_bool(body, "overwrite"),
-        dry_run=_bool(body, "dry_run"),
-        if_stale=_bool(body, "if_stale"),
-    )
+    error = errors[0]
+    field = str(error["loc"][0])
+    if field in _FIELD_RULES:
+        return _FIELD_RULES[field]
+    # 'objects' or 'urls': a list of strings, neither empty nor too long.
+    if error["type"] == "too_short":
+        return f"{field!r} is empty"
+    if error["type"] == "too_long":
+        limit = MAX_OBJECTS if field == "objects" else MAX_URLS
+        count = len(error["input"]) if isinstance(error["input"], list) else "too many"
+        return f"{field!r} has {count} items; at most {limit} per request"
+    return f"{field!r} must be a list of strings"
 
 
 def parse_gs_uri(value: str) -> ObjectRef:
@@ -155,24 +179,6 @@ def _check_url(value: str) -> str:
         raise BadRequestError(f"{value[:100]!r}: only http and https URLs are fetched")
     if not parts.hostname:
         raise BadRequestError(f"{value[:100]!r} has no host")
-    return value
-
-
-def _list_of_strings(body: dict[str, Any], key: str, limit: int) -> list[str]:
-    value = body[key]
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise BadRequestError(f"{key!r} must be a list of strings")
-    if not value:
-        raise BadRequestError(f"{key!r} is empty")
-    if len(value) > limit:
-        raise BadRequestError(f"{key!r} has {len(value)} items; at most {limit} per request")
-    return value
-
-
-def _bool(body: dict[str, Any], key: str) -> bool:
-    value = body.get(key, False)
-    if not isinstance(value, bool):
-        raise BadRequestError(f"{key!r} must be true or false")
     return value
 
 
