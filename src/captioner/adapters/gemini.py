@@ -286,61 +286,54 @@ class GeminiDescriber:
             ],
         )
         config = self._config_for(spec, room)
-
         # The whole sequence is bounded, so one image cannot hold an invocation
         # past its deadline.
         deadline = self._deadline or (
             self._timeout * self._attempts + self._max_wait * (self._attempts - 1)
         )
         give_up_at = time.monotonic() + deadline
-
-        async def once() -> Description:
-            # Rate limits (429) are waited out here, up to the deadline, without
-            # using up the attempts meant for failures; the limiter meanwhile
-            # lowers the calls in flight. A slot is held per call, not per wait.
-            throttled = 0
-            while True:
-                async with self._limiter.slot() as slot:
-                    try:
-                        response = await self._client.aio.models.generate_content(
-                            model=self.model, contents=contents, config=config
-                        )
-                    except genai_errors.APIError as exc:
-                        error = _classify(exc, self._max_wait)
-                        if isinstance(error, DailyQuotaError):
-                            self._stop_until(_next_quota_day(), error)
-                        if exc.code != 429 or type(error) is not TransientError:
-                            raise error from exc
-                        slot.throttled(error.retry_after)
-                        throttled += 1
-                        wait = self._throttle_wait(error.retry_after, throttled)
-                        if time.monotonic() + wait > give_up_at:
-                            raise error from exc
-                    except TimeoutError as exc:
-                        raise TransientError(
-                            f"Gemini did not answer within {self._timeout:g}s"
-                        ) from exc
-                    except aiohttp.ClientError as exc:
-                        raise TransientError(f"Gemini connection failed: {exc!r}") from exc
-                    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                        # A 200 whose body is not JSON (a proxy's HTML page), or JSON of
-                        # another shape: the SDK's converters and pydantic raise these.
-                        raise TransientError(
-                            f"Gemini's answer could not be read: {str(exc)[:200]}"
-                        ) from exc
-                    else:
-                        slot.succeeded()
-                        # Read here, so that an answer that is no answer is retried too.
-                        return _description(response, self.model)
-                await asyncio.sleep(wait)
-
         return await with_retries(
-            once,
+            lambda: self._call(contents, config, give_up_at),
             attempts=self._attempts,
             deadline=deadline,
             wait_initial=1.0,
             wait_max=self._max_wait,
         )
+
+    async def _call(
+        self, contents: types.Content, config: types.GenerateContentConfig, give_up_at: float
+    ) -> Description:
+        """One attempt. Rate limits (429) are waited out here, up to ``give_up_at``,
+        without using up the attempts meant for failures; the limiter meanwhile lowers
+        the calls in flight. A slot is held per call, not per wait."""
+        throttled = 0
+        while True:
+            async with self._limiter.slot() as slot:
+                try:
+                    response = await self._client.aio.models.generate_content(
+                        model=self.model, contents=contents, config=config
+                    )
+                except genai_errors.APIError as exc:
+                    error = _classify(exc, self._max_wait)
+                    if isinstance(error, DailyQuotaError):
+                        self._stop_until(_next_quota_day(), error)
+                    if exc.code != 429 or type(error) is not TransientError:
+                        raise error from exc
+                    slot.throttled(error.retry_after)
+                    throttled += 1
+                    wait = self._throttle_wait(error.retry_after, throttled)
+                    if time.monotonic() + wait > give_up_at:
+                        raise error from exc
+                except Exception as exc:
+                    error = _transport_error(exc, self._timeout)
+                    if error is exc:
+                        raise
+                    raise error from exc
+                else:
+                    slot.succeeded()
+                    # Read here, so that an answer that is no answer is retried too.
+                    return _description(response, self.model)
+            await asyncio.sleep(wait)
 
     def _throttle_wait(self, retry_after: float | None, throttled: int) -> float:
         """The server's delay (or an exponential one), plus up to as much again at random.
@@ -350,6 +343,20 @@ class GeminiDescriber:
         base = retry_after if retry_after is not None else 0.5 * 2 ** min(throttled - 1, 10)
         base = min(base, self._max_wait)
         return base + self._rng.uniform(0, base)
+
+
+def _transport_error(exc: Exception, timeout: float) -> Exception:
+    """A failure below the API's own errors, as the error to raise (the same one if it
+    is none of these)."""
+    if isinstance(exc, TimeoutError):
+        return TransientError(f"Gemini did not answer within {timeout:g}s")
+    if isinstance(exc, aiohttp.ClientError):
+        return TransientError(f"Gemini connection failed: {exc!r}")
+    if isinstance(exc, ValueError | TypeError | KeyError | AttributeError):
+        # A 200 whose body is not JSON (a proxy's HTML page), or JSON of another
+        # shape: the SDK's converters and pydantic raise these.
+        return TransientError(f"Gemini's answer could not be read: {str(exc)[:200]}")
+    return exc
 
 
 def _classify(exc: genai_errors.APIError, max_wait: float = 30.0) -> Exception:
