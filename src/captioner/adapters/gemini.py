@@ -211,6 +211,18 @@ class GeminiDescriber:
             response_json_schema=schema,
         )
 
+    def request_for(
+        self, image: types.Part, spec: CaptionSpec, room: int | None = None
+    ) -> tuple[types.Content, types.GenerateContentConfig]:
+        """The one generateContent request for an image, sent online (the image's bytes)
+        or written into a batch job (its gs:// URI, adapters/vertex_batch.py): the same
+        prompt, schema, generation, thinking and media-resolution settings either way, so
+        a caption made in a batch is one the online path could have made."""
+        contents = types.Content(
+            role="user", parts=[image, types.Part.from_text(text=spec.full_prompt())]
+        )
+        return contents, self._config_for(spec, self._max_output_tokens if room is None else room)
+
     async def describe(self, image: PreparedImage, spec: CaptionSpec | None = None) -> Description:
         """Caption one image as ``spec`` asks.
 
@@ -278,14 +290,8 @@ class GeminiDescriber:
         self, image: PreparedImage, spec: CaptionSpec, room: int
     ) -> Description:
         self._check_not_stopped()
-        contents = types.Content(
-            role="user",
-            parts=[
-                types.Part.from_bytes(data=image.data, mime_type=image.mime_type),
-                types.Part.from_text(text=spec.full_prompt()),
-            ],
-        )
-        config = self._config_for(spec, room)
+        image_part = types.Part.from_bytes(data=image.data, mime_type=image.mime_type)
+        contents, config = self.request_for(image_part, spec, room)
         # The whole sequence is bounded, so one image cannot hold an invocation
         # past its deadline.
         deadline = self._deadline or (
