@@ -209,3 +209,29 @@ def big_jpeg(
     color: object = (0, 255, 255, 0) if mode == "CMYK" else (90, 140, 200)
     image = Image.new(mode, size, color)  # type: ignore[arg-type]
     return encode(image, "JPEG", quality=50, progressive=progressive, subsampling=subsampling)
+
+
+def other_formats() -> dict[str, tuple[bytes, str]]:
+    """A real photo as each format beyond JPEG/PNG/WebP/GIF that captioner takes,
+    with its content type: HEIC (as iPhones save), AVIF, TIFF (several pages; CMYK;
+    16-bit grey) and BMP."""
+    import captioner.adapters.images  # noqa: F401 - registers the HEIF opener
+
+    picture = Image.open(io.BytesIO(photo("chelsea.jpg"))).convert("RGB")
+    second = Image.new("RGB", picture.size, (0, 0, 255))
+    grey16 = Image.new("I;16", (640, 480))
+    grey16.frombytes(bytes(range(256)) * (640 * 480 * 2 // 256))
+    return {
+        "heic": (encode(picture, "HEIF", quality=80), "image/heic"),
+        "avif": (encode(picture, "AVIF", quality=60), "image/avif"),
+        "tiff-two-pages": (
+            encode(picture, "TIFF", save_all=True, append_images=[second]),
+            "image/tiff",
+        ),
+        "tiff-cmyk": (
+            encode(picture.convert("CMYK"), "TIFF", compression="tiff_lzw"),
+            "image/tiff",
+        ),
+        "tiff-16-bit-grey": (encode(grey16, "TIFF"), "image/tiff"),
+        "bmp": (encode(picture, "BMP"), "image/bmp"),
+    }

@@ -24,7 +24,9 @@ from captioner.rules import RuleBook
 # Content types that are sniffed rather than trusted, when the name looks like an image.
 _GENERIC_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
 # Names that say "image" (the formats images.prepare accepts).
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+IMAGE_SUFFIXES = (
+    ".jpg", ".jpeg", ".png", ".webp", ".gif", ".heic", ".heif", ".avif", ".tif", ".tiff", ".bmp",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

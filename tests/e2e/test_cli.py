@@ -373,3 +373,16 @@ def test_a_loopback_url_is_refused_with_the_setting_that_allows_it(
     assert "blocked-address" in completed.stdout
     assert "CAPTION_URL_ALLOWED_HOSTS" in completed.stdout
     assert gemini.calls == 0
+
+
+def test_describe_a_folder_of_iphone_heic_avif_tiff_and_bmp_files(
+    stack_env: dict[str, str], gemini: Any, tmp_path: Path
+) -> None:
+    suffixes = {"heic": "HEIC", "avif": "avif", "tiff-cmyk": "tif", "bmp": "bmp"}
+    for kind, suffix in suffixes.items():
+        data, _ = images.other_formats()[kind]
+        (tmp_path / f"IMG_{kind}.{suffix}").write_bytes(data)
+    completed = run_cli(stack_env, "describe", str(tmp_path))
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.count("Offline stand-in caption") == 4
+    assert gemini.calls == 4

@@ -25,7 +25,8 @@ CASES: list[tuple[str, bytes, str, str]] = [
     ("text-as-jpeg", b"hello, I am text", "image/jpeg", "error:not-an-image"),
     ("html-as-webp", b"<!doctype html><p>hi</p>", "image/webp", "error:not-an-image"),
     ("pdf-as-png", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj", "image/png", "error:not-an-image"),
-    ("bmp-as-jpeg", images.encode(images.solid(), "BMP"), "image/jpeg", "error:not-an-image"),
+    # BMP is an image now (issue 14): bytes decide, not labels.
+    ("bmp-as-jpeg", images.encode(images.solid(), "BMP"), "image/jpeg", ok),
     ("png-as-jpeg", images.encode(images.solid(), "PNG"), "image/jpeg", ok),
     ("jpeg-as-gif", images.photo(), "image/gif", ok),
     ("jpeg-as-octet-stream", images.photo(), "application/octet-stream", ok),
@@ -92,3 +93,19 @@ def test_the_whole_battery_stays_within_bounded_memory() -> None:
     # Runs after the cases above in this process: ru_maxrss is the peak so far (KiB).
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     assert peak_mib < 1024, f"peak RSS {peak_mib:.0f} MiB"
+
+
+@pytest.mark.parametrize("kind", list(images.other_formats()))
+async def test_heic_avif_tiff_and_bmp_are_captioned_as_images(
+    bucket: Any, runtime: Runtime, gemini: Any, kind: str
+) -> None:
+    data, content_type = images.other_formats()[kind]
+    name = f"phone/IMG_0001.{kind.split('-')[0]}"
+    bucket.blob(name).upload_from_string(data, content_type=content_type)
+    result = await runtime.captioner().caption_object(ObjectRef(bucket.name, name))
+    assert result.outcome is Outcome.CAPTIONED, result.message
+    assert bucket.get_blob(name).metadata["caption-status"] == "ok"
+    (request,) = gemini.requests
+    # Sent as a JPEG that fits the 768 px edge, whatever the source format.
+    assert [image.mime_type for image in request.images] == ["image/jpeg"]
+    assert "JPEG image" in (result.caption or "")  # the stand-in decoded what it got

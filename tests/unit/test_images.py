@@ -17,6 +17,7 @@ from captioner.adapters.images import (
     decode_cost,
     decode_estimate,
     prepare,
+    sniff_format,
 )
 from captioner.errors import PermanentError
 from tests import images
@@ -121,9 +122,10 @@ def test_exif_orientation_is_applied(orientation: int, size: tuple[int, int]) ->
         (images.truncated_jpeg(), "corrupt-image"),
         (images.corrupt_jpeg(), "corrupt-image"),
         (images.png_bomb(), "too-many-pixels"),
-        (images.encode(images.solid((64, 64)), "BMP"), "not-an-image"),
+        (images.encode(images.solid((64, 64)), "BMP")[:80], "corrupt-image"),
+        (images.other_formats()["heic"][0][:300], "corrupt-image"),
     ],
-    ids=["empty", "text", "pdf", "truncated", "corrupt", "bomb", "bmp"],
+    ids=["empty", "text", "pdf", "truncated", "corrupt", "bomb", "truncated-bmp", "truncated-heic"],
 )
 def test_bad_input_is_a_permanent_error_with_a_reason(data: bytes, reason: str) -> None:
     with pytest.raises(PermanentError) as info:
@@ -309,3 +311,26 @@ def test_sixteen_bit_image_with_a_dark_peak_is_not_stretched_to_light_grey() -> 
     image = Image.frombytes("I;16", (100, 100), (200).to_bytes(2, "little") * 10000)
     out = decoded(prepare(images.encode(image, "PNG"), max_edge=768).data).convert("L")
     assert out.getextrema()[1] <= 1  # type: ignore[operator]  # 200/65535 of full scale, not 200/255
+
+
+@pytest.mark.parametrize("kind", list(images.other_formats()))
+def test_heic_avif_tiff_and_bmp_are_prepared_as_jpeg(kind: str) -> None:
+    data, _ = images.other_formats()[kind]
+    assert sniff_format(data) in ("HEIF", "AVIF", "TIFF", "BMP")
+    prepared = prepare(data)
+    assert prepared.mime_type == "image/jpeg"
+    assert prepared.reencoded
+    picture = Image.open(io.BytesIO(prepared.data))
+    if kind == "tiff-two-pages":  # the first page (the photo), not the blue second one
+        red, _green, blue = picture.convert("RGB").resize((1, 1)).getpixel((0, 0))  # type: ignore[misc]
+        assert blue < red + 40
+
+
+@pytest.mark.parametrize(
+    ("fmt", "megapixels", "fits"),
+    [("HEIF", 24, True), ("HEIF", 48, False), ("AVIF", 24, True), ("AVIF", 30, False)],
+)
+def test_heic_and_avif_decode_cost_follows_the_codec(fmt: str, megapixels: int, fits: bool) -> None:
+    width = int((megapixels * 1_000_000 * 4 / 3) ** 0.5)
+    header = Header(fmt, "RGB", width, width * 3 // 4)
+    assert (decode_estimate(header, 768) <= DECODE_BUDGET) is fits

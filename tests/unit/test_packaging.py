@@ -18,6 +18,7 @@ DISTRIBUTIONS = {
     "google.auth": "google-auth",
     "google.genai": "google-genai",
     "PIL": "pillow",
+    "pillow_heif": "pillow-heif",
     "pydantic": "pydantic",
     "stamina": "stamina",
     "tqdm": "tqdm",

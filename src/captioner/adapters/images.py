@@ -28,14 +28,22 @@ import os
 import warnings
 from dataclasses import dataclass
 
+import pillow_heif
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from captioner.domain import PreparedImage
 from captioner.errors import PermanentError
 
-# Formats we accept from a bucket. Gemini itself takes JPEG, PNG and WebP; a GIF
-# is sent as its first frame, re-encoded.
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+# HEIC/HEIF (every iPhone photo since 2017) through pillow-heif, the libheif binding
+# Pillow's own docs point to: BSD-licensed, wheels for CPython 3.11-3.13 on
+# manylinux_2_28 x86_64 (what the python312 Cloud Run runtime, Ubuntu 22.04, runs),
+# decode-only use. AVIF, TIFF and BMP are Pillow's own (AVIF since Pillow 11.2).
+pillow_heif.register_heif_opener()
+
+# Formats we accept from a bucket. JPEG, PNG and WebP small enough are sent as they
+# are; everything else (a GIF's first frame, HEIC, AVIF, a TIFF's first page, BMP)
+# is re-encoded as JPEG, which every Gemini model takes.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "HEIF", "AVIF", "TIFF", "BMP")
 _SENDABLE_AS_IS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 _SENDABLE_MODES = {
     "JPEG": {"RGB", "L"},
@@ -94,6 +102,12 @@ _ROW_BYTES = 8
 _WEBP_BYTES_PER_PIXEL = 16
 # GIF: the first frame in P mode, and Pillow's copy of it for frame disposal.
 _GIF_COPIES = 2
+# HEIF and AVIF decode the whole picture in the codec (libheif, libavif), then
+# Pillow copies it. Measured on a 4000x3000 photo (bench/memory.py's method, a fresh
+# process): HEIF +92 MB (7.7 bytes a pixel), AVIF +112 MB (9.3). So 256 MiB takes
+# HEIC photos up to ~33 MP (a 24 MP iPhone photo costs ~190 MB); a 48 MP one is
+# refused as too-large-to-decode.
+_CODEC_BYTES_PER_PIXEL = {"HEIF": 8, "AVIF": 10}
 # libjpeg keeps every DCT coefficient (64 x 2 bytes per 8x8 block, per component)
 # of a progressive or multi-scan JPEG until the last scan, whatever the output scale.
 _COEFFICIENT_BYTES_PER_BLOCK = 128
@@ -168,6 +182,9 @@ def decode_estimate(header: Header, max_edge: int) -> int:
         decoded = _WEBP_BYTES_PER_PIXEL * width * height + _ROW_BYTES * height
     elif fmt == "GIF":
         decoded = _GIF_COPIES * _image_bytes(header.mode, width, height)
+    elif fmt in _CODEC_BYTES_PER_PIXEL:
+        deep = 2 if ";16" in header.mode or header.mode.startswith("I") else 1
+        decoded = deep * _CODEC_BYTES_PER_PIXEL[fmt] * width * height + _ROW_BYTES * height
     else:
         # PNG: the image, and the decoder's current and previous raw rows (8 bytes a
         # pixel at most, 16-bit RGBA).
@@ -317,6 +334,16 @@ def sniff_format(data: bytes) -> str | None:
         return "GIF"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
+    if data[4:8] == b"ftyp":
+        brand = data[8:12]
+        if brand in (b"avif", b"avis"):
+            return "AVIF"
+        if brand in (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"):
+            return "HEIF"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if data[:2] == b"BM":
+        return "BMP"
     return None
 
 
@@ -496,7 +523,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return background
     if mode == "RGB":
         return image
-    return image.convert("RGB")
+    if mode == "F":  # 32-bit float TIFF: Pillow has no F -> RGB conversion
+        image = image.convert("L")
+    try:
+        return image.convert("RGB")
+    except ValueError as exc:  # a mode Pillow cannot turn into RGB (e.g. some TIFFs)
+        raise PermanentError("unsupported-image", f"cannot read {mode} pixels: {exc}") from None
 
 
 # Metadata. A small image is sent as it came, less what Gemini does not need and the
