@@ -301,27 +301,35 @@ def prepare(
                     reencoded=False,
                 )
             # A structure we cannot walk safely: re-encoding drops the metadata too.
-        if source_format == "JPEG":
-            # Ask libjpeg for the smallest scale that still covers max_edge after rotation.
-            scale = max_edge / max(width, height)
-            image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
-        _load(image)
-        frame = _shrink(image, max_edge)
-        if orientation in _UPRIGHT:
-            # After the resize: the bound is square, and turning fewer pixels is cheaper.
-            frame = frame.transpose(_UPRIGHT[orientation])
-        out = io.BytesIO()
-        frame.save(out, "JPEG", quality=_JPEG_QUALITY)
-        return PreparedImage(
-            data=out.getvalue(),
-            mime_type="image/jpeg",
-            width=frame.width,
-            height=frame.height,
-            source_format=source_format,
-            source_width=width,
-            source_height=height,
-            reencoded=True,
-        )
+        return _reencoded(image, source_format, orientation, max_edge)
+
+
+def _reencoded(
+    image: ImageFile.ImageFile, source_format: str, orientation: int, max_edge: int
+) -> PreparedImage:
+    """Decode (at reduced scale where the format allows), shrink, turn upright, JPEG."""
+    width, height = image.size
+    if source_format == "JPEG":
+        # Ask libjpeg for the smallest scale that still covers max_edge after rotation.
+        scale = max_edge / max(width, height)
+        image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
+    _load(image)
+    frame = _shrink(image, max_edge)
+    if orientation in _UPRIGHT:
+        # After the resize: the bound is square, and turning fewer pixels is cheaper.
+        frame = frame.transpose(_UPRIGHT[orientation])
+    out = io.BytesIO()
+    frame.save(out, "JPEG", quality=_JPEG_QUALITY)
+    return PreparedImage(
+        data=out.getvalue(),
+        mime_type="image/jpeg",
+        width=frame.width,
+        height=frame.height,
+        source_format=source_format,
+        source_width=width,
+        source_height=height,
+        reencoded=True,
+    )
 
 
 def sniff_format(data: bytes) -> str | None:
