@@ -67,18 +67,11 @@ def _main(argv: list[str] | None) -> int:
     if not photos:
         print(f"no photos in {args.photos}", file=sys.stderr)
         return 1
-
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
-
     started = time.monotonic()
     stub_thread = None
     try:
         with FakeGcs() as gcs:
-            env = {
-                "STORAGE_EMULATOR_HOST": gcs.url,
-                "CAPTION_LOG_FORMAT": "text",
-            }
+            env = {"STORAGE_EMULATOR_HOST": gcs.url, "CAPTION_LOG_FORMAT": "text"}
             if os.environ.get("GEMINI_API_KEY"):
                 print("Gemini: the real API (GEMINI_API_KEY is set)")
             else:
@@ -91,48 +84,12 @@ def _main(argv: list[str] | None) -> int:
                     "to use the real API)"
                 )
             print(f"Cloud Storage: fake-gcs-server at {gcs.url}")
-
-            client = storage.Client(
-                project="demo",
-                credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
-                client_options={"api_endpoint": gcs.url},
-            )
-            bucket = client.create_bucket(BUCKET)
-            names = []
-            for path in photos:
-                blob = bucket.blob(f"uploads/{path.name}")
-                blob.metadata = {"uploaded-by": "demo"}
-                blob.upload_from_filename(str(path), content_type="image/jpeg")
-                names.append(blob.name)
-            print(f"uploaded {len(names)} photos to gs://{BUCKET}/uploads/")
-
-            server = FunctionServer("caption_on_upload", env=env, signature_type="cloudevent")
-            with server:
-                resources = [_object_resource(gcs.url, name) for name in names]
-                # The first event alone: how long from the process start to a caption written.
-                status, first_done = _deliver(server.url, resources[0])
-                cold = first_done - server.started_at
-                with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-                    rest = pool.map(lambda r: _deliver(server.url, r)[0], resources[1:])
-                    statuses = [status, *rest]
-                if any(s != 200 for s in statuses):
-                    print(f"some events failed: {statuses}\n{server.log_text()}", file=sys.stderr)
-                    return 1
-
-            print()
-            failures = 0
-            for name in names:
-                blob = bucket.get_blob(name)
-                meta = blob.metadata or {}
-                status = meta.get("caption-status", "(none)")
-                failures += status != "ok"
-                print(f"gs://{BUCKET}/{name}")
-                print(f"  caption-status: {status}   caption-model: {meta.get('caption-model')}")
-                print(f"  caption: {meta.get('caption', '(none)')}")
-                print(f"  alt text: {meta.get('caption-alt', '(none)')}")
-                print(f"  tags: {meta.get('caption-tags', '(none)')}")
-                print(f"  kept owner key uploaded-by={meta.get('uploaded-by')}")
-            print()
+            bucket = _bucket(gcs.url)
+            names = _upload(bucket, photos)
+            cold = _caption(gcs.url, env, names)
+            if cold is None:
+                return 1
+            failures = _show(bucket, names)
             print(f"process start → first caption written: {cold:.2f} s")
             print(f"demo wall time: {time.monotonic() - started:.2f} s")
     finally:
@@ -141,6 +98,62 @@ def _main(argv: list[str] | None) -> int:
     if not failures:
         print(WHAT_NEXT)
     return 1 if failures else 0
+
+
+def _bucket(gcs_url: str) -> Any:
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    client = storage.Client(
+        project="demo",
+        credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+        client_options={"api_endpoint": gcs_url},
+    )
+    return client.create_bucket(BUCKET)
+
+
+def _upload(bucket: Any, photos: list[Path]) -> list[str]:
+    names = []
+    for path in photos:
+        blob = bucket.blob(f"uploads/{path.name}")
+        blob.metadata = {"uploaded-by": "demo"}
+        blob.upload_from_filename(str(path), content_type="image/jpeg")
+        names.append(blob.name)
+    print(f"uploaded {len(names)} photos to gs://{BUCKET}/uploads/")
+    return names
+
+
+def _caption(gcs_url: str, env: dict[str, str], names: list[str]) -> float | None:
+    """Deliver one upload event per photo to the real function; the seconds from its
+    process start to the first caption written, or None if an event failed."""
+    with FunctionServer("caption_on_upload", env=env, signature_type="cloudevent") as server:
+        resources = [_object_resource(gcs_url, name) for name in names]
+        # The first event alone: how long from the process start to a caption written.
+        status, first_done = _deliver(server.url, resources[0])
+        with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+            statuses = [status, *pool.map(lambda r: _deliver(server.url, r)[0], resources[1:])]
+        if any(s != 200 for s in statuses):
+            print(f"some events failed: {statuses}\n{server.log_text()}", file=sys.stderr)
+            return None
+        return first_done - server.started_at
+
+
+def _show(bucket: Any, names: list[str]) -> int:
+    """Print what each photo now carries; the number that did not end ``ok``."""
+    print()
+    failures = 0
+    for name in names:
+        meta = bucket.get_blob(name).metadata or {}
+        status = meta.get("caption-status", "(none)")
+        failures += status != "ok"
+        print(f"gs://{BUCKET}/{name}")
+        print(f"  caption-status: {status}   caption-model: {meta.get('caption-model')}")
+        print(f"  caption: {meta.get('caption', '(none)')}")
+        print(f"  alt text: {meta.get('caption-alt', '(none)')}")
+        print(f"  tags: {meta.get('caption-tags', '(none)')}")
+        print(f"  kept owner key uploaded-by={meta.get('uploaded-by')}")
+    print()
+    return failures
 
 
 if __name__ == "__main__":
