@@ -6,7 +6,7 @@ product's per-family settings (``CAPTION_THINKING=minimal``, ``CAPTION_MEDIA_RES
 and once sending nothing about thinking or media resolution (``model-default``), which is what
 the SDK sends by default and what the product sent before issue 12. Prints a Markdown table.
 
-The numbers are the stand-in's token model (src/captioner_dev/gemini_server.py, "The token
+The numbers are the stand-in's token model (src/captioner_dev/gemini_server/tokens.py, "The token
 model"), not measurements of Gemini: image tokens follow the documented rules
 (https://ai.google.dev/gemini-api/docs/tokens, .../docs/media-resolution); which families think
 by default and what a budget or level allows follow https://ai.google.dev/gemini-api/docs/thinking;

@@ -22,7 +22,7 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 
-from tests.threaded_server import ThreadedServer
+from captioner_dev.threaded import ThreadedServer
 
 
 @dataclass

@@ -7,8 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
+from captioner_dev.threaded import ThreadedServer
 from tests import images
-from tests.threaded_server import ThreadedServer
 
 
 class ImageSite(ThreadedServer):

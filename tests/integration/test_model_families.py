@@ -1,6 +1,6 @@
 """The real pipeline on each model family, against a stand-in that charges like Gemini.
 
-The stand-in's token model (src/captioner_dev/gemini_server.py, "The token model") follows the
+The stand-in's token model (src/captioner_dev/gemini_server/tokens.py) follows the
 documented rules: thinking per family (https://ai.google.dev/gemini-api/docs/thinking), image
 tokens per family and media resolution (https://ai.google.dev/gemini-api/docs/tokens,
 https://ai.google.dev/gemini-api/docs/media-resolution), thinking sharing maxOutputTokens

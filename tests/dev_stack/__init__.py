@@ -1,0 +1,1 @@
+"""Tests of the local stack itself: the Gemini stand-in and its batch emulator."""

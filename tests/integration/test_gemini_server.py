@@ -1,0 +1,55 @@
+"""The product's error classification against each real Gemini error shape, as the
+stand-in sends them (the stand-in's own tests are in tests/dev_stack/)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from google import genai
+from google.genai import errors, types
+
+from captioner_dev.gemini_server import GeminiStub
+
+MODEL = "gemini-2.5-flash"
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[GeminiStub]:
+    async with GeminiStub() as server:
+        yield server
+
+
+@pytest.fixture
+async def client(stub: GeminiStub) -> AsyncIterator[genai.Client]:
+    gemini = genai.Client(api_key="test", http_options=types.HttpOptions(base_url=stub.base_url))
+    yield gemini
+    await gemini.aio.aclose()
+
+
+@pytest.mark.parametrize(
+    ("kind", "outcome"),
+    [
+        ("bad_key", "ConfigurationError"),
+        ("failed_precondition", "ConfigurationError"),
+        ("429", "TransientError"),
+        ("429_per_day", "DailyQuotaError"),
+        ("429_vertex", "TransientError"),
+        ("499", "TransientError"),
+        ("504", "TransientError"),
+    ],
+)
+async def test_the_product_classifies_each_real_error_shape(
+    stub: GeminiStub, client: genai.Client, kind: Any, outcome: str
+) -> None:
+    from captioner.adapters.gemini import _classify
+
+    stub.add_fault(kind, count=1, retry_delay=3)
+    with pytest.raises(errors.APIError) as caught:
+        await client.aio.models.generate_content(model=MODEL, contents="hi")
+
+    classified = _classify(caught.value)
+    assert type(classified).__name__ == outcome
+    if kind == "429":
+        assert getattr(classified, "retry_after", None) == 3.0
