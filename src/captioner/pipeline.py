@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -31,28 +31,18 @@ from captioner.domain import (
 from captioner.errors import ObjectGoneError, PermanentError, TransientError
 from captioner.metadata import MetadataKeys, clean_caption
 from captioner.preparing import DecodeCost, PreparePool, Preparer
-from captioner.recording import Recorder, result_for, verdict
+from captioner.recording import MetadataStore, Recorder, result_for, verdict
 from captioner.rules import RuleBook
 
 log = logging.getLogger("captioner")
 
 
-class Storage(Protocol):
-    async def get_object(self, bucket: str, name: str) -> ObjectInfo: ...
+class Storage(MetadataStore, Protocol):
+    """Reads and writes metadata (recording.MetadataStore) and downloads bytes."""
 
     async def download(
         self, bucket: str, name: str, *, generation: int, max_bytes: int
     ) -> bytes: ...
-
-    async def patch_metadata(
-        self,
-        bucket: str,
-        name: str,
-        metadata: Mapping[str, str],
-        *,
-        if_generation_match: int,
-        if_metageneration_match: int | None,
-    ) -> ObjectInfo: ...
 
 
 class Describer(Protocol):
