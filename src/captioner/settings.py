@@ -64,6 +64,12 @@ class Settings(BaseModel):
     url_allowed_hosts: tuple[str, ...] = ()
     url_timeout: Annotated[float, Field(gt=0, le=600)] = 30.0
     url_max_redirects: Annotated[int, Field(ge=0, le=20)] = 5
+    # Vertex AI batch jobs (captioner batch ...): per-job limits, where runs are kept,
+    # and answers written at once by `batch apply`.
+    batch_max_requests: Annotated[int, Field(ge=1, le=200_000)] = 200_000
+    batch_max_bytes: Annotated[int, Field(ge=4096, le=1_000_000_000)] = 1_000_000_000
+    batch_prefix: str = "captioner-batch/"
+    batch_apply_concurrency: Annotated[int, Field(ge=1, le=1000)] = 64
 
     @field_validator("allowed_buckets", "languages", "url_allowed_hosts", mode="before")
     @classmethod
@@ -104,6 +110,13 @@ class Settings(BaseModel):
 
         default = CaptionSpec(self.prompt, self.mode == "structured", self.languages)
         return RuleBook(default, parse_rules(self.rules))
+
+    @field_validator("batch_prefix")
+    @classmethod
+    def _batch_prefix(cls, value: str) -> str:
+        if not value.endswith("/") or value.startswith("/") or len(value) > 200:
+            raise ValueError("must be a folder name ending in '/', such as 'captioner-batch/'")
+        return value
 
     @field_validator("metadata_prefix")
     @classmethod

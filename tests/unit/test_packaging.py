@@ -16,6 +16,8 @@ PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 DISTRIBUTIONS = {
     "aiohttp": "aiohttp",
     "google.auth": "google-auth",
+    # Only adapters/vertex_batch.py (batch jobs: resumable uploads, streamed reads).
+    "google.cloud": "google-cloud-storage",
     "google.genai": "google-genai",
     "PIL": "pillow",
     "pillow_heif": "pillow-heif",

@@ -2,6 +2,7 @@
 
     captioner describe photos/ cat.jpg https://example.com/dog.png
     captioner backfill gs://my-bucket/products/ [--dry-run] [--overwrite]
+    captioner batch submit|status|apply ...   (Vertex AI batch prediction)
 
 Captions print as they complete. A progress bar (counts, rate, ETA) shows on a
 terminal only. A summary ends every run. Exit codes: 0 all done, 1 some images
@@ -27,6 +28,7 @@ from typing import Any, TextIO
 from captioner import __version__, readback
 from captioner.adapters.files import STDIN
 from captioner.batch import FilesRequest, PrefixRequest, Totals, result_json
+from captioner.batch_jobs import BatchFollowRequest, BatchSubmitRequest, JobReport, SubmitReport
 from captioner.concurrency import bounded_as_completed
 from captioner.decisions import IMAGE_SUFFIXES, looks_like_image
 from captioner.domain import CaptionResult, ObjectInfo, Outcome
@@ -96,7 +98,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--html", metavar="FILE", help="also write one page of thumbnails with their captions"
     )
     export.add_argument("--limit", type=int, help="at most this many images")
+    _add_batch(sub)
     return parser
+
+
+def _add_batch(sub: Any) -> None:
+    batch = sub.add_parser(
+        "batch", help="backfill with Vertex AI batch prediction: half price, within 24 h"
+    )
+    actions = batch.add_subparsers(dest="batch_action", required=True, metavar="ACTION")
+    submit = actions.add_parser(
+        "submit", help="write requests for every image under gs://bucket/prefix, submit jobs"
+    )
+    submit.add_argument("target", help="gs://bucket or gs://bucket/prefix")
+    submit.add_argument("--overwrite", action="store_true", help="caption again even if done")
+    submit.add_argument(
+        "--if-stale", action="store_true", help="only where the model, prompt or rule changed"
+    )
+    submit.add_argument(
+        "--dry-run", action="store_true", help="count images, jobs and the cost; submit nothing"
+    )
+    for name, text in (
+        ("status", "show the state of batch jobs"),
+        ("apply", "write the captions of finished jobs (resumable; twice writes nothing)"),
+    ):
+        follow = actions.add_parser(name, help=text)
+        follow.add_argument(
+            "items",
+            nargs="+",
+            metavar="JOB|gs://bucket/prefix",
+            help="job names, or a bucket prefix whose stored runs to follow",
+        )
+        follow.add_argument("--run", help="only this run of the bucket (its id, from submit)")
+    for parser in actions.choices.values():
+        parser.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
@@ -145,6 +180,8 @@ def _main(argv: list[str] | None) -> int:
                 if getattr(args, "html", None):
                     page = files.enter_context(open(args.html, "w", encoding="utf-8"))
                 return asyncio.run(_read_back(args, settings, out, page))
+        if args.command == "batch":
+            return asyncio.run(_batch(args, settings))
         return asyncio.run(_run(args, settings))
     except KeyboardInterrupt:
         print("interrupted; a second run resumes where this one stopped", file=sys.stderr)
@@ -178,6 +215,91 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         await runtime.aclose()
     _summary(totals, sys.stderr)
     return EXIT_FAILED if totals.failed else EXIT_OK
+
+
+async def _batch(args: argparse.Namespace, settings: Settings) -> int:
+    """`captioner batch submit|status|apply` (Vertex AI batch prediction)."""
+    from captioner.adapters.vertex_batch import opened
+
+    request = _batch_request(args)
+    dry_run = isinstance(request, BatchSubmitRequest) and request.dry_run
+    try:
+        async with opened(settings, needs_vertex=not dry_run) as jobs:
+            if isinstance(request, BatchSubmitRequest):
+                report = await jobs.submit(request)
+                _print_submit(report, as_json=args.json)
+                return EXIT_OK
+            reports = [r async for r in jobs.follow(request)]
+    except ObjectGoneError as exc:
+        print(f"error: {exc} (does the bucket exist?)", file=sys.stderr)
+        return EXIT_USAGE
+    except (PermanentError, TransientError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for job in reports:
+        _print_job(job, as_json=args.json)
+    unfinished = [r for r in reports if not r.applied]
+    left = sum(r.totals.failed for r in reports)
+    if request.action == "apply":
+        totals = Totals()
+        for job in reports:
+            totals.counts.update(job.totals.counts)
+            totals.skipped.update(job.totals.skipped)
+        _summary(totals, sys.stderr)
+    return EXIT_FAILED if unfinished or left else EXIT_OK
+
+
+def _batch_request(args: argparse.Namespace) -> BatchSubmitRequest | BatchFollowRequest:
+    if args.batch_action == "submit":
+        bucket, prefix = _parse_target(args.target)
+        return BatchSubmitRequest(bucket, prefix, args.overwrite, args.if_stale, args.dry_run)
+    targets = [item for item in args.items if item.startswith("gs://")]
+    names = tuple(item for item in args.items if not item.startswith("gs://"))
+    if len(targets) > 1 or (targets and names):
+        raise BadRequestError("give job names, or one gs://bucket/prefix, not both")
+    if args.run and not targets:
+        raise BadRequestError("--run needs the bucket: captioner batch ... gs://bucket/ --run ID")
+    if not targets:
+        return BatchFollowRequest(args.batch_action, names)
+    bucket, prefix = _parse_target(targets[0])
+    return BatchFollowRequest(args.batch_action, (), bucket, prefix, args.run)
+
+
+def _print_submit(report: SubmitReport, *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report.as_json(), ensure_ascii=False), flush=True)
+    else:
+        for job in report.jobs:
+            print(job.name, flush=True)
+    why = ", ".join(f"{n} {reason}" for reason, n in report.totals.skipped.most_common())
+    cost = "" if report.cost is None else f", about ${report.cost:,.2f} at the batch price"
+    verb = "would submit" if report.run is None else "submitted"
+    print(
+        f"{verb} {report.images} images in {report.shards} jobs"
+        + (f" (run {report.run}, manifest {report.manifest})" if report.run else "")
+        + (f"; skipped {why}" if why else "")
+        + cost,
+        file=sys.stderr,
+    )
+    _token_line("estimated tokens", report.estimate.as_fields(), sys.stderr)
+
+
+def _print_job(job: JobReport, *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(job.as_json(), ensure_ascii=False), flush=True)
+        return
+    entry = job.as_json()
+    counts = ", ".join(f"{k} {v}" for k, v in entry.get("results", {}).items())
+    fields = [
+        job.status.name,
+        job.status.state,
+        f"{job.requests} requests",
+        "applied" if job.applied else "not applied",
+        *([counts] if counts else []),
+        *([job.note] if job.note else []),
+        *([f"error: {job.status.error}"] if job.status.error else []),
+    ]
+    print("\t".join(fields), flush=True)
 
 
 async def _request(
