@@ -787,7 +787,7 @@ class BatchJobs:
         if not status.ended:
             report.note = f"not finished ({status.state}); apply again later"
             return
-        files = await self._output_files(paths.bucket, status)
+        files = await output_files(self._blobs, paths.bucket, status)
         if not files:
             report.note = f"{status.state} with no output: its images are left for the next run"
             await self._save(paths, status.name, {"done": True, "files": {}})
@@ -803,20 +803,6 @@ class BatchJobs:
         report.applied = True
         if status.state != "SUCCEEDED":
             report.note = f"{status.state}: requests without an answer are left for the next run"
-
-    async def _output_files(self, bucket: str, status: JobStatus) -> list[str]:
-        where = status.output_dir or status.dest
-        if not where:
-            return []
-        out_bucket, _, prefix = where.removeprefix("gs://").partition("/")
-        if out_bucket != bucket:
-            raise PermanentError("not-ours", f"job output {where} is outside gs://{bucket}")
-        names = await self._blobs.names(bucket, prefix.rstrip("/") + "/")
-        return sorted(
-            n
-            for n in names
-            if n.rsplit("/", 1)[-1].startswith("predictions") and n.endswith(".jsonl")
-        )
 
     async def _save(self, paths: RunPaths, job: str, data: Mapping[str, Any]) -> None:
         await self._blobs.write_json(paths.bucket, paths.checkpoint(job), data)
@@ -1027,6 +1013,20 @@ class _Applier:
                 translations=captions.translations,
             ),
         )
+
+
+async def output_files(blobs: Blobs, bucket: str, status: JobStatus) -> list[str]:
+    """The answer files a job wrote (``predictions*.jsonl`` under its output folder)."""
+    where = status.output_dir or status.dest
+    if not where:
+        return []
+    out_bucket, _, prefix = where.removeprefix("gs://").partition("/")
+    if out_bucket != bucket:
+        raise PermanentError("not-ours", f"job output {where} is outside gs://{bucket}")
+    names = await blobs.names(bucket, prefix.rstrip("/") + "/")
+    return sorted(
+        n for n in names if n.rsplit("/", 1)[-1].startswith("predictions") and n.endswith(".jsonl")
+    )
 
 
 def _times(usage: Usage, n: int) -> Usage:
