@@ -14,6 +14,7 @@ from typing import Final, Self
 from aiohttp import web
 
 from captioner_dev.gemini_server.answer import Answerer, Outcome
+from captioner_dev.gemini_server.batch_http import BatchEmulator
 from captioner_dev.gemini_server.config import (
     CLIENT_MAX_SIZE,
     DEFAULT_BAD_KEY_PREFIX,
@@ -55,6 +56,8 @@ class GeminiStub(StubState):
         self._stopping: asyncio.Event | None = None
         self._base_url: str | None = None
         self._answerer = Answerer(self._sleep)
+        # Vertex AI batch prediction jobs (batch.py): settings, faults and the jobs it got.
+        self.batch = BatchEmulator(self._answerer, self._sleep)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -82,6 +85,7 @@ class GeminiStub(StubState):
         runner, self._runner = self._runner, None
         if self._stopping is not None:
             self._stopping.set()
+        await self.batch.aclose()
         if runner is not None:
             await runner.cleanup()
         self._base_url = None
@@ -113,10 +117,16 @@ class GeminiStub(StubState):
         app.router.add_get("/_stub/config", self._http_get_config)
         app.router.add_post("/_stub/config", self._http_post_config)
         app.router.add_post("/_stub/reset", self._http_reset)
+        self.batch.add_routes(app)
         # One catch-all instead of aiohttp patterns: a "{model}" variable cannot span the "/"
         # of Vertex resource names, and the ":action" suffix is easier to split with a regex.
         app.router.add_route("*", "/{tail:.*}", self._http_model)
         return app
+
+    def reset(self) -> None:
+        """Clears faults, latency, quota, the request log and the batch jobs and settings."""
+        super().reset()
+        self.batch.reset()
 
     # -- state --------------------------------------------------------------------------------
 
