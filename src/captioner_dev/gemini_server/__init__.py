@@ -24,9 +24,35 @@ The package, by concern:
   ``schema``: answer text and the response-schema filler;
 - ``answer``: answering one parsed request (shared by the online route and batch);
 - ``server``: the server, its ``/_stub/*`` control routes and the thread helper;
+- ``batch``, ``batch_run``, ``batch_http``: the Vertex AI batch prediction emulator;
 - ``cli``: the command line.
+
+Batch prediction (Vertex AI only, as google-genai's ``client.aio.batches`` calls it with
+``vertexai=True``, a project, a location and ``HttpOptions(base_url=stub.base_url)``):
+
+- Emulated: ``create`` (``src="gs://….jsonl"``, ``dest="gs://…/"``), ``get`` (full name or
+  numeric ID), ``list`` (pages; ``filter`` ignored), ``cancel`` and ``delete``; the states
+  QUEUED → PENDING → RUNNING → SUCCEEDED, each stage ``stub.batch`` ``stage_seconds`` long
+  (0.05 s by default), CANCELLING → CANCELLED, FAILED, PARTIALLY_SUCCEEDED and EXPIRED on
+  request. A job reads its JSONL and the ``gs://`` images of ``fileData`` parts from
+  fake-gcs-server (``STORAGE_EMULATOR_HOST``, or ``stub.batch.storage_endpoint``), answers each
+  line exactly as an online ``generateContent`` call (captions, tokens, finish reasons, online
+  fault kinds) and writes ``<outputUriPrefix>/prediction-model-<create time>/predictions.jsonl``,
+  a line per input line with ``status``, ``processed_time`` and ``response``.
+- Controls: ``stub.batch.add_line_fault(kind, match=…)`` (a FaultRule for batch lines only: an
+  error kind becomes the line's ``status``), ``stub.batch.add_job_fault("FAILED" |
+  "PARTIALLY_SUCCEEDED" | "EXPIRED", match=…)``, ``stub.batch.configure(stage_seconds=…)``;
+  ``GET``/``POST /_stub/batch`` over HTTP. ``stub.batch.jobs`` records each job with a
+  RequestRecord per line (batch lines are not in ``stub.requests`` nor ``stub.calls``).
+- Not emulated: BigQuery input or output, wildcards in input URIs, the Gemini Developer API's
+  own batch mode (``batches/…``, inline requests), several output files or ``errors_*`` files,
+  quotas, the online latency model, IAM (any bearer token works), the 200,000-request and
+  1 GB limits, jobs surviving a restart of the stand-in. The exact text of a failed line's
+  ``status`` is the stand-in's own (``"<HTTP reason>: <the online error JSON>"``).
 """
 
+from captioner_dev.gemini_server.batch import BatchJob, BatchJobFault
+from captioner_dev.gemini_server.batch_http import BatchEmulator
 from captioner_dev.gemini_server.cli import main
 from captioner_dev.gemini_server.config import (
     FAULT_KINDS,
@@ -47,6 +73,9 @@ from captioner_dev.gemini_server.tokens import (
 
 __all__ = [
     "FAULT_KINDS",
+    "BatchEmulator",
+    "BatchJob",
+    "BatchJobFault",
     "FaultKind",
     "FaultRule",
     "GeminiStub",
