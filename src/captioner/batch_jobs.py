@@ -709,11 +709,22 @@ class BatchJobs:
     # ------------------------------------------------------------ status and apply
 
     async def follow(
-        self, request: BatchFollowRequest, *, deadline: float | None = None
+        self,
+        request: BatchFollowRequest,
+        *,
+        deadline: float | None = None,
+        allowed: Callable[[str], bool] | None = None,
     ) -> AsyncIterator[JobReport]:
-        """A report per job: its state (``status``) or what applying it did (``apply``)."""
+        """A report per job: its state (``status``) or what applying it did (``apply``).
+        ``allowed`` says which buckets a job may write to (the HTTP function's list)."""
         stop_at = None if deadline is None else time.monotonic() + deadline
         async for manifest, entry in self._entries(request):
+            if allowed is not None and not allowed(manifest.bucket):
+                raise BadRequestError(
+                    f"job {entry.name} writes to bucket {manifest.bucket}, which is not in "
+                    "CAPTION_ALLOWED_BUCKETS",
+                    status=403,
+                )
             status = await self._job_status(entry.name)
             report = JobReport(status, manifest.run, entry.requests)
             paths = RunPaths.of(manifest.bucket, self._batch_prefix, manifest.run)
@@ -736,7 +747,7 @@ class BatchJobs:
                 status = await self._job_status(name)
                 if not status.source:
                     raise BadRequestError(f"job {name} names no request file: not ours?")
-                manifest = await self._manifest(RunPaths.from_shard(status.source))
+                manifest = await read_manifest(self._blobs, RunPaths.from_shard(status.source))
                 entry = next((j for j in manifest.jobs if j.name == status.name), None)
                 if entry is None:
                     raise BadRequestError(f"job {name} is not in its run's manifest")
@@ -744,33 +755,12 @@ class BatchJobs:
             return
         if request.bucket is None:
             raise BadRequestError("name a job, or a gs://bucket/prefix whose runs to follow")
-        for manifest in await self._manifests(request.bucket, request.prefix, request.run):
+        found = await find_manifests(
+            self._blobs, self._batch_prefix, request.bucket, request.prefix, request.run
+        )
+        for manifest in found:
             for entry in manifest.jobs:
                 yield manifest, entry
-
-    async def _manifest(self, paths: RunPaths) -> Manifest:
-        data = await self._blobs.read_json(paths.bucket, paths.manifest)
-        if data is None:
-            raise BadRequestError(f"no batch run at gs://{paths.bucket}/{paths.root}")
-        return Manifest.from_json(data)
-
-    async def _manifests(self, bucket: str, prefix: str, run: str | None) -> list[Manifest]:
-        if run is not None:
-            return [await self._manifest(RunPaths.of(bucket, self._batch_prefix, run))]
-        found = []
-        for name in sorted(await self._blobs.names(bucket, self._batch_prefix)):
-            if not name.endswith("/jobs.json"):
-                continue
-            data = await self._blobs.read_json(bucket, name)
-            if data is not None:
-                manifest = Manifest.from_json(data)
-                if manifest.prefix.startswith(prefix):
-                    found.append(manifest)
-        if not found:
-            raise BadRequestError(
-                f"no batch runs for gs://{bucket}/{prefix} under {self._batch_prefix}"
-            )
-        return found
 
     async def _apply(
         self,
@@ -1013,6 +1003,33 @@ class _Applier:
                 translations=captions.translations,
             ),
         )
+
+
+async def read_manifest(blobs: Blobs, paths: RunPaths) -> Manifest:
+    data = await blobs.read_json(paths.bucket, paths.manifest)
+    if data is None:
+        raise BadRequestError(f"no batch run at gs://{paths.bucket}/{paths.root}")
+    return Manifest.from_json(data)
+
+
+async def find_manifests(
+    blobs: Blobs, batch_prefix: str, bucket: str, prefix: str, run: str | None
+) -> list[Manifest]:
+    """The runs stored for ``gs://bucket/prefix`` (every one, or the one named)."""
+    if run is not None:
+        return [await read_manifest(blobs, RunPaths.of(bucket, batch_prefix, run))]
+    found = []
+    for name in sorted(await blobs.names(bucket, batch_prefix)):
+        if not name.endswith("/jobs.json"):
+            continue
+        data = await blobs.read_json(bucket, name)
+        if data is not None:
+            manifest = Manifest.from_json(data)
+            if manifest.prefix.startswith(prefix):
+                found.append(manifest)
+    if not found:
+        raise BadRequestError(f"no batch runs for gs://{bucket}/{prefix} under {batch_prefix}")
+    return found
 
 
 async def output_files(blobs: Blobs, bucket: str, status: JobStatus) -> list[str]:

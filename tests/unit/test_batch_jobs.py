@@ -541,3 +541,39 @@ def test_an_api_key_client_is_refused_naming_the_vertex_variables() -> None:
     with pytest.raises(ConfigurationError, match="GOOGLE_GENAI_USE_VERTEXAI") as caught:
         VertexJobs(client)
     assert str(caught.value) == NEEDS_VERTEX
+
+
+# ---------------------------------------------------------------- HTTP bodies
+
+
+def test_http_batch_bodies_parse_into_batch_requests() -> None:
+    from captioner.edges.http_body import parse_body
+
+    submit = parse_body(b'{"batch": "submit", "bucket": "b", "prefix": "p/", "if_stale": true}')
+    assert submit == BatchSubmitRequest("b", "p/", if_stale=True)
+    status = parse_body(
+        b'{"batch": "status", "job": "projects/p/locations/l/batchPredictionJobs/1"}'
+    )
+    assert status == BatchFollowRequest("status", ("projects/p/locations/l/batchPredictionJobs/1",))
+    apply_run = parse_body(b'{"batch": "apply", "bucket": "b", "run": "20261130-101500-ab12"}')
+    assert apply_run == BatchFollowRequest("apply", (), "b", "", "20261130-101500-ab12")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"batch": "run", "bucket": "b"}', "'batch' must be"),
+        (b'{"batch": "submit"}', "'bucket' must be a non-empty string"),
+        (b'{"batch": "submit", "bucket": "b", "dry_run": "yes"}', "'dry_run' must be true"),
+        (b'{"batch": "apply"}', "give 'job', or 'bucket'"),
+        (b'{"batch": "apply", "job": "j", "bucket": "b"}', "give 'job', or 'bucket'"),
+        (b'{"batch": "apply", "job": "j", "run": "r"}', "go with 'bucket'"),
+        (b'{"batch": "status", "job": "j", "limit": 3}', "unknown field(s) 'limit'"),
+    ],
+)
+def test_http_batch_bodies_that_are_wrong_say_what_is_wrong(body: bytes, message: str) -> None:
+    from captioner.edges.http_body import parse_body
+    from captioner.errors import BadRequestError
+
+    with pytest.raises(BadRequestError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_body(body)

@@ -18,9 +18,16 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from captioner.batch import BatchRun, CaptionRequest, ObjectsRequest, PrefixRequest, result_json
+from captioner.batch_jobs import BatchFollowRequest, BatchRequest, BatchSubmitRequest
 from captioner.edges.http_body import parse_body
 from captioner.edges.logs import log_result
-from captioner.errors import BadRequestError, ObjectGoneError, PermanentError, TransientError
+from captioner.errors import (
+    BadRequestError,
+    ConfigurationError,
+    ObjectGoneError,
+    PermanentError,
+    TransientError,
+)
 from captioner.runtime import Runtime
 
 MAX_BODY = 1024 * 1024
@@ -69,6 +76,8 @@ async def _handle(runtime: Runtime, request: Request, request_id: str) -> Respon
         headers = {"Allow": "POST"} if exc.status == 405 else {}
         return error(exc.status, str(exc), **headers)
 
+    if isinstance(caption_request, BatchSubmitRequest | BatchFollowRequest):
+        return await _batch_jobs(runtime, caption_request)
     run = runtime.batch(caption_request)
     deadline = runtime.settings.http_deadline
     if NDJSON in request.headers.get("accept", ""):
@@ -90,6 +99,38 @@ async def _handle(runtime: Runtime, request: Request, request_id: str) -> Respon
         return error(503, f"try again later: {exc}")
     _log_summary(run)
     return JSONResponse({"results": results, "totals": run.totals.as_dict(), **answer})
+
+
+async def _batch_jobs(runtime: Runtime, request: BatchRequest) -> Response:
+    """Submit, or follow and apply, Vertex AI batch jobs (captioner.batch_jobs)."""
+    from captioner.adapters.vertex_batch import NEEDS_VERTEX, opened
+
+    settings = runtime.settings
+    dry_run = isinstance(request, BatchSubmitRequest) and request.dry_run
+    try:
+        async with opened(settings, needs_vertex=not dry_run) as jobs:
+            if isinstance(request, BatchSubmitRequest):
+                return JSONResponse((await jobs.submit(request)).as_json())
+            # Apply stops a little before the deadline with its checkpoint saved: the
+            # answer says so, and the same request goes on from there.
+            follow = jobs.follow(
+                request,
+                deadline=max(1.0, settings.http_deadline - 15),
+                allowed=lambda bucket: bucket in settings.allowed_buckets,
+            )
+            reports = [report.as_json() async for report in follow]
+    except BadRequestError as exc:
+        return error(exc.status, str(exc))
+    except ConfigurationError as exc:
+        # A deployment with an API key has no batch mode for gs:// images (README).
+        return error(501 if str(exc) == NEEDS_VERTEX else 503, str(exc))
+    except ObjectGoneError as exc:
+        return error(404, str(exc))
+    except PermanentError as exc:
+        return error(400, str(exc))
+    except TransientError as exc:
+        return error(503, f"try again later: {exc}")
+    return JSONResponse({"jobs": reports})
 
 
 def _deadline_message(deadline: float) -> str:
@@ -131,7 +172,7 @@ def _line(entry: dict[str, Any]) -> bytes:
     return json.dumps(entry, ensure_ascii=False).encode() + b"\n"
 
 
-async def _parse(runtime: Runtime, request: Request) -> CaptionRequest:
+async def _parse(runtime: Runtime, request: Request) -> CaptionRequest | BatchRequest:
     if request.method != "POST":
         raise BadRequestError(f"{request.method} is not allowed: POST a JSON body", status=405)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -156,11 +197,13 @@ async def _parse(runtime: Runtime, request: Request) -> CaptionRequest:
     return parsed
 
 
-def _check_allowed(runtime: Runtime, parsed: CaptionRequest) -> None:
+def _check_allowed(runtime: Runtime, parsed: CaptionRequest | BatchRequest) -> None:
     if isinstance(parsed, ObjectsRequest):
         buckets = {ref.bucket for ref in parsed.objects}
-    elif isinstance(parsed, PrefixRequest):
+    elif isinstance(parsed, PrefixRequest | BatchSubmitRequest):
         buckets = {parsed.bucket}
+    elif isinstance(parsed, BatchFollowRequest) and parsed.bucket is not None:
+        buckets = {parsed.bucket}  # a job's bucket is checked once its manifest is read
     else:
         return
     allowed = set(runtime.settings.allowed_buckets)

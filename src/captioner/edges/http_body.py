@@ -1,6 +1,6 @@
 """HTTP request bodies → typed requests, or a BadRequestError that says what is wrong.
 
-Three forms, exactly one per request:
+Three forms of captioning, exactly one per request, and batch jobs (``"batch"``):
 ``{"objects": ["gs://bucket/name", ...]}``,
 ``{"bucket": "b", "prefix": "p/", "limit": 1000, "overwrite": false, "dry_run": false}``,
 ``{"urls": ["https://...", ...]}``.
@@ -13,12 +13,13 @@ sentence naming the field, as a caller reading a 400 needs.
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from captioner.batch import CaptionRequest, ObjectsRequest, PrefixRequest, UrlsRequest
+from captioner.batch_jobs import BatchFollowRequest, BatchRequest, BatchSubmitRequest
 from captioner.domain import MAX_OBJECT_NAME_BYTES, ObjectRef, first_unencodable
 from captioner.errors import BadRequestError
 
@@ -50,6 +51,23 @@ class _UrlsBody(_Body):
     urls: Annotated[list[str], Field(min_length=1, max_length=MAX_URLS)]
 
 
+class _BatchSubmitBody(_Body):
+    batch: Literal["submit"]
+    bucket: Annotated[str, Field(min_length=1)]
+    prefix: str = ""
+    overwrite: bool = False
+    dry_run: bool = False
+    if_stale: bool = False
+
+
+class _BatchFollowBody(_Body):
+    batch: Literal["status", "apply"]
+    job: Annotated[str | None, Field(min_length=1, max_length=300)] = None
+    bucket: Annotated[str | None, Field(min_length=1)] = None
+    prefix: str = ""
+    run: Annotated[str | None, Field(min_length=1, max_length=100)] = None
+
+
 # The key that names each form, and its model.
 _FORMS: dict[str, type[_Body]] = {
     "objects": _ObjectsBody,
@@ -64,10 +82,13 @@ _FIELD_RULES = {
     "overwrite": "'overwrite' must be true or false",
     "dry_run": "'dry_run' must be true or false",
     "if_stale": "'if_stale' must be true or false",
+    "batch": '\'batch\' must be "submit", "status" or "apply"',
+    "job": "'job' must be a batch job's name (projects/…/batchPredictionJobs/ID)",
+    "run": "'run' must be a run id, as submit answered it",
 }
 
 
-def parse_body(raw: bytes) -> CaptionRequest:
+def parse_body(raw: bytes) -> CaptionRequest | BatchRequest:
     """Parse and check a request body. Every problem is a BadRequestError (400)."""
     try:
         # Decoded here: json.loads on bytes would also accept UTF-16 and UTF-32.
@@ -85,7 +106,7 @@ def parse_body(raw: bytes) -> CaptionRequest:
     return parse_request(body)
 
 
-def parse_request(body: Any) -> CaptionRequest:
+def parse_request(body: Any) -> CaptionRequest | BatchRequest:
     if not isinstance(body, dict):
         raise BadRequestError(
             f"the body must be a JSON object, not {_json_type(body)}; "
@@ -95,6 +116,8 @@ def parse_request(body: Any) -> CaptionRequest:
         raise BadRequestError(
             f"{where} is not valid Unicode text (a lone surrogate such as \\ud800?)"
         )
+    if "batch" in body:
+        return parse_batch(body)
     forms = [key for key in _FORMS if key in body]
     if len(forms) != 1:
         raise BadRequestError(
@@ -124,12 +147,36 @@ def parse_request(body: Any) -> CaptionRequest:
     )
 
 
-def _sentence(exc: ValidationError, form: str) -> str:
+def parse_batch(body: dict[str, Any]) -> BatchRequest:
+    """``{"batch": "submit", "bucket": …, "prefix": …}`` or ``{"batch": "status"|"apply",
+    "job": …}`` (or ``"bucket"``, ``"prefix"`` and ``"run"`` instead of ``"job"``)."""
+    submit = body.get("batch") == "submit"
+    model: type[_Body] = _BatchSubmitBody if submit else _BatchFollowBody
+    try:
+        parsed = model.model_validate(body)
+    except ValidationError as exc:
+        raise BadRequestError(_sentence(exc, "batch", model)) from None
+    if len(str(getattr(parsed, "prefix", "")).encode("utf-8")) > MAX_OBJECT_NAME_BYTES:
+        raise BadRequestError(_FIELD_RULES["prefix"])
+    if isinstance(parsed, _BatchSubmitBody):
+        return BatchSubmitRequest(
+            parsed.bucket, parsed.prefix, parsed.overwrite, parsed.if_stale, parsed.dry_run
+        )
+    assert isinstance(parsed, _BatchFollowBody)
+    if (parsed.job is None) == (parsed.bucket is None):
+        raise BadRequestError("give 'job', or 'bucket' (with 'prefix' or 'run'), not both")
+    if parsed.job is not None and (parsed.run or parsed.prefix):
+        raise BadRequestError("'run' and 'prefix' go with 'bucket', not with 'job'")
+    jobs = () if parsed.job is None else (parsed.job,)
+    return BatchFollowRequest(parsed.batch, jobs, parsed.bucket, parsed.prefix, parsed.run)
+
+
+def _sentence(exc: ValidationError, form: str, model: type[_Body] | None = None) -> str:
     """pydantic's first complaint about a body, as one sentence naming the field."""
     errors = exc.errors()
     unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
     if unknown:
-        allowed = ", ".join(sorted(_FORMS[form].model_fields))
+        allowed = ", ".join(sorted((model or _FORMS[form]).model_fields))
         return (
             f"unknown field(s) {', '.join(map(repr, unknown))}; "
             f"with {form!r} the fields are: {allowed}"
