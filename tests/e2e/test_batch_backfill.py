@@ -1,0 +1,264 @@
+"""`captioner batch` and caption_http's batch bodies on the local stack: fake-gcs-server,
+and the Gemini stand-in's Vertex AI batch prediction emulator reached by google-genai."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import requests
+
+from captioner_dev.functions import FunctionServer
+from tests import images
+from tests.e2e.test_cli import run_cli
+from tests.objects import metadata, upload
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def vertex_env(stack_env: dict[str, str]) -> dict[str, str]:
+    """The stack in Vertex AI mode: batch jobs exist only there."""
+    env = {k: v for k, v in stack_env.items() if k != "GEMINI_API_KEY"}
+    return {
+        **env,
+        "GEMINI_API_KEY": "",
+        "GOOGLE_GENAI_USE_VERTEXAI": "true",
+        "GOOGLE_CLOUD_PROJECT": "p",
+        "GOOGLE_CLOUD_LOCATION": "us-central1",
+    }
+
+
+def png(i: int) -> bytes:
+    return images.encode(images.solid((40 + i % 50, 30 + i % 7)), "PNG")
+
+
+def upload_many(bucket: Any, names: list[str]) -> None:
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda n: upload(bucket, n[1], png(n[0]), "image/png"), enumerate(names)))
+
+
+def wait_for_jobs(env: dict[str, str], target: str, timeout: float = 60) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        done = run_cli(env, "batch", "status", target, "--json")
+        jobs = [json.loads(line) for line in done.stdout.splitlines()]
+        if jobs and all(j["state"] not in ("QUEUED", "PENDING", "RUNNING") for j in jobs):
+            return jobs
+        assert time.monotonic() < deadline, done.stdout + done.stderr
+        time.sleep(0.3)
+
+
+def test_a_prefix_is_submitted_applied_and_applied_again_writing_nothing(
+    vertex_env: dict[str, str], gemini: Any, bucket: Any
+) -> None:
+    env = {**vertex_env, "CAPTION_BATCH_MAX_REQUESTS": "120"}
+    names = [f"archive/{i:04}.png" for i in range(300)]
+    upload_many(bucket, names)
+    upload(bucket, "archive/readme.txt", b"hi", "text/plain")
+    target = f"gs://{bucket.name}/archive/"
+
+    dry = run_cli(env, "batch", "submit", target, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would submit 300 images in 3 jobs" in dry.stderr
+    assert "at the batch price" in dry.stderr
+    assert gemini.batch.jobs == []
+
+    submitted = run_cli(env, "batch", "submit", target, "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    report = json.loads(submitted.stdout)
+    assert report["images"] == 300
+    assert [j["requests"] for j in report["jobs"]] == [120, 120, 60]
+    assert report["skipped_by_reason"] == {"not-an-image": 1}
+
+    # Between submit and apply: a new upload, a deletion, and two edits by the owner.
+    replaced = upload(bucket, "archive/0000.png", png(999), "image/png")
+    bucket.blob("archive/0001.png").delete()
+    blob = bucket.get_blob("archive/0002.png")
+    blob.metadata = {"uploaded-by": "alice"}
+    blob.patch()
+    blob = bucket.get_blob("archive/0003.png")
+    blob.metadata = {"caption": "the owner's own words"}
+    blob.patch()
+
+    jobs = wait_for_jobs(env, target)
+    assert [j["state"] for j in jobs] == ["SUCCEEDED"] * 3
+
+    applied = run_cli(env, "batch", "apply", target)
+    assert applied.returncode == 0, applied.stderr
+    assert "done 297" in applied.stderr
+    assert "1 superseded" in applied.stderr
+    assert "1 gone" in applied.stderr
+    assert "1 metadata-conflict" in applied.stderr
+
+    assert metadata(bucket, "archive/0000.png") == {}  # the new image: not the old words
+    assert bucket.get_blob("archive/0000.png").generation == replaced.generation
+    assert metadata(bucket, "archive/0003.png") == {"caption": "the owner's own words"}
+    kept = metadata(bucket, "archive/0002.png")
+    assert kept["uploaded-by"] == "alice"
+    assert kept["caption-status"] == "ok"
+    one = metadata(bucket, "archive/0010.png")
+    assert one["caption-model"] == "gemini-2.5-flash"
+    assert one["caption-generation"] == str(bucket.get_blob("archive/0010.png").generation)
+    assert one["caption-rule"] == "default"
+    assert one["caption"]
+    assert one["caption-alt"]
+    assert one["caption-tags"]
+
+    metagenerations = {b.name: b.metageneration for b in bucket.list_blobs(prefix="archive/")}
+    again = run_cli(env, "batch", "apply", target, "--json")
+    assert again.returncode == 0, again.stderr
+    assert all(json.loads(line)["applied"] for line in again.stdout.splitlines())
+    after = {b.name: b.metageneration for b in bucket.list_blobs(prefix="archive/")}
+    assert after == metagenerations  # nothing written the second time
+
+    # A backfill afterwards finds every image done but the two left to it.
+    backfill = run_cli(env, "backfill", target, "--dry-run")
+    assert "would caption 1" in backfill.stderr  # 0000.png, the new upload
+
+
+def test_a_caption_made_in_a_batch_is_the_one_made_online(
+    vertex_env: dict[str, str], stack_env: dict[str, str], gemini: Any, bucket: Any
+) -> None:
+    data = png(7)
+    upload(bucket, "batch/a.png", data, "image/png")
+    upload(bucket, "online/a.png", data, "image/png")
+    online = run_cli(stack_env, "backfill", f"gs://{bucket.name}/online/")
+    assert online.returncode == 0, online.stderr
+    target = f"gs://{bucket.name}/batch/"
+    assert run_cli(vertex_env, "batch", "submit", target).returncode == 0
+    wait_for_jobs(vertex_env, target)
+    assert run_cli(vertex_env, "batch", "apply", target).returncode == 0
+    made_online = metadata(bucket, "online/a.png")
+    made_in_batch = metadata(bucket, "batch/a.png")
+    for key in ("caption", "caption-alt", "caption-tags", "caption-status", "caption-model",
+                "caption-prompt", "caption-rule"):  # fmt: skip
+        assert made_in_batch[key] == made_online[key], key
+    # The very same request but for the image: prompt and every generation setting.
+    (in_batch,) = gemini.batch.jobs[0].lines
+    asked_online = next(r for r in gemini.requests if r.action == "generateContent")
+    assert in_batch.prompt == asked_online.prompt
+    assert in_batch.generation_config == asked_online.generation_config
+    assert in_batch.file_uris == [f"gs://{bucket.name}/batch/a.png"]
+
+
+def test_failed_and_partly_answered_jobs_leave_what_has_no_answer_for_the_next_run(
+    vertex_env: dict[str, str], gemini: Any, bucket: Any
+) -> None:
+    env = {**vertex_env, "CAPTION_BATCH_MAX_REQUESTS": "4"}
+    upload_many(bucket, [f"p/{i}.png" for i in range(12)])
+    gemini.batch.add_job_fault("FAILED", count=1, match="-00000")
+    gemini.batch.add_job_fault("PARTIALLY_SUCCEEDED", count=1, match="-00001")
+    gemini.batch.add_line_fault("invalid_argument", match="p/9.png", count=1)
+    gemini.batch.add_line_fault("500", match="p/10.png", count=1)
+    target = f"gs://{bucket.name}/p/"
+    assert run_cli(env, "batch", "submit", target).returncode == 0
+    states = sorted(j["state"] for j in wait_for_jobs(env, target))
+    assert states == ["FAILED", "PARTIALLY_SUCCEEDED", "SUCCEEDED"]
+
+    applied = run_cli(env, "batch", "apply", target, "--json")
+    assert applied.returncode == 1  # something is left to retry
+    statuses = {n: metadata(bucket, f"p/{n}.png").get("caption-status") for n in range(12)}
+    assert statuses[9] == "error:gemini-400"  # permanent, recorded as online
+    assert statuses[10] is None  # transient: left
+    assert sum(s == "ok" for s in statuses.values()) == 3 + 2  # 4 of job 3 less two; half of 2
+    left = run_cli(env, "batch", "submit", target, "--dry-run")
+    assert f"would submit {12 - 6} images" in left.stderr
+
+
+def test_shards_split_at_the_byte_limit(
+    vertex_env: dict[str, str], gemini: Any, bucket: Any
+) -> None:
+    env = {**vertex_env, "CAPTION_BATCH_MAX_BYTES": "5000"}
+    upload_many(bucket, [f"s/{i}.png" for i in range(10)])
+    submitted = run_cli(env, "batch", "submit", f"gs://{bucket.name}/s/", "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    report = json.loads(submitted.stdout)
+    assert report["job_count"] == len(report["jobs"]) > 1
+    for job in report["jobs"]:
+        shard = bucket.get_blob(job["shard"].removeprefix(f"gs://{bucket.name}/"))
+        assert shard.size <= 5000
+
+
+def test_the_api_key_mode_says_batch_needs_vertex_ai(
+    stack_env: dict[str, str], bucket: Any
+) -> None:
+    upload(bucket, "k/a.png", png(1), "image/png")
+    done = run_cli(stack_env, "batch", "submit", f"gs://{bucket.name}/k/")
+    assert done.returncode == 2
+    assert "GOOGLE_GENAI_USE_VERTEXAI" in done.stderr
+    assert "cannot read gs:// images" in done.stderr
+
+
+# ---------------------------------------------------------------- over HTTP
+
+ALLOWED = f"batch-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def allowed_bucket(gcs_client: Any) -> Any:
+    return gcs_client.create_bucket(ALLOWED)
+
+
+@pytest.fixture(scope="module")
+def batch_function(gcs: Any, gemini_thread: Any) -> Iterator[FunctionServer]:
+    env = {
+        "STORAGE_EMULATOR_HOST": gcs.url,
+        "GOOGLE_GEMINI_BASE_URL": gemini_thread.base_url,
+        "GOOGLE_GENAI_USE_VERTEXAI": "true",
+        "GOOGLE_CLOUD_PROJECT": "p",
+        "GOOGLE_CLOUD_LOCATION": "us-central1",
+        "GEMINI_API_KEY": "",
+        "CAPTION_ALLOWED_BUCKETS": ALLOWED,
+        "CAPTION_BATCH_MAX_REQUESTS": "5",
+    }
+    with FunctionServer("caption_http", env=env, signature_type="http") as server:
+        yield server
+
+
+def post(server: FunctionServer, body: Any) -> requests.Response:
+    return requests.post(server.url, json=body, timeout=60)
+
+
+def test_batch_over_http_submit_status_apply(
+    batch_function: FunctionServer, allowed_bucket: Any, gemini: Any
+) -> None:
+    upload_many(allowed_bucket, [f"h/{i}.png" for i in range(8)])
+    body = {"batch": "submit", "bucket": ALLOWED, "prefix": "h/"}
+    dry = post(batch_function, {**body, "dry_run": True})
+    assert dry.status_code == 200, dry.text
+    assert (dry.json()["images"], dry.json()["job_count"]) == (8, 2)
+    submitted = post(batch_function, body)
+    assert submitted.status_code == 200, submitted.text
+    names = [j["name"] for j in submitted.json()["jobs"]]
+    assert len(names) == 2
+
+    deadline = time.monotonic() + 30
+    while True:
+        status = post(batch_function, {"batch": "status", "job": names[0]})
+        assert status.status_code == 200, status.text
+        if status.json()["jobs"][0]["state"] == "SUCCEEDED":
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    first = post(batch_function, {"batch": "apply", "job": names[0]})
+    assert first.json()["jobs"][0]["results"] == {"ok": 5}
+    run = submitted.json()["run"]
+    for _ in range(100):
+        rest = post(batch_function, {"batch": "apply", "bucket": ALLOWED, "run": run})
+        if all(j["applied"] for j in rest.json()["jobs"]):
+            break
+        time.sleep(0.2)
+    assert [j["applied"] for j in rest.json()["jobs"]] == [True, True]
+    assert all(metadata(allowed_bucket, f"h/{i}.png")["caption-status"] == "ok" for i in range(8))
+
+    refused = post(batch_function, {"batch": "submit", "bucket": "elsewhere"})
+    assert refused.status_code == 403
+    bad = post(batch_function, {"batch": "apply", "job": names[0], "run": run})
+    assert bad.status_code == 400
+    assert "go with 'bucket'" in bad.json()["error"]["message"]
