@@ -65,8 +65,8 @@ def test_a_prefix_is_submitted_applied_and_applied_again_writing_nothing(
 
     dry = run_cli(env, "batch", "submit", target, "--dry-run")
     assert dry.returncode == 0, dry.stderr
-    assert "would submit 300 images in 3 jobs" in dry.stderr
-    assert "at the batch price" in dry.stderr
+    assert "would submit 300 images in 3 jobs" in dry.stdout
+    assert "at the batch price" in dry.stdout
     assert gemini.batch.jobs == []
 
     submitted = run_cli(env, "batch", "submit", target, "--json")
@@ -168,7 +168,7 @@ def test_failed_and_partly_answered_jobs_leave_what_has_no_answer_for_the_next_r
     assert statuses[10] is None  # transient: left
     assert sum(s == "ok" for s in statuses.values()) == 3 + 2  # 4 of job 3 less two; half of 2
     left = run_cli(env, "batch", "submit", target, "--dry-run")
-    assert f"would submit {12 - 6} images" in left.stderr
+    assert f"would submit {12 - 6} images" in left.stdout
 
 
 def test_shards_split_at_the_byte_limit(

@@ -279,7 +279,8 @@ def _print_submit(report: SubmitReport, *, as_json: bool) -> None:
         + (f" (run {report.run}, manifest {report.manifest})" if report.run else "")
         + (f"; skipped {why}" if why else "")
         + cost,
-        file=sys.stderr,
+        # A dry run's count is its answer (standard output); a submit's is the job names.
+        file=sys.stdout if report.run is None and not as_json else sys.stderr,
     )
     _token_line("estimated tokens", report.estimate.as_fields(), sys.stderr)
 
