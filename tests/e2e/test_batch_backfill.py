@@ -195,6 +195,118 @@ def test_the_api_key_mode_says_batch_needs_vertex_ai(
     assert "cannot read gs:// images" in done.stderr
 
 
+def shard_uris(bucket: Any, report: dict[str, Any]) -> list[str]:
+    """The image URIs in the request shards a submit wrote (what its jobs will ask)."""
+    uris = []
+    for job in report["jobs"]:
+        shard = bucket.get_blob(job["shard"].removeprefix(f"gs://{bucket.name}/"))
+        for line in shard.download_as_bytes().decode().splitlines():
+            key = json.loads(line)["key"]
+            uris.append(key.rpartition("#")[0])
+    return sorted(uris)
+
+
+def submit_json(env: dict[str, str], target: str, *flags: str) -> dict[str, Any]:
+    done = run_cli(env, "batch", "submit", target, "--json", *flags)
+    assert done.returncode == 0, done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+def test_overwrite_submits_captioned_images_again_and_apply_rewrites_them(
+    vertex_env: dict[str, str], gemini: Any, bucket: Any
+) -> None:
+    names = [f"o/{i}.png" for i in range(3)]
+    upload_many(bucket, names)
+    target = f"gs://{bucket.name}/o/"
+    first = submit_json(vertex_env, target)
+    wait_for_jobs(vertex_env, target)
+    assert run_cli(vertex_env, "batch", "apply", target, "--run", first["run"]).returncode == 0
+    assert all(metadata(bucket, n)["caption-status"] == "ok" for n in names)
+    # Our own final word, with words that the next answer will not repeat.
+    for name in names:
+        blob = bucket.get_blob(name)
+        blob.metadata = {"caption": "words from before"}
+        blob.patch()
+    time.sleep(1.1)  # a caption made in the second the run is stamped counts as newer
+
+    plain = run_cli(vertex_env, "batch", "submit", target, "--dry-run")
+    assert "would submit 0 images" in plain.stdout  # done: without the flag, nothing
+    stale = run_cli(vertex_env, "batch", "submit", target, "--dry-run", "--if-stale")
+    assert "would submit 0 images" in stale.stdout  # same model and prompt: not stale
+    second = submit_json(vertex_env, target, "--overwrite")
+    assert second["images"] == 3
+    assert sum(j["requests"] for j in second["jobs"]) == 3
+    assert shard_uris(bucket, second) == [f"gs://{bucket.name}/{n}" for n in names]
+    manifest = json.loads(
+        bucket.blob(second["manifest"].removeprefix(f"gs://{bucket.name}/")).download_as_bytes()
+    )
+    assert manifest["overwrite"] is True
+
+    # status and apply of one run, by --run: the first run's job is not in them.
+    deadline = time.monotonic() + 60
+    while True:
+        status = run_cli(vertex_env, "batch", "status", target, "--run", second["run"], "--json")
+        assert status.returncode in (0, 1), status.stderr
+        jobs = [json.loads(line) for line in status.stdout.splitlines()]
+        assert [j["job"] for j in jobs] == [j["name"] for j in second["jobs"]]
+        assert {j["run"] for j in jobs} == {second["run"]}
+        if all(j["state"] == "SUCCEEDED" for j in jobs):
+            break
+        assert time.monotonic() < deadline, status.stdout
+        time.sleep(0.3)
+    everything = run_cli(vertex_env, "batch", "status", target, "--json")
+    assert len(everything.stdout.splitlines()) == len(first["jobs"]) + len(second["jobs"])
+
+    applied = run_cli(vertex_env, "batch", "apply", target, "--run", second["run"], "--json")
+    assert applied.returncode == 0, applied.stderr
+    reports = [json.loads(line) for line in applied.stdout.splitlines()]
+    assert [r["run"] for r in reports] == [second["run"]] * len(second["jobs"])
+    assert sum(r["results"].get("ok", 0) for r in reports) == 3
+    for name in names:
+        meta = metadata(bucket, name)
+        assert meta["caption"] != "words from before", name
+        assert meta["caption-status"] == "ok"
+    # A run named that does not exist is a usage error, not an empty answer.
+    missing = run_cli(vertex_env, "batch", "status", target, "--run", "19990101-000000-0000")
+    assert missing.returncode == 2
+    assert "no batch run" in missing.stderr
+
+
+def test_if_stale_submits_only_captions_of_another_prompt_and_apply_rewrites_them(
+    vertex_env: dict[str, str], stack_env: dict[str, str], gemini: Any, bucket: Any
+) -> None:
+    upload_many(bucket, [f"i/{i}.png" for i in range(4)])
+    old = {**stack_env, "CAPTION_PROMPT": "Describe this photo in one plain sentence."}
+    for n in (0, 1):
+        assert run_cli(old, "backfill", f"gs://{bucket.name}/i/{n}.png").returncode == 0
+    assert run_cli(stack_env, "backfill", f"gs://{bucket.name}/i/2.png").returncode == 0
+    old_fingerprint = metadata(bucket, "i/0.png")["caption-prompt"]
+    current = metadata(bucket, "i/2.png")["caption-prompt"]
+    assert old_fingerprint != current
+    kept = bucket.get_blob("i/2.png").metageneration
+    target = f"gs://{bucket.name}/i/"
+
+    plain = run_cli(vertex_env, "batch", "submit", target, "--dry-run")
+    assert "would submit 1 images" in plain.stdout  # only the one never captioned
+    report = submit_json(vertex_env, target, "--if-stale")
+    assert report["images"] == 3
+    assert shard_uris(bucket, report) == [f"gs://{bucket.name}/i/{n}.png" for n in (0, 1, 3)]
+    wait_for_jobs(vertex_env, target)
+    (job,) = gemini.batch.jobs
+    assert sorted(u for line in job.lines for u in line.file_uris) == [
+        f"gs://{bucket.name}/i/{n}.png" for n in (0, 1, 3)
+    ]
+
+    applied = run_cli(vertex_env, "batch", "apply", target, "--run", report["run"])
+    assert applied.returncode == 0, applied.stderr
+    assert "done 3" in applied.stderr
+    for n in (0, 1, 3):
+        meta = metadata(bucket, f"i/{n}.png")
+        assert (meta["caption-status"], meta["caption-prompt"]) == ("ok", current), n
+    assert bucket.get_blob("i/2.png").metageneration == kept  # current: not written
+
+
 # ---------------------------------------------------------------- over HTTP
 
 ALLOWED = f"batch-{uuid.uuid4().hex[:8]}"
@@ -262,3 +374,43 @@ def test_batch_over_http_submit_status_apply(
     bad = post(batch_function, {"batch": "apply", "job": names[0], "run": run})
     assert bad.status_code == 400
     assert "go with 'bucket'" in bad.json()["error"]["message"]
+
+
+def test_batch_over_http_overwrite_and_if_stale(
+    batch_function: FunctionServer, allowed_bucket: Any, stack_env: dict[str, str], gemini: Any
+) -> None:
+    names = [f"f/{i}.png" for i in range(3)]
+    upload_many(allowed_bucket, names)
+    old = {**stack_env, "CAPTION_PROMPT": "Describe this photo in one plain sentence."}
+    for name in names[:2]:
+        assert run_cli(old, "backfill", f"gs://{ALLOWED}/{name}").returncode == 0
+    assert run_cli(stack_env, "backfill", f"gs://{ALLOWED}/{names[2]}").returncode == 0
+    body = {"batch": "submit", "bucket": ALLOWED, "prefix": "f/", "dry_run": True}
+    counts = {
+        flags: post(batch_function, {**body, **dict.fromkeys(flags, True)}).json()["images"]
+        for flags in ((), ("if_stale",), ("overwrite",))
+    }
+    assert counts == {(): 0, ("if_stale",): 2, ("overwrite",): 3}
+    bad = post(batch_function, {**body, "if_stale": "true"})
+    assert bad.status_code == 400
+    assert "'if_stale' must be true or false" in bad.json()["error"]["message"]
+
+    stale = post(batch_function, {"batch": "submit", "bucket": ALLOWED, "prefix": "f/",
+                                  "if_stale": True})  # fmt: skip
+    assert stale.status_code == 200, stale.text
+    assert shard_uris(allowed_bucket, stale.json()) == [f"gs://{ALLOWED}/{n}" for n in names[:2]]
+    again = post(batch_function, {"batch": "submit", "bucket": ALLOWED, "prefix": "f/",
+                                  "overwrite": True})  # fmt: skip
+    assert again.status_code == 200, again.text
+    assert shard_uris(allowed_bucket, again.json()) == [f"gs://{ALLOWED}/{n}" for n in names]
+
+    run = stale.json()["run"]
+    for _ in range(150):
+        rest = post(batch_function, {"batch": "apply", "bucket": ALLOWED, "run": run})
+        assert rest.status_code == 200, rest.text
+        if all(j["applied"] for j in rest.json()["jobs"]):
+            break
+        time.sleep(0.2)
+    assert [j["run"] for j in rest.json()["jobs"]] == [run]
+    current = metadata(allowed_bucket, names[2])["caption-prompt"]
+    assert [metadata(allowed_bucket, n)["caption-prompt"] for n in names] == [current] * 3
