@@ -32,6 +32,8 @@ from captioner.settings import Settings  # noqa: E402
 SETTINGS = Settings.from_env(os.environ)
 configure_logging(SETTINGS.log_format)
 RUNTIME = Runtime(SETTINGS)
+# Imports and the Gemini client before the server listens, not in the first request.
+RUNTIME.preload()
 log = logging.getLogger("captioner")
 
 

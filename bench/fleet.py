@@ -548,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
                 _progress(f"{run.key}: {run.instances} instances, quota {run.quota:g}/s")
                 figures = run_fleet(stack, run, planned[: run.images], latency)
                 document["fleet"].append(figures)
+                out.write_text(json.dumps(document, indent=2) + "\n")  # so far
                 _progress("  " + _summary_line(figures))
     out.write_text(json.dumps(document, indent=2) + "\n")
     _progress(f"written {out}")

@@ -41,3 +41,29 @@ def test_bench_smoke_mode_writes_its_table(tmp_path: Path) -> None:
     assert "| target | goal | measured | verdict |" in table
     for label in ("(a) sequential", "(b) naive as_completed", "(c) pipeline"):
         assert label in table
+
+
+@pytest.mark.slow
+def test_fleet_benchmark_smoke_mode_feeds_two_instances_against_one_quota(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTION_")}
+    out = tmp_path / "fleet.json"
+    process = subprocess.run(
+        [sys.executable, "-m", "bench.fleet", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+
+    (run,) = json.loads(out.read_text())["fleet"]
+    assert run["run"]["instances"] == 2
+    assert run["images"] == run["run"]["images"] == 20
+    assert run["accepted"] == 20  # one Gemini call per image got through the quota
+    assert run["calls"] == run["accepted"] + run["refused_429"]
+    assert [p["instance"] for p in run["per_instance"]] == [0, 1]
+    assert sum(p["accepted"] for p in run["per_instance"]) == 20  # the tags tell them apart
+    assert run["of_quota"] > 0
+    assert run["wall_s"] > 0
+    assert "| instances | quota | images |" in process.stdout

@@ -1,35 +1,52 @@
 """Adaptive concurrency for Gemini calls, following a quota without thrashing against it.
 
 A quota caps requests per second, so the calls worth having in flight are the quota
-times the model's latency (Little's law). The limiter learns that number from 429s:
+times the model's latency (Little's law). The limiter learns that number from 429s.
+Deployed, every instance of the function has its own limiter and all of them draw on
+one project quota, so what one instance learns is its *share*:
 
 - It starts at ``initial`` and, until the first 429, adds one call per success
-  (doubling per round of calls, as TCP's slow start).
+  (doubling per round of calls, as TCP's slow start). A new instance should start
+  low (``slow_start_initial``: a quarter of the maximum): instances start together,
+  and each opening with its maximum spends the quota's first second on 429s (eight
+  instances at 32 calls: 256 calls into a quota of 20/s).
 - A 429 marks a *ceiling*: the rate of successes over the last two latencies (at
-  least a second) times their latency, which is Little's law again and is what the
-  quota let through. The limit drops to ``decrease`` times that (0.7), so the
-  excess drains, and then climbs back one call per success up to ``recover`` of
-  the ceiling (0.9): within about one round it runs just under the quota again.
+  least a second; up to six latencies when fewer than five calls ended in two, as
+  for an instance that runs a few calls of a fleet's quota) times their latency,
+  which is Little's law again and is what the quota let through. The limit drops to
+  ``decrease`` times that (0.7), so the excess drains, and then climbs back one call
+  per success up to ``recover`` of the ceiling (0.95): within about one round it
+  runs just under its share again.
 - Before a second of successes has been seen (the first burst) the ceiling is the
   calls in flight less those refused with them, and the limit only drops to 0.7
   of that, again with each new burst, until a measured ceiling takes over.
-- Above that it probes: one call further in the first round, then two, four...
-  (at most a quarter of the limit per round), so a quota that was raised, or a
-  ceiling measured low, is found again in a few rounds; the next 429 sets a new
-  ceiling. The limit so saw-tooths between 0.9 and 1.0 of what the quota allows,
-  instead of between 0.5 and 1.0 as plain halving does.
+- From there to 1.1 of a measured ceiling (at least two calls past it) it creeps by
+  ``creep`` calls per round (a quarter of a call), the same for every instance
+  whatever its share. In a fleet every instance probes at once: probing by one,
+  two, four calls a round each made eight instances at 20/s overshoot every round
+  or two, and a fifth of all calls were answered 429. An equal additive step with
+  multiplicative cuts is AIMD, which evens shares out: the instance with more in
+  flight is the likelier to meet the next 429 and gives up more when it does.
+- Above that (or with no measured ceiling) it probes: one call further in the first
+  round, then two, four... (at most a quarter of the limit, or an eighth of the
+  maximum, per round), so a quota that was raised, or a ceiling measured low, is
+  found again in a few rounds; the next 429 sets a new ceiling.
 - Only a 429 for a call started after the last decrease lowers the limit again:
   the others were sent under the old limit and say nothing new (TCP's one cut per
   window), so one burst of 429s counts once.
 
 A 429 that names a delay (RetryInfo) also holds every new call until it is over,
-but never for longer than ``max_pause`` (``CAPTION_RETRY_MAX_WAIT``): one answer with
+plus up to half as long again at random (``pause_jitter``) so that the instances of
+a fleet, told the same delay at the same moment, do not all come back at once; but
+never for longer than ``max_pause`` (``CAPTION_RETRY_MAX_WAIT``): one answer with
 ``retryDelay: "100000s"`` must not stop an instance from ever calling again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -44,6 +61,17 @@ class LimiterStats:
     decreases: int
     throttled: int
     ceiling: int | None
+    paused_until: float = 0.0  # on the limiter's clock: no call starts before it
+
+
+def slow_start_initial(maximum: int) -> int:
+    """Where a new instance starts: a quarter of its maximum (at least one call).
+
+    Eight instances at CAPTION_MAX_CONCURRENCY=32 so open with 64 calls rather than
+    256; the limit still doubles each round while successes come back, so a lone
+    instance is at its maximum after two rounds.
+    """
+    return max(1, math.ceil(maximum / 4))
 
 
 class AdaptiveLimiter:
@@ -56,15 +84,23 @@ class AdaptiveLimiter:
         minimum: int = 1,
         initial: int | None = None,
         decrease: float = 0.7,
-        recover: float = 0.9,
+        recover: float = 0.95,
+        creep: float = 0.25,
         max_pause: float = 30.0,
+        pause_jitter: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
     ) -> None:
         if not 1 <= minimum <= maximum:
             raise ValueError("need 1 <= minimum <= maximum")
         if not 0 < decrease <= recover <= 1:
             raise ValueError("need 0 < decrease <= recover <= 1")
+        if creep <= 0 or pause_jitter < 0:
+            raise ValueError("need creep > 0 and pause_jitter >= 0")
         self._clock = clock
+        self._rng = rng
+        self._creep = creep
+        self._pause_jitter = pause_jitter
         self._max_pause = max(0.0, max_pause)
         self._min = float(minimum)
         self._max = float(maximum)
@@ -91,7 +127,12 @@ class AdaptiveLimiter:
     @property
     def stats(self) -> LimiterStats:
         return LimiterStats(
-            self._limit, self._in_flight, self._decreases, self._throttled, self._ceiling
+            self._limit,
+            self._in_flight,
+            self._decreases,
+            self._throttled,
+            self._ceiling,
+            self._resume_at,
         )
 
     def _allowed(self) -> bool:
@@ -126,7 +167,8 @@ class AdaptiveLimiter:
             self._throttled += 1
             now = self._clock()
             if slot.retry_after:
-                pause = min(max(slot.retry_after, 0.0), self._max_pause)
+                pause = max(slot.retry_after, 0.0) * (1 + self._pause_jitter * self._rng())
+                pause = min(pause, self._max_pause)
                 # Bounded from now as well: an earlier, longer pause is not kept either.
                 self._resume_at = min(max(self._resume_at, now + pause), now + self._max_pause)
             if slot.started_at > self._last_decrease:
@@ -154,14 +196,20 @@ class AdaptiveLimiter:
         elif slot.outcome == "ok":
             self._observe(slot)
             if self._limit < self._fast_until:
-                self._limit = min(self._max, self._limit + 1.0)
+                self._limit = min(self._fast_until, self._limit + 1.0)
+                return
+            share = self._ceiling
+            if self._measured and share is not None and self._limit < max(1.1 * share, share + 2):
+                # Near this instance's share of the quota: creep, the same step for all.
+                step = self._creep
+                self._limit = min(self._max, self._limit + step / self._limit)
                 return
             self._limit = min(self._max, self._limit + self._probe / self._limit)
             self._round_successes += 1
             if self._round_successes >= self._limit:
                 # A whole round without a 429: probe twice as far in the next one.
                 self._round_successes = 0.0
-                self._probe = min(self._probe * 2, max(1.0, self._limit / 4))
+                self._probe = min(self._probe * 2, max(1.0, self._limit / 4, self._max / 8))
 
     def _observe(self, slot: Slot) -> None:
         now = self._clock()
@@ -170,12 +218,17 @@ class AdaptiveLimiter:
         self._ends.append(now)
         if self._first_end is None:
             self._first_end = now
-        window = self._window()
+        window = self._long_window()
         while self._ends and self._ends[0] < now - window:
             self._ends.popleft()
 
     def _window(self) -> float:
         return max(1.0, 2 * (self._latency or 0.0))
+
+    def _long_window(self) -> float:
+        """For a small share (an instance of a fleet runs a few calls at a time), two
+        latencies hold too few successes to measure a rate: look back up to six."""
+        return max(3.0, 6 * (self._latency or 0.0))
 
     def _sustained(self, now: float) -> int | None:
         """Calls in flight the service has been accepting: its recent rate of successes
@@ -185,7 +238,11 @@ class AdaptiveLimiter:
         window = self._window()
         if self._latency is None or self._first_end is None or now - self._first_end < window:
             return None  # not enough seen yet
-        recent = sum(1 for end in self._ends if end >= now - window)
+        recent = sum(1 for end in self._ends if now - window <= end <= now)
+        if 0 < recent < 5:
+            # Calls are going through, but few: measure over a longer look back.
+            window = min(self._long_window(), now - self._first_end)
+            recent = sum(1 for end in self._ends if now - window <= end <= now)
         if recent < 5:
             # Too few to measure a rate: nothing has run lately (say, everyone waited out
             # a RetryInfo delay of 30 s), which says nothing about the quota.

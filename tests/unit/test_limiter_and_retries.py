@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
+import math
 import random
 import time
 
 import pytest
 
 from captioner.errors import ConfigurationError, PermanentError, TransientError
-from captioner.limiter import AdaptiveLimiter
+from captioner.limiter import AdaptiveLimiter, slow_start_initial
 from captioner.retrying import backoff_hook, with_retries
 
 
@@ -111,27 +113,59 @@ async def test_a_429_after_a_quiet_spell_is_not_read_as_a_quota_of_one_call() ->
     assert limiter.stats.limit == pytest.approx(0.7 * 25)
 
 
-async def test_after_a_measured_429_the_limit_regains_0_9_of_the_ceiling_within_a_round() -> None:
+async def test_after_a_measured_429_the_limit_regains_0_95_of_the_ceiling_within_a_round() -> None:
     clock = Clock()
     limiter = AdaptiveLimiter(100, clock=clock)
     await _steady(limiter, clock, rate=40.0, latency=0.5)  # 20 calls in flight
     await _burst(limiter, 30, refused=5)
     assert limiter.stats.ceiling == 20
-    assert limiter.stats.decreases == 1
     assert limiter.stats.limit == pytest.approx(14.0)  # 0.7 x 20
-    await _succeed(limiter, 4)  # one per success up to 0.9 x 20
+    await _succeed(limiter, 4)  # one per success ...
     assert limiter.stats.limit == pytest.approx(18.0)
-    await _succeed(limiter, 18)  # then one per round of calls
-    assert 18.9 < limiter.stats.limit < 19.1
+    await _succeed(limiter, 1)  # ... up to 0.95 x 20, not past it
+    assert limiter.stats.limit == pytest.approx(19.0)
+    await _succeed(limiter, 19)  # then a quarter of a call per round
+    assert limiter.stats.limit == pytest.approx(19.25, abs=0.01)
 
 
-async def test_probing_doubles_each_round_without_a_429_up_to_the_maximum() -> None:
+async def test_near_a_measured_ceiling_the_limit_creeps_a_quarter_of_a_call_a_round() -> None:
     clock = Clock()
     limiter = AdaptiveLimiter(1000, clock=clock)
     await _steady(limiter, clock, rate=40.0, latency=0.5)
-    await _burst(limiter, 30, refused=5)  # ceiling 20: fast up to 18, then probing
-    await _succeed(limiter, 4)
-    assert limiter.stats.limit == pytest.approx(18.0)
+    await _burst(limiter, 30, refused=5)  # ceiling 20: fast up to 19, then creeping
+    await _succeed(limiter, 5)
+    assert limiter.stats.limit == pytest.approx(19.0)
+    for _ in range(3):
+        before = limiter.stats.limit
+        await _succeed(limiter, int(before))  # one round
+        # The same for every instance whatever its share (AIMD's additive increase,
+        # which is what evens shares out), and not 1, 2, 4 ...: in a fleet every
+        # instance probes at once.
+        assert limiter.stats.limit - before == pytest.approx(0.25, abs=0.01)
+
+
+async def test_a_small_share_creeps_by_a_fraction_of_a_call_per_round() -> None:
+    clock = Clock()
+    limiter = AdaptiveLimiter(32, clock=clock)
+    await _steady(limiter, clock, rate=6.0, latency=0.5)  # a share of 3 calls in flight
+    await _burst(limiter, 6, refused=1)
+    assert limiter.stats.ceiling == 3
+    await _succeed(limiter, 1)  # fast back to 0.95 x 3
+    assert limiter.stats.limit == pytest.approx(2.85)
+    rounds = 0
+    while limiter.stats.limit < 4:  # a call beyond the share is what overshoots
+        await _succeed(limiter, int(limiter.stats.limit))
+        rounds += 1
+    assert rounds >= 4  # a quarter of a call a round: from 2.85 to 4 takes 5 rounds
+
+
+async def test_past_the_ceiling_probing_doubles_each_round_up_to_the_maximum() -> None:
+    clock = Clock()
+    limiter = AdaptiveLimiter(1000, clock=clock)
+    await _steady(limiter, clock, rate=40.0, latency=0.5)
+    await _burst(limiter, 30, refused=5)  # ceiling 20
+    while limiter.stats.limit < 22:  # 1.1 x the ceiling: the quota was raised
+        await _succeed(limiter, 1)
     grown = []
     for _ in range(3):
         before = limiter.stats.limit
@@ -142,6 +176,135 @@ async def test_probing_doubles_each_round_without_a_429_up_to_the_maximum() -> N
     assert grown[2] > 1.5 * grown[1]
     await _succeed(limiter, 20_000)
     assert limiter.stats.limit == 1000
+
+
+async def test_with_no_measured_ceiling_a_small_limit_probes_by_an_eighth_of_the_maximum() -> None:
+    limiter = AdaptiveLimiter(32, initial=4)
+    await _burst(limiter, 4, refused=4)  # the whole first burst refused: limit 1
+    assert limiter.stats.limit == 1
+    for _ in range(4):
+        await _succeed(limiter, int(limiter.stats.limit) + 1)
+    # 1, 2, 4, 4 calls a round (not one a round, as a quarter of a limit of 1 would be)
+    assert limiter.stats.limit >= 8
+
+
+def test_a_new_instance_starts_at_a_quarter_of_its_maximum() -> None:
+    assert [slow_start_initial(n) for n in (1, 2, 4, 16, 32, 33)] == [1, 1, 1, 4, 8, 9]
+
+
+async def test_slow_start_doubles_per_round_up_to_the_maximum() -> None:
+    limiter = AdaptiveLimiter(32, initial=slow_start_initial(32))
+    limits = []
+    for _ in range(3):
+        await _succeed(limiter, int(limiter.stats.limit))  # one round
+        limits.append(limiter.stats.limit)
+    assert limits == [16, 32, 32]
+
+
+async def test_a_named_retry_delay_pauses_for_up_to_half_as_long_again_at_random() -> None:
+    clock = Clock()
+    draws = iter([0.0, 1.0, 0.5])
+    limiter = AdaptiveLimiter(8, clock=clock, rng=lambda: next(draws), max_pause=30.0)
+    pauses = []
+    for _ in range(3):
+        async with limiter.slot() as slot:
+            slot.throttled(retry_after=2.0)
+        pauses.append(limiter.stats.paused_until - clock.now)
+        clock.now += 10
+    assert pauses == [2.0, 3.0, 2.5]
+
+
+class _Bucket:
+    """A token bucket like the stand-in's quota: ``rate`` a second, a burst of ``rate``."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.at = 0.0
+
+    def take(self, now: float) -> float | None:
+        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return None
+        return max(0.1, math.ceil((1 - self.tokens) / self.rate * 10) / 10)  # RetryInfo
+
+
+async def _fleet(
+    instances: int, quota: float, *, seconds: float = 120.0, maximum: int = 32, seed: int = 16
+) -> tuple[list[int], int, float]:
+    """Instances with a backlog that never empties, against one bucket, in simulated time
+    (calls take a seeded lognormal latency, median 1.2 s; a 429 comes back at once, with
+    RetryInfo). Returns the calls each got accepted, the 429s, and when 90 % of the
+    quota was first sustained (over the second before and the five after)."""
+    clock = Clock()
+    clock.now = 0.0
+    rng = random.Random(seed)
+    limiters = [
+        AdaptiveLimiter(maximum, initial=slow_start_initial(maximum), clock=clock, rng=rng.random)
+        for _ in range(instances)
+    ]
+    bucket = _Bucket(quota)
+    accepted = [0] * instances
+    accepted_at: list[float] = []
+    refused = 0
+    ends: list[tuple[float, int, int, object, object]] = []  # (when, seq, who, slot cm, slot)
+    seq = 0
+    while clock.now < seconds:
+        for who, limiter in enumerate(limiters):
+            while (
+                limiter.stats.in_flight < int(limiter.stats.limit)
+                and clock.now >= limiter.stats.paused_until
+            ):
+                cm = limiter.slot()
+                slot = await cm.__aenter__()
+                wait = bucket.take(clock.now)
+                if wait is None:
+                    slot.succeeded()
+                    accepted[who] += 1
+                    accepted_at.append(clock.now)
+                    latency = min(8.0, 1.2 * math.exp(0.6 * rng.gauss(0, 1)))
+                else:
+                    slot.throttled(wait)
+                    refused += 1
+                    latency = 0.01
+                seq += 1
+                heapq.heappush(ends, (clock.now + latency, seq, who, cm, slot))
+        pauses = [x.stats.paused_until for x in limiters if x.stats.paused_until > clock.now]
+        clock.now = min([ends[0][0], *pauses]) if ends else min(pauses)
+        while ends and ends[0][0] <= clock.now:
+            _, _, who, cm, _ = heapq.heappop(ends)
+            await cm.__aexit__(None, None, None)  # type: ignore[attr-defined]
+    reached = next(
+        (
+            t / 10
+            for t in range(10, int(seconds * 10) - 50)
+            if sum(1 for a in accepted_at if t / 10 - 1 <= a < t / 10) >= 0.9 * quota
+            and sum(1 for a in accepted_at if t / 10 <= a < t / 10 + 5) >= 0.9 * quota * 5
+        ),
+        float("inf"),
+    )
+    return accepted, refused, reached
+
+
+@pytest.mark.parametrize(
+    ("instances", "quota", "most_429s"),
+    # Eight instances sharing 20/s run three or four calls each: a step of one call is
+    # a third of a share, and their opening burst alone (64 calls for 20) is 1.7 %.
+    [(1, 20.0, 0.05), (4, 20.0, 0.05), (8, 20.0, 0.08), (4, 50.0, 0.05), (8, 50.0, 0.05)],
+)
+async def test_a_fleet_shares_one_quota_evenly_with_few_429s(
+    instances: int, quota: float, most_429s: float
+) -> None:
+    seconds = 120.0
+    accepted, refused, reached = await _fleet(instances, quota, seconds=seconds)
+    total = sum(accepted)
+    assert total >= 0.9 * quota * seconds
+    assert refused <= most_429s * (total + refused)
+    fair = total / instances
+    assert all(fair / 2 <= share <= 2 * fair for share in accepted), accepted
+    assert reached <= 5.0
 
 
 async def test_before_the_first_429_the_limit_doubles_per_round() -> None:
