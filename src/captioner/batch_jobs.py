@@ -19,6 +19,7 @@ rules here are tested with in-memory fakes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -39,8 +40,8 @@ from captioner.rules import RuleBook
 
 # Vertex AI's documented per-job limits for Gemini batch inference from Cloud Storage
 # (https://cloud.google.com/vertex-ai/generative-ai/docs/multimodal/batch-prediction-gemini,
-# "Quotas and limits"): 200,000 requests and a 1 GB input file. The byte limit is kept a
-# little under 1 GiB and 1 GB whichever the page means.
+# "Quotas and limits", read 2026-11-29): "up to 200,000 requests" per job and a 1 GB file
+# size limit with Cloud Storage input. 10**9 bytes is within 1 GB and 1 GiB alike.
 MAX_REQUESTS_PER_JOB = 200_000
 MAX_BYTES_PER_JOB = 1_000_000_000
 
@@ -398,28 +399,69 @@ TemplateFor = Callable[[CaptionSpec], RequestTemplate]
 
 @dataclass(frozen=True, slots=True)
 class OutputLine:
-    key: RequestKey
+    key: RequestKey | None  # None: the line lost our key; ``uri`` names the image
     spec: str | None
     response: Mapping[str, Any] | None
     status: Any  # "" or None when the request succeeded
+    uri: str | None = None
 
 
 def parse_output_line(raw: bytes) -> OutputLine:
-    """One line of ``predictions.jsonl``: the request echoed with our key, and its
-    ``response`` or an error ``status``. Raises ValueError for a line not ours."""
+    """One line of ``predictions.jsonl``: the input line with its ``response`` or an
+    error ``status``. Raises ValueError for a line not ours.
+
+    Vertex AI documents that an output line holds the input ``request``; that it also
+    copies other top-level fields of a Cloud Storage input line (our ``key`` and
+    ``spec``) is what the emulator does, not something Google's pages promise. A line
+    without them is read by the image URI in its echoed ``request`` instead, and
+    ``_Applier`` finds the key and spec in the job's own request file."""
     data = json.loads(raw)
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
+    response = data.get("response")
+    response = response if isinstance(response, dict) and response else None
+    status = data.get("status") or None
     key_text = data.get("key")
     if not isinstance(key_text, str):
-        raise ValueError("no key")
-    response = data.get("response")
+        uri = request_uri(data.get("request"))
+        if uri is None:
+            raise ValueError("no key, and no gs:// image in the request")
+        return OutputLine(None, None, response, status, uri)
+    spec = data.get("spec")
     return OutputLine(
-        RequestKey.parse(key_text),
-        data.get("spec") if isinstance(data.get("spec"), str) else None,
-        response if isinstance(response, dict) and response else None,
-        data.get("status") or None,
+        RequestKey.parse(key_text), spec if isinstance(spec, str) else None, response, status
     )
+
+
+def _field(data: Mapping[str, Any], camel: str, snake: str) -> Any:
+    """A field of a request as sent (camelCase) or as Google's example output shows it
+    echoed (snake_case: ``file_data``, ``file_uri``)."""
+    return data.get(camel, data.get(snake))
+
+
+def request_uri(request: Any) -> str | None:
+    """The gs:// URI of the image in a GenerateContentRequest (ours hold exactly one)."""
+    if not isinstance(request, dict):
+        return None
+    for content in request.get("contents") or ():
+        parts = content.get("parts") if isinstance(content, dict) else None
+        for part in parts if isinstance(parts, list) else ():
+            file_data = _field(part, "fileData", "file_data") if isinstance(part, dict) else None
+            if isinstance(file_data, dict):
+                uri = _field(file_data, "fileUri", "file_uri")
+                if isinstance(uri, str) and uri.startswith("gs://"):
+                    return uri
+    return None
+
+
+def _request_head(raw: bytes) -> tuple[RequestKey, str] | None:
+    """The key and spec of one of our request lines, without parsing its request."""
+    head, sep, _ = raw.partition(b', "request": ')
+    try:
+        data = json.loads(head + b"}") if sep else json.loads(raw)
+        return RequestKey.parse(data["key"]), str(data["spec"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------- requests of the edges
@@ -850,6 +892,25 @@ class _Applier:
         self._keys = manifest.keys
         self._recorder = jobs._recorder_for(manifest)
         self._submitted = manifest.created_at
+        entry = next((j for j in manifest.jobs if j.name == report.status.name), None)
+        self._shard = None if entry is None else entry.shard
+        self._by_uri: dict[str, tuple[RequestKey, str]] | None = None
+        self._loading = asyncio.Lock()
+
+    async def _resolve(self, uri: str) -> tuple[RequestKey, str] | None:
+        """The key and spec a keyless output line was sent with, from the job's request
+        file (read once, only when such a line turns up; one request per image)."""
+        async with self._loading:
+            if self._by_uri is None:
+                self._by_uri = {}
+                if self._shard is not None:
+                    bucket, _, name = self._shard.removeprefix("gs://").partition("/")
+                    async for _, raw in self._jobs._blobs.lines(bucket, name, 0):
+                        found = _request_head(raw)
+                        if found is not None:
+                            key = found[0]
+                            self._by_uri[f"gs://{key.bucket}/{key.name}"] = found
+        return self._by_uri.get(uri)
 
     async def apply_file(
         self, paths: RunPaths, name: str, offsets: dict[str, int], stop_at: float | None
@@ -895,6 +956,17 @@ class _Applier:
         except ValueError as exc:
             ref = ObjectRef("?", "?")
             return result_for(ref, Outcome.SKIPPED, reason="not-ours", message=str(exc)[:200])
+        if line.key is None:
+            assert line.uri is not None
+            found = await self._resolve(line.uri)
+            if found is None:
+                bucket, _, name = line.uri.removeprefix("gs://").partition("/")
+                message = "no request for this image in the job's request file"
+                return result_for(
+                    ObjectRef(bucket, name), Outcome.SKIPPED, reason="not-ours", message=message
+                )
+            line = replace(line, key=found[0], spec=found[1])
+        assert line.key is not None
         ref = line.key.ref
         spec = self._manifest.specs.get(line.spec or "")
         if spec is None:
@@ -963,6 +1035,7 @@ class _Applier:
 
     def _outcome(self, line: OutputLine, spec: CaptionSpec) -> Any:
         """The Verdict to write, or the CaptionResult that ends this line unwritten."""
+        assert line.key is not None
         ref = line.key.ref
         if line.response is None:
             error = self._jobs._read_status(line.status) if line.status else None

@@ -352,6 +352,45 @@ async def test_apply_writes_as_the_online_path_and_a_second_apply_writes_nothing
     assert len(storage.patches) == patches
 
 
+async def test_output_lines_without_our_key_are_matched_by_the_image_uri_in_the_request() -> None:
+    """Google documents that an output line holds the input ``request``, not that it
+    keeps our top-level ``key`` and ``spec``: without them, apply finds the object, its
+    generation and the spec through the request's fileData URI in the job's request file
+    (camelCase as sent, or snake_case as Google's example output shows it)."""
+    storage, blobs = ListedStorage(), MemoryBlobs()
+    infos = photos(storage, 4)
+    vertex = FakeVertex(blobs)
+    jobs = service(storage, blobs, vertex)
+    await jobs.submit(BatchSubmitRequest(BUCKET, "2019/"))
+    new = storage.put(BUCKET, "2019/0001.jpg", b"a new image")  # replaced since submit
+    vertex.run()
+    (out,) = [name for name in blobs.files if name.endswith("predictions.jsonl")]
+    lines = []
+    for i, raw in enumerate(blobs.files[out].splitlines()):
+        line = json.loads(raw)
+        del line["key"], line["spec"]
+        if i % 2:  # as in Google's example: {"file_data": {"file_uri": ..., "mime_type": ...}}
+            part = line["request"]["contents"][0]["parts"][0]
+            part["file_data"] = {"file_uri": part.pop("fileData")["file_uri"]}
+        lines.append(json.dumps(line))
+    lines.append(json.dumps({"status": "", "request": {"contents": [{"parts": [
+        {"fileData": {"fileUri": f"gs://{BUCKET}/elsewhere.jpg"}}]}]}}))  # fmt: skip
+    lines.append(json.dumps({"status": "", "response": answer()}))
+    blobs.files[out] = ("\n".join(lines) + "\n").encode()
+
+    (report,) = await apply(jobs)
+    assert report.applied
+    assert report.totals.counts["ok"] == 3
+    assert dict(report.totals.skipped) == {"superseded": 1, "not-ours": 2}
+    for info in (infos[0], infos[2], infos[3]):
+        meta = storage.metadata(BUCKET, info.name)
+        assert meta["caption"] == "A cat on a mat."
+        assert meta["caption-prompt"] == SPEC.fingerprint
+        assert meta["caption-generation"] == str(info.generation)
+    assert storage.metadata(BUCKET, "2019/0001.jpg") == {}  # never the old image's words
+    assert storage.objects[(BUCKET, "2019/0001.jpg")].info.generation == new.generation
+
+
 async def test_objects_replaced_deleted_or_taken_by_the_owner_are_skipped_and_counted() -> None:
     storage, blobs = ListedStorage(), MemoryBlobs()
     photos(storage, 4)
