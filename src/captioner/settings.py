@@ -65,7 +65,11 @@ class Settings(BaseModel):
     url_timeout: Annotated[float, Field(gt=0, le=600)] = 30.0
     url_max_redirects: Annotated[int, Field(ge=0, le=20)] = 5
     # Vertex AI batch jobs (captioner batch ...): per-job limits, where runs are kept,
-    # and answers written at once by `batch apply`.
+    # and answers written at once by `batch apply`. The caps are Vertex AI's own limits,
+    # "Quotas and limits" of
+    # https://cloud.google.com/vertex-ai/generative-ai/docs/multimodal/batch-prediction-gemini
+    # (read 2026-11-29): up to 200,000 requests per job, and a 1 GB file with Cloud Storage
+    # input.
     batch_max_requests: Annotated[int, Field(ge=1, le=200_000)] = 200_000
     batch_max_bytes: Annotated[int, Field(ge=4096, le=1_000_000_000)] = 1_000_000_000
     batch_prefix: str = "captioner-batch/"
