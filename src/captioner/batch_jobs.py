@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from captioner.batch import Lister, Totals
-from captioner.captions import CaptionSpec, InvalidAnswerError
+from captioner.captions import CaptionSpec, InvalidAnswerError, with_captions
 from captioner.concurrency import bounded_as_completed
 from captioner.decisions import Skip, decide, has_final_word
 from captioner.domain import CaptionResult, Description, ObjectInfo, ObjectRef, Outcome, Usage
@@ -1068,13 +1068,7 @@ class _Applier:
         return verdict(
             self._keys,
             spec,
-            description=replace(
-                description,
-                text=captions.caption,
-                alt=captions.alt,
-                tags=captions.tags,
-                translations=captions.translations,
-            ),
+            description=with_captions(description, captions),
         )
 
 

@@ -12,9 +12,10 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from captioner.domain import Description
 from captioner.metadata import clean_caption
 
 DEFAULT_PROMPT = (
@@ -135,3 +136,14 @@ def _text(data: Mapping[str, Any], key: str) -> str:
     if not cleaned:
         raise InvalidAnswerError(f"{key!r} is missing or empty")
     return cleaned
+
+
+def with_captions(description: Description, captions: Captions) -> Description:
+    """The description carrying a parsed structured answer's fields."""
+    return replace(
+        description,
+        text=captions.caption,
+        alt=captions.alt,
+        tags=captions.tags,
+        translations=captions.translations,
+    )

@@ -29,7 +29,7 @@ from google.genai import errors as genai_errors
 from google.genai import types
 
 from captioner import models
-from captioner.captions import Captions, CaptionSpec, InvalidAnswerError
+from captioner.captions import Captions, CaptionSpec, InvalidAnswerError, with_captions
 from captioner.domain import Description, PreparedImage, Usage
 from captioner.errors import ConfigurationError, PermanentError, TransientError
 from captioner.limiter import AdaptiveLimiter
@@ -249,14 +249,7 @@ class GeminiDescriber:
                 if problem.reason == "max-tokens":
                     room = min(_MAX_ROOM, max(room * 4, room + 1024))
                 continue
-            return replace(
-                answer,
-                text=problem.caption,
-                alt=problem.alt,
-                tags=problem.tags,
-                translations=problem.translations,
-                usage=spent,
-            )
+            return replace(with_captions(answer, problem), usage=spent)
 
     def _problem(
         self, answer: Description, spec: CaptionSpec, room: int
