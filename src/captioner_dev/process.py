@@ -44,18 +44,21 @@ class LoggedProcess:
         return Path(self._log.name).read_text(errors="replace")
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-            self._process = None
-        if self._log is not None:
-            self._log.close()
-            Path(self._log.name).unlink(missing_ok=True)
-            self._log = None
+        try:
+            if self._process is not None:
+                self._process.terminate()
+                try:
+                    self._process.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.wait()
+                self._process = None
+        finally:
+            # Even when a Ctrl-C lands while the child is being stopped.
+            if self._log is not None:
+                self._log.close()
+                Path(self._log.name).unlink(missing_ok=True)
+                self._log = None
 
     def __enter__(self) -> Self:
         try:

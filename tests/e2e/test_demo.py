@@ -20,7 +20,9 @@ def demo(photos: Path, tmp: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "captioner_dev.demo", "--photos", str(photos)],
         cwd=REPO,
-        env={**env, "PYTHONPATH": str(REPO / "src"), "TMPDIR": str(tmp)},
+        # Unbuffered, so that each line arrives as it is printed and the interrupt
+        # lands while the stack runs, not after it has finished.
+        env={**env, "PYTHONPATH": str(REPO / "src"), "TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
