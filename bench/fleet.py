@@ -439,19 +439,27 @@ def _summary_line(f: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _http_backfill(url: str, prefix: str, timeout: float = 600) -> tuple[float, dict[str, Any]]:
+def _http_backfill(
+    url: str, prefix: str, timeout: float = 600
+) -> tuple[float, dict[str, Any], float]:
+    """Wall time, answer and start (``time.time()``) of one backfill request."""
     body = json.dumps({"bucket": BUCKET, "prefix": prefix, "overwrite": True, "limit": 1000})
     request = urllib.request.Request(
         url, data=body.encode(), method="POST", headers={"Content-Type": "application/json"}
     )
-    started = time.monotonic()
+    started, at = time.monotonic(), time.time()
     with urllib.request.urlopen(request, timeout=timeout) as response:
         answer: dict[str, Any] = json.load(response)
-    return time.monotonic() - started, answer
+    return time.monotonic() - started, answer, at
 
 
 def _single_figures(
-    label: str, wall: float, answer: dict[str, Any], records: list[dict[str, Any]], concurrency: int
+    label: str,
+    wall: float,
+    answer: dict[str, Any],
+    records: list[dict[str, Any]],
+    concurrency: int,
+    started: float,
 ) -> dict[str, Any]:
     calls = [r for r in records if r.get("action") == "generateContent"]
     accepted = [r for r in calls if r["status"] == 200]
@@ -469,6 +477,11 @@ def _single_figures(
         "calls": len(calls),
         "refused_429": refused,
         "refused_fraction": refused / len(calls) if calls else 0.0,
+        # Before the first Gemini call (listing, first fetches) and after the last answer.
+        "lead_s": min((r["received_at"] for r in calls), default=started) - started,
+        "tail_s": started
+        + wall
+        - max((r["answered_at"] or 0 for r in accepted), default=started + wall),
     }
 
 
@@ -484,18 +497,20 @@ def run_single(
         with FunctionServer("caption_http", env=env) as server:
             for call in range(1 + (later if quota_rps is None else 1)):
                 stack.stub.configure(latency=0.5, quota_rps=quota_rps)
-                wall, answer = _http_backfill(server.url, SINGLE_PREFIX)
+                wall, answer, started = _http_backfill(server.url, SINGLE_PREFIX)
                 label = ("first request" if call == 0 else f"warm request {call}") + (
                     f", quota {quota_rps:g}/s" if quota_rps else ""
                 )
-                figures = _single_figures(label, wall, answer, stack.stub.requests(), concurrency)
+                records = stack.stub.requests()
+                figures = _single_figures(label, wall, answer, records, concurrency, started)
                 if quota_rps:
                     figures["of_quota"] = figures["throughput"] / quota_rps
                 results.append(figures)
                 _progress(
                     f"{label}: {wall:.2f} s, efficiency {figures['efficiency']:.2f}, "
                     f"{figures['throughput']:.1f}/s, 429s {figures['refused_429']}/"
-                    f"{figures['calls']}, captioned {figures['captioned']}"
+                    f"{figures['calls']}, captioned {figures['captioned']}, lead "
+                    f"{figures['lead_s']:.2f} s, tail {figures['tail_s']:.2f} s"
                 )
     return results
 
