@@ -125,18 +125,9 @@ class Runtime:
         connector = aiohttp.TCPConnector(limit=max(2 * s.max_concurrency, 10))
         session = aiohttp.ClientSession(connector=connector)
         storage = StorageClient.from_env(session, attempts=s.storage_attempts)
-        describer = GeminiDescriber(
+        describer = GeminiDescriber.from_settings(
             client,
-            model=s.model,
-            prompt=s.prompt,
-            max_output_tokens=s.max_output_tokens,
-            temperature=s.temperature,
-            thinking=s.thinking,
-            media_resolution=s.media_resolution,
-            attempts=s.gemini_attempts,
-            timeout=s.gemini_timeout,
-            max_wait=s.retry_max_wait,
-            deadline=s.deadline,
+            s,
             # A cold instance starts low and doubles per round (slow start): the
             # instances of a fleet start together against one quota.
             limiter=AdaptiveLimiter(

@@ -35,6 +35,7 @@ from captioner.errors import ConfigurationError, PermanentError, TransientError
 from captioner.limiter import AdaptiveLimiter
 from captioner.models import MediaResolution, Thinking, default_temperature
 from captioner.retrying import with_retries
+from captioner.settings import Settings
 
 _TRANSIENT_CODES = frozenset({408, 429, 499, 500, 502, 503, 504})
 _TRANSIENT_STATUSES = frozenset(
@@ -199,6 +200,27 @@ class GeminiDescriber:
         self._default_spec = CaptionSpec(prompt, structured=False)
         # Set by a per-day quota's 429: (monotonic time it resets, the error).
         self._stopped: tuple[float, ConfigurationError] | None = None
+
+    @classmethod
+    def from_settings(
+        cls, client: genai.Client, s: Settings, *, limiter: AdaptiveLimiter | None = None
+    ) -> GeminiDescriber:
+        """The describer the settings ask for: the online path and batch jobs send the
+        same model, prompt, output cap, temperature, thinking and media resolution."""
+        return cls(
+            client,
+            model=s.model,
+            prompt=s.prompt,
+            max_output_tokens=s.max_output_tokens,
+            temperature=s.temperature,
+            thinking=s.thinking,
+            media_resolution=s.media_resolution,
+            attempts=s.gemini_attempts,
+            timeout=s.gemini_timeout,
+            max_wait=s.retry_max_wait,
+            deadline=s.deadline,
+            limiter=limiter,
+        )
 
     def _config_for(self, spec: CaptionSpec, room: int) -> types.GenerateContentConfig:
         schema = spec.response_schema()

@@ -325,21 +325,8 @@ def _batch_jobs(
     settings: Settings, storage: StorageClient, client: genai.Client | None, runtime: Any
 ) -> BatchJobs:
     s = settings
-    describer = (
-        None
-        if client is None
-        else GeminiDescriber(
-            client,
-            model=s.model,
-            prompt=s.prompt,
-            max_output_tokens=s.max_output_tokens,
-            temperature=s.temperature,
-            thinking=s.thinking,
-            media_resolution=s.media_resolution,
-            attempts=1,
-            timeout=s.gemini_timeout,
-        )
-    )
+    # Builds the request lines only (request_for): it never calls Gemini itself.
+    describer = None if client is None else GeminiDescriber.from_settings(client, s)
 
     def recorder_for(manifest: Manifest) -> Recorder:
         # The model of the run, as the online path records its configured model.

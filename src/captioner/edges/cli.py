@@ -186,7 +186,12 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("interrupted; a second run resumes where this one stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ObjectGoneError as exc:  # listing or reading a bucket that is not there
+        print(f"error: {exc} (does the bucket exist?)", file=sys.stderr)
+        return EXIT_USAGE
     except (BadRequestError, CaptionerError) as exc:
+        # Bad arguments, and what stops a whole run: no key, no credentials, a key
+        # Gemini refuses, a bucket we may not read.
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
@@ -205,12 +210,6 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         await _report(
             run.results(), totals, total, as_json=args.json, progress=_shows_progress(args)
         )
-    except ObjectGoneError as exc:
-        print(f"error: {exc} (does the bucket exist?)", file=sys.stderr)
-        return EXIT_USAGE
-    except (PermanentError, TransientError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     finally:
         await runtime.aclose()
     _summary(totals, sys.stderr)
@@ -223,19 +222,12 @@ async def _batch(args: argparse.Namespace, settings: Settings) -> int:
 
     request = _batch_request(args)
     dry_run = isinstance(request, BatchSubmitRequest) and request.dry_run
-    try:
-        async with opened(settings, needs_vertex=not dry_run) as jobs:
-            if isinstance(request, BatchSubmitRequest):
-                report = await jobs.submit(request)
-                _print_submit(report, as_json=args.json)
-                return EXIT_OK
-            reports = [r async for r in jobs.follow(request)]
-    except ObjectGoneError as exc:
-        print(f"error: {exc} (does the bucket exist?)", file=sys.stderr)
-        return EXIT_USAGE
-    except (PermanentError, TransientError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    async with opened(settings, needs_vertex=not dry_run) as jobs:
+        if isinstance(request, BatchSubmitRequest):
+            report = await jobs.submit(request)
+            _print_submit(report, as_json=args.json)
+            return EXIT_OK
+        reports = [r async for r in jobs.follow(request)]
     for job in reports:
         _print_job(job, as_json=args.json)
     unfinished = [r for r in reports if not r.applied]
@@ -358,17 +350,10 @@ async def _read_back(
     from captioner.adapters.storage import StorageClient
 
     keys = MetadataKeys(settings.metadata_prefix, settings.languages)
-    try:
-        async with StorageClient.opened(attempts=settings.storage_attempts) as storage:
-            if args.command == "show":
-                return await _show(storage, keys, args.objects, as_json=args.json)
-            return await _export(storage, keys, args, settings, out, page)
-    except ObjectGoneError as exc:
-        print(f"error: {exc} (does the bucket exist?)", file=sys.stderr)
-        return EXIT_USAGE
-    except (PermanentError, TransientError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    async with StorageClient.opened(attempts=settings.storage_attempts) as storage:
+        if args.command == "show":
+            return await _show(storage, keys, args.objects, as_json=args.json)
+        return await _export(storage, keys, args, settings, out, page)
 
 
 async def _show(storage: Any, keys: MetadataKeys, targets: list[str], *, as_json: bool) -> int:
