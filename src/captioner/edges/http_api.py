@@ -91,12 +91,8 @@ async def _handle(runtime: Runtime, request: Request, request_id: str) -> Respon
                 results.append(result_json(result))
     except TimeoutError:
         answer["incomplete"] = _deadline_message(deadline)
-    except ObjectGoneError as exc:
-        return error(404, str(exc))
-    except PermanentError as exc:
-        return error(400, str(exc))
-    except TransientError as exc:
-        return error(503, f"try again later: {exc}")
+    except (ObjectGoneError, PermanentError, TransientError) as exc:
+        return _failed(exc)
     _log_summary(run)
     return JSONResponse({"results": results, "totals": run.totals.as_dict(), **answer})
 
@@ -124,13 +120,19 @@ async def _batch_jobs(runtime: Runtime, request: BatchRequest) -> Response:
     except ConfigurationError as exc:
         # A deployment with an API key has no batch mode for gs:// images (README).
         return error(501 if str(exc) == NEEDS_VERTEX else 503, str(exc))
-    except ObjectGoneError as exc:
-        return error(404, str(exc))
-    except PermanentError as exc:
-        return error(400, str(exc))
-    except TransientError as exc:
-        return error(503, f"try again later: {exc}")
+    except (ObjectGoneError, PermanentError, TransientError) as exc:
+        return _failed(exc)
     return JSONResponse({"jobs": reports})
+
+
+def _failed(exc: ObjectGoneError | PermanentError | TransientError) -> Response:
+    """What a whole request that could not go on answers: a missing bucket 404, a
+    permanent problem 400, a transient one 503 (call again)."""
+    if isinstance(exc, ObjectGoneError):
+        return error(404, str(exc))
+    if isinstance(exc, PermanentError):
+        return error(400, str(exc))
+    return error(503, f"try again later: {exc}")
 
 
 def _deadline_message(deadline: float) -> str:
