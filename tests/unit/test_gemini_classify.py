@@ -247,14 +247,21 @@ def test_project_setup_errors_are_configuration_errors(code: int, status: str) -
     assert isinstance(_classify(api_error(code, status)), ConfigurationError)
 
 
-def test_a_400_about_a_setting_we_sent_is_a_configuration_error() -> None:
-    body = {
-        "error": {
-            "code": 400,
-            "message": "Budget 0 is invalid. This model only works in thinking mode.",
-            "status": "INVALID_ARGUMENT",
-        }
-    }
+@pytest.mark.parametrize(
+    "message",
+    [
+        # The messages the real API gives for thinking settings a model refuses (the
+        # stand-in sends the same; sources in captioner_dev/gemini_server/tokens.py).
+        "Budget 0 is invalid. This model only works in thinking mode.",
+        "Thinking level is not supported for this model.",
+        "Thinking level MINIMAL is not supported for this model. Please retry with other "
+        "thinking level.",
+        "The thinking budget (40000) is invalid. Please choose a value between 128 and 32768.",
+        "Thinking is not enabled for models/gemini-2.0-flash",
+    ],
+)
+def test_a_400_about_a_setting_we_sent_is_a_configuration_error(message: str) -> None:
+    body = {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}}
     assert isinstance(_classify(errors.ClientError(400, body)), ConfigurationError)
 
 
