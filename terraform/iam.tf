@@ -106,6 +106,75 @@ resource "google_project_iam_member" "runtime_vertex" {
   member  = google_service_account.runtime.member
 }
 
+# ---------------------------------------------------------------------------
+# Vertex AI service agent: what `captioner batch` jobs read and write
+# ---------------------------------------------------------------------------
+
+# A batch prediction job runs as the Vertex AI service agent,
+# service-PROJECT_NUMBER@gcp-sa-aiplatform.iam.gserviceaccount.com: it reads the request
+# files and the images from the bucket and writes the answers under the job's output
+# prefix (CAPTION_BATCH_PREFIX). Google creates service agents "at some point after you
+# activate and use the API", and "if a service agent hasn't been created yet, then you
+# can't grant roles to the service agent" (https://cloud.google.com/iam/docs/service-agents,
+# https://cloud.google.com/iam/docs/create-service-agents): enabling aiplatform.googleapis.com
+# is not enough in a fresh project. Google's sample for creating the project-level
+# aiplatform.googleapis.com agents ahead of use is this resource, google-beta only
+# (https://cloud.google.com/iam/docs/samples/iam-create-project-level-service-agent).
+# Creating an agent that already exists is a no-op, and destroying this resource leaves
+# the agent alone. Note: an agent created this way does not get its default project role
+# (roles/aiplatform.serviceAgent) automatically (create-service-agents page above); this
+# module grants it only the bucket access below.
+resource "google_project_service_identity" "vertex_agent" {
+  count    = local.use_vertex ? 1 : 0
+  provider = google-beta
+
+  project = var.project_id
+  service = "aiplatform.googleapis.com"
+
+  depends_on = [google_project_service.enabled]
+}
+
+locals {
+  # Built from the project number (the agent's documented address) rather than read from
+  # the resource: a plain string known once data.google_project is read.
+  vertex_agent_member = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-aiplatform.iam.gserviceaccount.com"
+}
+
+# Read: the images and the request files, anywhere in the watched bucket.
+resource "google_storage_bucket_iam_member" "vertex_agent_read" {
+  count = local.use_vertex ? 1 : 0
+
+  bucket = local.watched_bucket
+  role   = "roles/storage.objectViewer"
+  member = local.vertex_agent_member
+
+  depends_on = [google_project_service.core, google_project_service_identity.vertex_agent]
+}
+
+# Write: create objects under the batch prefix only. A job writes new files into an
+# output folder of its own and never replaces or deletes one, so objectCreator suffices
+# and objectUser (overwrite, delete) is not granted. Cloud Storage objects are named
+# projects/_/buckets/BUCKET/objects/OBJECT in IAM Conditions, and a prefix is restricted
+# with resource.name.startsWith(...)
+# (https://cloud.google.com/iam/docs/conditions-resource-attributes#resource-name,
+# https://cloud.google.com/storage/docs/access-control/iam#conditions). IAM Conditions on a
+# bucket need uniform bucket-level access, which the created bucket has.
+resource "google_storage_bucket_iam_member" "vertex_agent_write_batch" {
+  count = local.use_vertex ? 1 : 0
+
+  bucket = local.watched_bucket
+  role   = "roles/storage.objectCreator"
+  member = local.vertex_agent_member
+
+  condition {
+    title       = "captioner batch prefix only"
+    description = "Vertex AI batch prediction writes its outputs under CAPTION_BATCH_PREFIX and nowhere else."
+    expression  = "resource.name.startsWith(\"projects/_/buckets/${local.watched_bucket}/objects/${var.caption_batch_prefix}\")"
+  }
+
+  depends_on = [google_project_service.core, google_project_service_identity.vertex_agent]
+}
+
 resource "google_secret_manager_secret_iam_member" "runtime_api_key" {
   count = local.use_api_key ? 1 : 0
 

@@ -46,6 +46,7 @@ locals {
       CAPTION_LANGUAGES       = join(",", var.caption_languages)
       CAPTION_METADATA_PREFIX = var.caption_metadata_prefix
       CAPTION_MODE            = var.caption_mode
+      CAPTION_BATCH_PREFIX    = var.caption_batch_prefix
     },
     var.caption_prompt == null ? {} : { CAPTION_PROMPT = var.caption_prompt },
     length(var.caption_rules) == 0 ? {} : { CAPTION_RULES = jsonencode(var.caption_rules) },

@@ -396,3 +396,17 @@ variable "caption_metadata_prefix" {
     error_message = "caption_metadata_prefix must be 1 to 32 lowercase letters, digits, '_' or '-', starting with a letter or digit."
   }
 }
+
+variable "caption_batch_prefix" {
+  type        = string
+  description = "Folder of the watched bucket where `captioner batch` keeps its runs (CAPTION_BATCH_PREFIX). In Vertex mode the Vertex AI service agent may create objects under it and nowhere else."
+  default     = "captioner-batch/"
+
+  # The application's own rule (a folder name ending in "/", not starting with one, at
+  # most 200 characters), plus no '"', '\' or control characters: the prefix is written
+  # into the IAM Condition's CEL string literal.
+  validation {
+    condition     = length(var.caption_batch_prefix) <= 200 && can(regex("^[^/\"\\\\[:cntrl:]][^\"\\\\[:cntrl:]]*/$", var.caption_batch_prefix))
+    error_message = "caption_batch_prefix must be a folder name ending in '/', such as \"captioner-batch/\": not starting with '/', at most 200 characters, without '\"', '\\' or control characters."
+  }
+}

@@ -13,6 +13,13 @@ terraform {
       # 6.50.0 and 8.7.0 (tests/terraform/provider_schema.json).
       version = ">= 6.0.0, < 9.0.0"
     }
+    # Only for google_project_service_identity (the Vertex AI service agent, iam.tf),
+    # which hashicorp/google does not have. Same range and the same two releases
+    # checked (6.50.0 and 8.7.0 in tests/terraform/provider_schema.json).
+    google-beta = {
+      source  = "hashicorp/google-beta"
+      version = ">= 6.0.0, < 9.0.0"
+    }
     archive = {
       source = "hashicorp/archive"
       # `excludes` are doublestar glob patterns only from 2.5.0 (CHANGELOG 2.5.0, #354:
@@ -26,6 +33,12 @@ terraform {
 }
 
 provider "google" {
+  project        = var.project_id
+  region         = var.region
+  default_labels = var.labels
+}
+
+provider "google-beta" {
   project        = var.project_id
   region         = var.region
   default_labels = var.labels

@@ -12,10 +12,15 @@ Sources (each wheel's README names the provider release it was generated from):
 
     cdktf-cdktf-provider-google 16.12.1  ->  hashicorp/google  6.50.0
     cdktn-provider-google       21.1.0   ->  hashicorp/google  8.7.0
+    cdktf-cdktf-provider-google-beta 16.12.1 -> hashicorp/google-beta 6.50.0
+    cdktn-provider-google-beta  21.1.0   ->  hashicorp/google-beta 8.7.0
     cdktn-provider-archive      14.0.1   ->  hashicorp/archive 2.8.1
 
 Two google releases bracket what versions.tf admits (6.x to 8.x): the module must
-be valid against both.
+be valid against both. google-beta likewise; its types are named google_* too, so a
+type is looked up in google-beta when its block says `provider = google-beta` (the
+provider's local name, as versions.tf declares it), else in the provider its name
+starts with.
 
 Refresh (needs the package registry once, then nothing):
 
@@ -64,6 +69,8 @@ OUTPUT = HERE / "provider_schema.json"
 WHEELS = [
     ("cdktf-cdktf-provider-google", "16.12.1", "google", "6.50.0"),
     ("cdktn-provider-google", "21.1.0", "google", "8.7.0"),
+    ("cdktf-cdktf-provider-google-beta", "16.12.1", "google-beta", "6.50.0"),
+    ("cdktn-provider-google-beta", "21.1.0", "google-beta", "8.7.0"),
     ("cdktn-provider-archive", "14.0.1", "archive", "2.8.1"),
 ]
 
@@ -75,18 +82,34 @@ NESTED = re.compile(r"(?:this\.)?_(\w+) = new (\w+)\(this, \"(\w+)\"")
 COMPUTED_MAP = re.compile(r"new cdkt[nf]\.\w+Map\(this, \"(\w+)\"")
 STATIC_TYPE = re.compile(r"static tfResourceType = \"(\w+)\"")
 ASSIGNED_TYPE = re.compile(r"^(\w+)\.tfResourceType = \"(\w+)\"", re.M)
-README_RELEASE = re.compile(r"hashicorp/(\w+) provider version (\d+\.\d+\.\d+)")
+README_RELEASE = re.compile(r"hashicorp/([\w-]+) provider version (\d+\.\d+\.\d+)")
 
 
-def used_types() -> dict[str, set[str]]:
-    """Resource and data source types declared in terraform/*.tf."""
-    found: dict[str, set[str]] = {"resource": set(), "data": set()}
+def provider_of(tf_type: str, body: dict[str, Any]) -> str:
+    """The provider a block is served by: its `provider` meta-argument, else its type's prefix.
+
+    `provider = google-beta` and `provider = google-beta.alias` both name google-beta.
+    """
+    explicit = body.get("provider")
+    if isinstance(explicit, str):
+        return explicit.strip('"').removeprefix("${").removesuffix("}").split(".")[0]
+    return tf_type.split("_", 1)[0]
+
+
+def used_types() -> dict[str, dict[str, set[str]]]:
+    """provider -> kind -> resource and data source types declared in terraform/*.tf."""
+    found: dict[str, dict[str, set[str]]] = {}
     for path in sorted(TERRAFORM_DIR.glob("*.tf")):
         with path.open(encoding="utf-8") as handle:
             parsed = hcl2.load(handle)
-        for kind in found:
+        for kind in ("resource", "data"):
             for entry in parsed.get(kind, []):
-                found[kind].update(key.strip('"') for key in entry)
+                for key, named in entry.items():
+                    tf_type = key.strip('"')
+                    for body in named.values():
+                        provider = provider_of(tf_type, body)
+                        kinds = found.setdefault(provider, {"resource": set(), "data": set()})
+                        kinds[kind].add(tf_type)
     return found
 
 
@@ -198,10 +221,8 @@ def build(wheel_dir: Path) -> dict[str, Any]:
         assert (name, release) == (provider, expected_release), (path.name, name, release)
         library = Library(files, types)
         schema: dict[str, Any] = {"resource": {}, "data": {}}
-        for kind, type_names in wanted.items():
+        for kind, type_names in wanted.get(provider, {}).items():
             for tf_type in sorted(type_names):
-                if not tf_type.startswith(provider + "_"):
-                    continue
                 class_name = library.types.get((kind, tf_type))
                 assert class_name, f"{kind} {tf_type} not in {path.name}"
                 schema[kind][tf_type] = library.block(class_name, class_name + "Config")

@@ -2,9 +2,11 @@
 
 `terraform validate` would need the google and archive providers, which cannot be
 downloaded here. tests/terraform/provider_schema.json holds, for each resource and
-data source type the module uses, the schema of google 6.50.0 and 8.7.0 (the two
-ends of what versions.tf admits) and archive 2.8.1, read from the prebuilt CDK
-provider wheels by refresh_schema.py (its docstring says how to refresh it).
+data source type the module uses, the schema of google and google-beta 6.50.0 and
+8.7.0 (the two ends of what versions.tf admits) and archive 2.8.1, read from the
+prebuilt CDK provider wheels by refresh_schema.py (its docstring says how to refresh
+it). A block with `provider = google-beta` is checked against google-beta, every
+other one against the provider its type name starts with.
 
 Checked for every resource and data source, against every release of its provider:
 the type exists; every argument and block written is in the schema (and settable);
@@ -25,6 +27,7 @@ from typing import Any
 import hcl2
 import pytest
 
+from tests.terraform.refresh_schema import provider_of
 from tests.terraform.test_terraform_structure import TERRAFORM_DIR, expression_parts
 
 SCHEMA_PATH = Path(__file__).with_name("provider_schema.json")
@@ -128,16 +131,17 @@ def _body_problems(
             yield f"{where}: block {name!r} may appear only once"
 
 
-def _releases(schema: dict[str, Any], tf_type: str) -> dict[str, dict[str, Any]]:
-    provider = tf_type.split("_", 1)[0]
-    releases: dict[str, dict[str, Any]] = schema["providers"][provider]
+def _releases(
+    schema: dict[str, Any], tf_type: str, body: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    releases: dict[str, dict[str, Any]] = schema["providers"][provider_of(tf_type, body)]
     return releases
 
 
 def config_problems(declared: Declared, schema: dict[str, Any]) -> list[str]:
     problems = []
     for (kind, tf_type, name), body in sorted(declared.items()):
-        for release, types in _releases(schema, tf_type).items():
+        for release, types in _releases(schema, tf_type, body).items():
             where = f"{'data.' if kind == 'data' else ''}{tf_type}.{name} (@{release})"
             node = types[kind].get(tf_type)
             if node is None:
@@ -199,14 +203,16 @@ def reference_problems(
             kind = "data" if data else "resource"
             if (kind, tf_type, name) not in kinds:
                 continue  # an undeclared name is the structure tests' business
-            for release, types in _releases(schema, tf_type).items():
+            for release, types in _releases(
+                schema, tf_type, declared[(kind, tf_type, name)]
+            ).items():
                 missing = _walk_path(types[kind][tf_type], path)
                 if missing:
                     problems.add(f"{data}{tf_type}.{name}{path}: no {missing!r} (@{release})")
     for (kind, tf_type, name), body in declared.items():
         for text in _expressions(body.get("lifecycle", [])):
             for path in SELF.findall(text):
-                for release, types in _releases(schema, tf_type).items():
+                for release, types in _releases(schema, tf_type, body).items():
                     missing = _walk_path(types[kind][tf_type], path)
                     if missing:
                         problems.add(f"{tf_type}.{name}: self{path}: no {missing!r} (@{release})")
@@ -225,8 +231,14 @@ def _everything(directory: Path) -> list[Any]:
 
 
 def test_schema_names_its_sources(schema: dict[str, Any]) -> None:
-    assert set(schema["providers"]) == {"google", "archive"}
-    assert {"google@6.50.0", "google@8.7.0", "archive@2.8.1"} == set(schema["sources"])
+    assert set(schema["providers"]) == {"google", "google-beta", "archive"}
+    assert {
+        "google@6.50.0",
+        "google@8.7.0",
+        "google-beta@6.50.0",
+        "google-beta@8.7.0",
+        "archive@2.8.1",
+    } == set(schema["sources"])
     for source in schema["sources"].values():
         assert source.startswith("PyPI ")
 
@@ -345,3 +357,37 @@ def test_a_misspelt_self_reference_is_caught(declared: Declared, schema: dict[st
     )
     problems = reference_problems(copied, schema, [])
     assert any("self.project_numbr: no 'project_numbr'" in p for p in problems), problems
+
+
+SERVICE_IDENTITY = ("resource", "google_project_service_identity", "vertex_agent")
+
+
+def test_beta_only_types_are_checked_against_google_beta(
+    declared: Declared, schema: dict[str, Any]
+) -> None:
+    # google_project_service_identity exists only in google-beta: the block must say so,
+    # and is then checked against both google-beta releases.
+    body = declared[SERVICE_IDENTITY]
+    assert provider_of(SERVICE_IDENTITY[1], body) == "google-beta"
+    assert set(_releases(schema, SERVICE_IDENTITY[1], body)) == {"6.50.0", "8.7.0"}
+    for release in ("6.50.0", "8.7.0"):
+        assert SERVICE_IDENTITY[1] not in schema["providers"]["google"][release]["resource"]
+    copied, body = _mutated(declared, SERVICE_IDENTITY)
+    body["servce"] = body.pop("service")
+    assert config_problems(copied, schema) == [
+        f"google_project_service_identity.vertex_agent (@{release}): {problem}"
+        for release in ("6.50.0", "8.7.0")
+        for problem in ("unknown argument 'servce'", "required argument 'service' missing")
+    ]
+
+
+def test_a_beta_only_type_without_provider_google_beta_is_caught(
+    declared: Declared, schema: dict[str, Any]
+) -> None:
+    copied, body = _mutated(declared, SERVICE_IDENTITY)
+    del body["provider"]
+    problems = config_problems(copied, schema)
+    assert any(
+        "google_project_service_identity.vertex_agent" in p and "not in provider_schema" in p
+        for p in problems
+    ), problems

@@ -42,6 +42,7 @@ CAPTION_SETTINGS = {
     "CAPTION_METADATA_PREFIX",
     "CAPTION_MODE",
     "CAPTION_RULES",
+    "CAPTION_BATCH_PREFIX",
 }
 API_KEY_NAMES = {"GEMINI_API_KEY", "GOOGLE_API_KEY"}
 VERTEX_SETTINGS = {"GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION"}
@@ -324,6 +325,7 @@ def test_constrained_variables_are_validated(config: Config) -> None:
         "caption_max_bytes",
         "caption_languages",
         "caption_metadata_prefix",
+        "caption_batch_prefix",
     }
     for name in must_validate:
         assert name in config.variables, f"variable {name} missing"
@@ -698,6 +700,114 @@ def test_gemini_access_is_narrow(config: Config) -> None:
     assert accessor["member"] == "${google_service_account.runtime.member}"
 
 
+# The Vertex AI service agent: batch prediction jobs run as it, reading the requests and
+# the images from the watched bucket and writing their answers under CAPTION_BATCH_PREFIX.
+VERTEX_AGENT_MEMBER = (
+    "serviceAccount:service-${data.google_project.this.number}"
+    "@gcp-sa-aiplatform.iam.gserviceaccount.com"
+)
+VERTEX_MODE_COUNT = "${local.use_vertex ? 1 : 0}"
+
+
+def _vertex_agent_grants(config: Config) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every IAM resource granting something to the Vertex AI service agent."""
+    grants = {}
+    for rtype, name, body in config.iam_resources():
+        members = body.get("members", []) + ([body["member"]] if "member" in body else [])
+        # A member written through locals counts with the locals' own text.
+        text = " ".join(members)
+        for local_name in REFERENCE_PATTERNS["local"].findall(text):
+            text += " " + json.dumps(config.locals.get(local_name))
+        if "gcp-sa-aiplatform" in text:
+            grants[(rtype, name)] = body
+    return grants
+
+
+def test_vertex_agent_email_uses_the_project_number(config: Config) -> None:
+    assert literal(config.locals["vertex_agent_member"]) == VERTEX_AGENT_MEMBER
+    assert "gcp-sa-aiplatform.googleapis.com" not in json.dumps(config.everything())
+    # The grants name the agent through that local, never through a project id.
+    for body in _vertex_agent_grants(config).values():
+        assert body["member"] == "${local.vertex_agent_member}"
+
+
+def test_vertex_agent_is_created_before_it_is_granted(config: Config) -> None:
+    # Google creates service agents "after you activate and use the API"; one that does
+    # not exist yet cannot be granted (https://cloud.google.com/iam/docs/create-service-agents).
+    identity = config.resource("google_project_service_identity", "vertex_agent")
+    assert identity["count"] == VERTEX_MODE_COUNT
+    assert identity["provider"] == "google-beta"
+    assert literal(identity["service"]) == "aiplatform.googleapis.com"
+    assert identity["project"] == "${var.project_id}"
+    assert "${google_project_service.enabled}" in identity["depends_on"]
+    services = local_closure(config, " ".join(expressions_in(config.locals["services"])))
+    assert re.search(r'local\.use_vertex \? \["aiplatform\.googleapis\.com"\]', services)
+    (block,) = config.terraform
+    (required,) = block["required_providers"]
+    assert literal(required["google-beta"]["source"]) == "hashicorp/google-beta"
+    assert literal(required["google-beta"]["version"]) == literal(required["google"]["version"])
+    assert "google-beta" in {name for provider in config.providers for name in provider}
+    for body in _vertex_agent_grants(config).values():
+        assert "${google_project_service_identity.vertex_agent}" in body["depends_on"]
+
+
+def test_vertex_agent_grants_exist_only_in_vertex_mode(config: Config) -> None:
+    grants = _vertex_agent_grants(config)
+    assert set(grants) == {
+        ("google_storage_bucket_iam_member", "vertex_agent_read"),
+        ("google_storage_bucket_iam_member", "vertex_agent_write_batch"),
+    }
+    for body in grants.values():
+        assert body["count"] == VERTEX_MODE_COUNT
+    assert config.locals["use_vertex"] == '${var.gemini_mode == "vertex"}'
+
+
+def test_vertex_agent_gets_nothing_project_wide(config: Config) -> None:
+    for rtype, name in _vertex_agent_grants(config):
+        assert rtype == "google_storage_bucket_iam_member", f"{rtype}.{name}"
+    for rtype, named in config.resources.items():
+        if rtype.startswith(("google_project_iam", "google_folder_iam", "google_organization_iam")):
+            for name, body in named.items():
+                assert "vertex_agent" not in json.dumps(body), f"{rtype}.{name}"
+                assert "gcp-sa-aiplatform" not in json.dumps(body), f"{rtype}.{name}"
+
+
+def test_vertex_agent_reads_the_watched_bucket(config: Config) -> None:
+    read = config.resource("google_storage_bucket_iam_member", "vertex_agent_read")
+    assert read["bucket"] == "${local.watched_bucket}"
+    assert literal(read["role"]) == "roles/storage.objectViewer"
+    assert "condition" not in read  # the images may be anywhere in the bucket
+
+
+def test_vertex_agent_writes_only_under_the_batch_prefix(config: Config) -> None:
+    write = config.resource("google_storage_bucket_iam_member", "vertex_agent_write_batch")
+    assert write["bucket"] == "${local.watched_bucket}"
+    # Create only: jobs write new files; no overwrite or delete (objectUser, objectAdmin).
+    assert literal(write["role"]) == "roles/storage.objectCreator"
+    (condition,) = write["condition"]
+    # Cloud Storage objects are projects/_/buckets/BUCKET/objects/OBJECT in IAM Conditions
+    # (https://cloud.google.com/iam/docs/conditions-resource-attributes#resource-name).
+    assert literal(condition["expression"]) == (
+        'resource.name.startsWith("projects/_/buckets/${local.watched_bucket}'
+        '/objects/${var.caption_batch_prefix}")'
+    )
+    assert literal(condition["title"]).strip()
+    # Every other storage grant the agent has is read-only.
+    for (_rtype, name), body in _vertex_agent_grants(config).items():
+        if name != "vertex_agent_write_batch":
+            assert literal(body["role"]) == "roles/storage.objectViewer", name
+
+
+def test_batch_prefix_default_is_the_applications(config: Config) -> None:
+    settings = (TERRAFORM_DIR.parent / "src" / "captioner" / "settings.py").read_text()
+    (default,) = re.findall(r'^\s*batch_prefix: str = "([^"]*)"', settings, re.M)
+    assert literal(config.variables["caption_batch_prefix"]["default"]) == default
+    for name, body in _functions(config).items():
+        raw = single_block(body, "service_config")["environment_variables"]
+        text = local_closure(config, " ".join(expression_parts(raw)))
+        assert re.search(r"CAPTION_BATCH_PREFIX\s*=\s*var\.caption_batch_prefix", text), name
+
+
 def test_event_delivery_grants(config: Config) -> None:
     project_roles = {
         (literal(body["role"]), body["member"])
@@ -1011,6 +1121,11 @@ def test_defaults_pass_their_own_validations(variables_only: Path) -> None:
         ("max_instance_request_concurrency", "0"),
         ("gemini_api_key_secret_version", "0"),
         ("labels", '{"Team" = "x"}'),
+        ("caption_batch_prefix", "captioner-batch"),
+        ("caption_batch_prefix", "/captioner-batch/"),
+        ("caption_batch_prefix", 'a"b/'),
+        ("caption_batch_prefix", "a\\b/"),
+        ("caption_batch_prefix", "b" * 200 + "/"),
     ],
 )
 def test_validations_reject_bad_values(variables_only: Path, name: str, value: str) -> None:
@@ -1038,6 +1153,8 @@ def test_public_invokers_are_rejected_with_the_reason(variables_only: Path) -> N
         ("gemini_mode", "api_key"),
         ("build_service_account", "projects/p/serviceAccounts/b@p.iam.gserviceaccount.com"),
         ("caption_languages", '["en", "pt-BR"]'),
+        ("caption_batch_prefix", "backfills/2026 run/"),
+        ("caption_batch_prefix", "b" * 199 + "/"),
     ],
 )
 def test_validations_accept_good_values(variables_only: Path, name: str, value: str) -> None:
@@ -1124,6 +1241,9 @@ API_OF = {
     "google_secret_manager_secret_iam_member": "secretmanager",
     "google_cloudfunctions2_function": "cloudfunctions",
     "google_cloud_run_v2_service_iam_member": "run",
+    # Calls Service Usage (as google_project_service itself does, so it is on) to create
+    # the agent of aiplatform.googleapis.com: it waits for that API's enablement.
+    "google_project_service_identity": "aiplatform",
 }
 
 
