@@ -1,5 +1,5 @@
 """The Gemini REST wire format: request paths, parsing request bodies in either key spelling,
-building responses and errors (see /work/shared/GEMINI_WIRE.md)."""
+building responses and errors (see docs/gemini_wire.md)."""
 
 from __future__ import annotations
 
