@@ -15,9 +15,23 @@ from typing import Any, Self, TypeVar
 
 from aiohttp import web
 
-__all__ = ["ThreadedServer"]
+__all__ = ["ThreadedServer", "start_site"]
 
 _T = TypeVar("_T")
+
+
+async def start_site(
+    app: web.Application, host: str, port: int, *, shutdown_timeout: float
+) -> web.AppRunner:
+    """Serve ``app`` on ``host:port`` (0: any free port); the runner, once it listens."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
 
 
 class ThreadedServer:
@@ -42,14 +56,7 @@ class ThreadedServer:
 
     async def astart(self) -> None:
         """Starts serving on the server's loop; sets ``self.port`` to the bound port."""
-        runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
+        runner = await start_site(self.make_app(), self.host, self.port, shutdown_timeout=0.5)
         self._runner = runner
         self.port = runner.addresses[0][1]
 

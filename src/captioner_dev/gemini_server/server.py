@@ -33,7 +33,7 @@ from captioner_dev.gemini_server.wire import (
     json_error,
     parse_generate_request,
 )
-from captioner_dev.threaded import ThreadedServer
+from captioner_dev.threaded import ThreadedServer, start_site
 
 _SHUTDOWN_TIMEOUT: Final = 2.0
 
@@ -65,14 +65,7 @@ class GeminiStub(StubState):
         if self._runner is not None:
             raise RuntimeError("GeminiStub is already running")
         self._stopping = asyncio.Event()
-        runner = web.AppRunner(self.make_app(), access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
+        runner = await start_site(self.make_app(), host, port, shutdown_timeout=_SHUTDOWN_TIMEOUT)
         self._runner = runner
         bound_host, bound_port = runner.addresses[0][:2]
         shown = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, bound_host)
