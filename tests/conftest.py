@@ -90,3 +90,44 @@ def stack_env(gcs: FakeGcs, gemini_thread: Any) -> dict[str, str]:
         "GEMINI_API_KEY": "test-key",
         "CAPTION_LOG_FORMAT": "json",
     }
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[Any]:
+    """A fresh Gemini stand-in on the test's own loop (its state is the test's alone)."""
+    from captioner_dev.gemini_server import GeminiStub
+
+    async with GeminiStub() as server:
+        yield server
+
+
+@pytest.fixture
+async def client(stub: Any) -> AsyncIterator[Any]:
+    """The unmodified google-genai client, pointed at ``stub``."""
+    from google import genai
+    from google.genai import types
+
+    gemini = genai.Client(api_key="test", http_options=types.HttpOptions(base_url=stub.base_url))
+    yield gemini
+    await gemini.aio.aclose()
+
+
+@pytest.fixture(scope="module")
+def internal() -> Iterator[Any]:
+    """For URL-mode tests: a service on 127.0.0.1 that is not in the allowed list, which
+    counts every request it gets (it must get none)."""
+    from tests.webserver import CountingSite
+
+    server = CountingSite().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[Any]:
+    """For URL-mode tests: a first hop the tests allow by name, which can redirect."""
+    from tests.webserver import CountingSite
+
+    server = CountingSite().start()
+    yield server
+    server.stop()

@@ -61,3 +61,28 @@ class ImageSite(ThreadedServer):
 
     async def _text(self, request: web.Request) -> web.Response:
         return web.Response(text="not an image")
+
+
+class CountingSite(ImageSite):
+    """An ImageSite that records every request whatever its path, and can answer a
+    redirect with a Location header exactly as given (aiohttp's HTTPFound would
+    normalise a non-ASCII host first, hiding the spelling under test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[str] = []
+
+    def make_app(self) -> web.Application:
+        @web.middleware
+        async def count(request: web.Request, handler: Any) -> web.StreamResponse:
+            self.requests.append(request.path_qs)
+            response: web.StreamResponse = await handler(request)
+            return response
+
+        app = super().make_app()
+        app.middlewares.append(count)
+        app.router.add_get("/raw-redirect", self._raw_redirect)
+        return app
+
+    async def _raw_redirect(self, request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": request.query["to"]})

@@ -55,19 +55,6 @@ def image_contents(data: bytes, prompt: str = PROMPT) -> list[Any]:
 
 
 @pytest.fixture
-async def stub() -> AsyncIterator[GeminiStub]:
-    async with GeminiStub() as server:
-        yield server
-
-
-@pytest.fixture
-async def client(stub: GeminiStub) -> AsyncIterator[genai.Client]:
-    gemini = genai.Client(api_key="test", http_options=types.HttpOptions(base_url=stub.base_url))
-    yield gemini
-    await gemini.aio.aclose()
-
-
-@pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session

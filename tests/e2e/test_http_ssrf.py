@@ -14,23 +14,7 @@ import requests
 
 from captioner.adapters.urls import redact
 from captioner_dev.functions import FunctionServer
-from tests.integration.test_url_fetcher import CountingSite
-
-
-@pytest.fixture(scope="module")
-def internal() -> Iterator[CountingSite]:
-    """A service only the function's network reaches: 127.0.0.1, not allowed."""
-    server = CountingSite().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def gateway() -> Iterator[CountingSite]:
-    """A first hop the function may fetch: allowed by name (localhost:port)."""
-    server = CountingSite().start()
-    yield server
-    server.stop()
+from tests.webserver import CountingSite
 
 
 @pytest.fixture(scope="module")

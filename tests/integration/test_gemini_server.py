@@ -3,29 +3,15 @@ stand-in sends them (the stand-in's own tests are in tests/dev_stack/)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from google import genai
-from google.genai import errors, types
+from google.genai import errors
 
 from captioner_dev.gemini_server import GeminiStub
 
 MODEL = "gemini-2.5-flash"
-
-
-@pytest.fixture
-async def stub() -> AsyncIterator[GeminiStub]:
-    async with GeminiStub() as server:
-        yield server
-
-
-@pytest.fixture
-async def client(stub: GeminiStub) -> AsyncIterator[genai.Client]:
-    gemini = genai.Client(api_key="test", http_options=types.HttpOptions(base_url=stub.base_url))
-    yield gemini
-    await gemini.aio.aclose()
 
 
 @pytest.mark.parametrize(

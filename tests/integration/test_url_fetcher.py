@@ -5,12 +5,11 @@ from __future__ import annotations
 import http.client
 import socket
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
 import pytest
-from aiohttp import ThreadedResolver, web
+from aiohttp import ThreadedResolver
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
@@ -23,7 +22,7 @@ from captioner.adapters.urls import (
 )
 from captioner.errors import PermanentError, TransientError
 from tests import images
-from tests.webserver import ImageSite
+from tests.webserver import CountingSite, ImageSite
 
 
 @pytest.fixture(scope="module")
@@ -173,47 +172,6 @@ async def test_not_found_is_permanent(fetcher: UrlFetcher, site: ImageSite) -> N
 
 
 # Issue 11: the guard judges the address connected to, whatever the spelling.
-
-
-class CountingSite(ImageSite):
-    """An ImageSite that records every request whatever its path, and can answer a
-    redirect with a Location header exactly as given (aiohttp's HTTPFound would
-    normalise a non-ASCII host first, hiding the spelling under test)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.requests: list[str] = []
-
-    def make_app(self) -> web.Application:
-        @web.middleware
-        async def count(request: web.Request, handler: Any) -> web.StreamResponse:
-            self.requests.append(request.path_qs)
-            response: web.StreamResponse = await handler(request)
-            return response
-
-        app = super().make_app()
-        app.middlewares.append(count)
-        app.router.add_get("/raw-redirect", self._raw_redirect)
-        return app
-
-    async def _raw_redirect(self, request: web.Request) -> web.Response:
-        return web.Response(status=302, headers={"Location": request.query["to"]})
-
-
-@pytest.fixture(scope="module")
-def internal() -> Iterator[CountingSite]:
-    """An internal service on 127.0.0.1 that is not in the allowed list."""
-    server = CountingSite().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def gateway() -> Iterator[CountingSite]:
-    """A 'public' first hop: reached as public.test, which is allowed."""
-    server = CountingSite().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
