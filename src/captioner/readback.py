@@ -54,7 +54,7 @@ def record_of(info: ObjectInfo, keys: MetadataKeys) -> CaptionRecord:
     meta = info.metadata
     status = meta.get(keys.status) or "none"
     written_for = meta.get(keys.generation)
-    tags = tuple(t for t in (meta.get(keys.tags) or "").split(",") if t.strip())
+    tags = tuple(t.strip() for t in (meta.get(keys.tags) or "").split(",") if t.strip())
     return CaptionRecord(
         source=f"gs://{info.bucket}/{info.name}",
         generation=info.generation,
@@ -64,7 +64,7 @@ def record_of(info: ObjectInfo, keys: MetadataKeys) -> CaptionRecord:
         current=written_for == str(info.generation),
         caption=meta.get(keys.caption),
         alt=meta.get(keys.alt),
-        tags=tuple(t.strip() for t in tags),
+        tags=tags,
         model=meta.get(keys.model),
         created=meta.get(keys.created),
         rule=meta.get(keys.rule),
