@@ -235,3 +235,19 @@ def other_formats() -> dict[str, tuple[bytes, str]]:
         "tiff-16-bit-grey": (encode(grey16, "TIFF"), "image/tiff"),
         "bmp": (encode(picture, "BMP"), "image/bmp"),
     }
+
+
+def tiff_claiming(width: int, height: int) -> bytes:
+    """A tiny TIFF whose header claims ``width`` x ``height`` (a decompression bomb)."""
+    data = bytearray(encode(solid((8, 8)), "TIFF"))
+    first_ifd = int.from_bytes(data[4:8], "little")
+    entries = int.from_bytes(data[first_ifd : first_ifd + 2], "little")
+    for i in range(entries):
+        at = first_ifd + 2 + 12 * i
+        tag = int.from_bytes(data[at : at + 2], "little")
+        if tag in (256, 257):  # ImageWidth, ImageLength, stored as SHORT or LONG
+            kind = int.from_bytes(data[at + 2 : at + 4], "little")
+            value = width if tag == 256 else height
+            size = 2 if kind == 3 else 4
+            data[at + 8 : at + 8 + size] = value.to_bytes(size, "little")
+    return bytes(data)

@@ -52,6 +52,13 @@ CASES: list[tuple[str, bytes, str, str]] = [
         "image/png",
         "error:bad-aspect-ratio",
     ),
+    (
+        "truncated-heic",
+        images.other_formats()["heic"][0][:400],
+        "image/heic",
+        "error:corrupt-image",
+    ),
+    ("tiff-claims-65k", images.tiff_claiming(65000, 65000), "image/tiff", "error:too-many-pixels"),
     ("wide-but-fine-1500x40", images.encode(images.solid((1500, 40)), "PNG"), "image/png", ok),
 ]
 

@@ -47,6 +47,18 @@ from captioner.runtime import Runtime
 from captioner.settings import Settings
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (``--limit 0`` or ``-5`` is a
+    usage error, exit 2, not a run that silently does nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="captioner",
@@ -73,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="caption again where the model, prompt or rule has changed since",
     )
-    backfill.add_argument("--limit", type=int, default=1_000_000, help="at most this many images")
+    backfill.add_argument(
+        "--limit", type=_positive, default=1_000_000, help="at most this many images"
+    )
 
     for command in (describe, backfill):
         command.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -97,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--html", metavar="FILE", help="also write one page of thumbnails with their captions"
     )
-    export.add_argument("--limit", type=int, help="at most this many images")
+    export.add_argument("--limit", type=_positive, help="at most this many images")
     _add_batch(sub)
     return parser
 
