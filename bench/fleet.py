@@ -93,6 +93,8 @@ class Delivery:
 class Feed:
     first_event: float = 0.0
     last_done: float = 0.0
+    # When the last event was handed to an instance: after it, only queued ones drain.
+    backlog_empty: float = 0.0
     halved_at: float | None = None
     deliveries: list[Delivery] = field(default_factory=list)
 
@@ -205,6 +207,8 @@ async def feed(
             stop.cancel()
             name, headers, body = get.result()
             sent = time.time()
+            if pending.empty():
+                result.backlog_empty = sent
             async with session.post(url, data=body, headers=headers) as response:
                 await response.read()
                 status = response.status
@@ -299,6 +303,13 @@ def analyse(run: FleetRun, fed: Feed, records: list[dict[str, Any]]) -> dict[str
         "wall_s": wall,
         "throughput": len(ok) / wall if wall > 0 else 0.0,
         "of_quota": len(ok) / allowed if allowed > 0 else 0.0,
+        # The quota used while every instance still had events waiting: the limiters'
+        # sharing, without the drain at the end (each instance finishing the up to 32
+        # deliveries it holds, and the last answers' latency).
+        "of_quota_while_backlog": _rate_at(accepted_at, t0, fed.backlog_empty) / run.quota
+        if fed.halved_at is None and fed.backlog_empty > t0
+        else None,
+        "drain_s": t_end - fed.backlog_empty if fed.backlog_empty else None,
         "calls": len(calls),
         "accepted": len(accepted),
         "refused_429": len(refused),
@@ -413,10 +424,16 @@ def run_fleet(stack: Stack, run: FleetRun, planned: list[Planned], latency: Any)
     return figures
 
 
+def _maybe(value: float | None, spec: str = ".2f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
 def _summary_line(f: dict[str, Any]) -> str:
     t90 = f["time_to_90pct_s"]
     line = (
-        f"{f['run']['key']}: {f['throughput']:.1f}/s = {f['of_quota']:.2f} of Q, "
+        f"{f['run']['key']}: {f['throughput']:.1f}/s = {f['of_quota']:.2f} of Q "
+        f"({_maybe(f.get('of_quota_while_backlog'))} while the backlog lasted, drain "
+        f"{_maybe(f.get('drain_s'), '.1f')} s), "
         f"429s {f['refused_429']}/{f['calls']} ({100 * f['refused_fraction']:.1f} %), "
         f"share min/max {f['share_min_over_fair']:.2f}/{f['share_max_over_fair']:.2f} of fair, "
         f"90 % of Q after {'never' if t90 is None else f'{t90:.1f} s'}, "
@@ -574,10 +591,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown_table(fleet: list[dict[str, Any]]) -> str:
     rows = [
-        "| instances | quota | images | wall (s) | images/s | of Q | 429s (of calls) "
+        "| instances | quota | images | wall (s) | images/s | of Q | of Q while backlog "
+        "| drain (s) | 429s (of calls) "
         "| share min / max of fair | 90 % of Q after | after halving: settled, 429s, of Q/2 "
         "| redeliveries | cores fleet / stack | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in fleet:
         r = f["run"]
@@ -593,7 +611,9 @@ def markdown_table(fleet: list[dict[str, Any]]) -> str:
         quota = f"{r['quota']:g}/s" + (f" → {r['quota'] / 2:g}/s" if r["halve"] else "")
         rows.append(
             f"| {r['instances']} | {quota} | {r['images']} | {f['wall_s']:.1f} | "
-            f"{f['throughput']:.1f} | {f['of_quota']:.2f} | {f['refused_429']} "
+            f"{f['throughput']:.1f} | {f['of_quota']:.2f} | "
+            f"{_maybe(f.get('of_quota_while_backlog'))} | {_maybe(f.get('drain_s'), '.1f')} | "
+            f"{f['refused_429']} "
             f"({100 * f['refused_fraction']:.1f} %) | {f['share_min_over_fair']:.2f} / "
             f"{f['share_max_over_fair']:.2f} | {'never' if t90 is None else f'{t90:.1f} s'} | "
             f"{halving} | {f['redeliveries']} | {f['cores_used']['fleet']:.2f} / "

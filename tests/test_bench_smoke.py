@@ -67,3 +67,24 @@ def test_fleet_benchmark_smoke_mode_feeds_two_instances_against_one_quota(tmp_pa
     assert run["of_quota"] > 0
     assert run["wall_s"] > 0
     assert "| instances | quota | images |" in process.stdout
+    assert run["of_quota_while_backlog"] is not None
+    assert run["drain_s"] is not None
+    assert run["drain_s"] >= 0
+
+
+def test_fleet_simulation_runs_the_real_limiter_and_prints_its_table() -> None:
+    process = subprocess.run(
+        [sys.executable, "-m", "bench.fleet_sim", "--seeds", "1", "--images", "300"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    rows = [line for line in process.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| fleet | of Q (min) |")
+    assert len(rows) == 1 + 5  # the header, then 1 x 20/s ... 8 x 50/s
+    # Every image was captioned: the quota used can neither be zero nor beat the quota.
+    for row in rows[1:]:
+        of_q = float(row.split("|")[2].split()[0])
+        assert 0.3 < of_q <= 1.05, row

@@ -5,18 +5,28 @@ times the model's latency (Little's law). The limiter learns that number from 42
 Deployed, every instance of the function has its own limiter and all of them draw on
 one project quota, so what one instance learns is its *share*:
 
-- It starts at ``initial`` and, until the first 429, adds one call per success
-  (doubling per round of calls, as TCP's slow start). A new instance should start
-  low (``slow_start_initial``: a quarter of the maximum): instances start together,
-  and each opening with its maximum spends the quota's first second on 429s (eight
-  instances at 32 calls: 256 calls into a quota of 20/s).
+- It starts at ``initial`` and, until the first 429, adds ``slow_start_gain`` calls
+  per success (two: the limit triples per round of calls, where TCP's slow start
+  doubles). A new instance should start low (``slow_start_initial``: a quarter of
+  the maximum): instances start together, and each opening with its maximum spends
+  the quota's first second on 429s (eight instances at 32 calls: 256 calls into a
+  quota of 20/s). Tripling runs a lone instance at 8, 24, 32 calls in its first three
+  rounds rather than 8, 16, 32: a quarter second less on the first request of a
+  fresh instance at 0.5 s latency, and the same opening burst.
 - A 429 marks a *ceiling*: the rate of successes over the last two latencies (at
   least a second; up to six latencies when fewer than five calls ended in two, as
   for an instance that runs a few calls of a fleet's quota) times their latency,
-  which is Little's law again and is what the quota let through. The limit drops to
-  ``decrease`` times that (0.7), so the excess drains, and then climbs back one call
-  per success up to ``recover`` of the ceiling (0.95): within about one round it
-  runs just under its share again.
+  which is Little's law again and is what the quota let through; but at least
+  ``held`` (0.85) of the calls in flight when the 429 came (this one included). A
+  small share measured just after a cut reads the cut, not the quota: without that
+  floor, eight instances at 20/s measured one or two calls for shares of three or
+  four, cut to one, and raced back; and an instance that had few events to caption
+  measured its demand, not the quota. (In the simulated fleet, bench/fleet_sim.py,
+  the floor raised the quota used at 20/s by one or two hundredths and kept shares
+  within 0.6–1.5 of the fair one rather than 0.5–1.9, for half a point more 429s.)
+  The limit drops to ``decrease`` times the ceiling (0.7), so the excess drains, and
+  then climbs back one call per success up to ``recover`` of the ceiling (0.85):
+  within about one round it runs a little under its share again.
 - Before a second of successes has been seen (the first burst) the ceiling is the
   calls in flight less those refused with them, and the limit only drops to 0.7
   of that, again with each new burst, until a measured ceiling takes over.
@@ -34,6 +44,10 @@ one project quota, so what one instance learns is its *share*:
 - Only a 429 for a call started after the last decrease lowers the limit again:
   the others were sent under the old limit and say nothing new (TCP's one cut per
   window), so one burst of 429s counts once.
+
+The constants were chosen on a simulated fleet (instances with a finite backlog of
+upload events against one token bucket, as bench/fleet.py runs them for real) and
+then measured in bench/fleet.py; bench/RESULTS.md "Fleet" has both.
 
 A 429 that names a delay (RetryInfo) also holds every new call until it is over,
 plus up to half as long again at random (``pause_jitter``) so that the instances of
@@ -68,8 +82,8 @@ def slow_start_initial(maximum: int) -> int:
     """Where a new instance starts: a quarter of its maximum (at least one call).
 
     Eight instances at CAPTION_MAX_CONCURRENCY=32 so open with 64 calls rather than
-    256; the limit still doubles each round while successes come back, so a lone
-    instance is at its maximum after two rounds.
+    256; the limit triples each round while successes come back, so a lone instance
+    is at its maximum after two rounds.
     """
     return max(1, math.ceil(maximum / 4))
 
@@ -84,8 +98,10 @@ class AdaptiveLimiter:
         minimum: int = 1,
         initial: int | None = None,
         decrease: float = 0.7,
-        recover: float = 0.95,
+        recover: float = 0.85,
+        held: float = 0.85,
         creep: float = 0.25,
+        slow_start_gain: float = 2.0,
         max_pause: float = 30.0,
         pause_jitter: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
@@ -95,8 +111,12 @@ class AdaptiveLimiter:
             raise ValueError("need 1 <= minimum <= maximum")
         if not 0 < decrease <= recover <= 1:
             raise ValueError("need 0 < decrease <= recover <= 1")
-        if creep <= 0 or pause_jitter < 0:
-            raise ValueError("need creep > 0 and pause_jitter >= 0")
+        if creep <= 0 or pause_jitter < 0 or slow_start_gain < 1 or not 0 <= held <= 1:
+            raise ValueError(
+                "need creep > 0, pause_jitter >= 0, slow_start_gain >= 1, 0 <= held <= 1"
+            )
+        self._held = held
+        self._slow_start_gain = slow_start_gain
         self._clock = clock
         self._rng = rng
         self._creep = creep
@@ -176,6 +196,11 @@ class AdaptiveLimiter:
                 self._measured = sustained is not None
                 # In flight: this call is one of them, and was not let through.
                 ceiling = max(1, min(self._in_flight - 1, sustained or self._in_flight))
+                if sustained is not None:
+                    # A small share measured just after a cut reads the cut: hold on to
+                    # most of what was in flight (not of the limit, which an instance
+                    # with few events to caption may never have used).
+                    ceiling = max(ceiling, round(self._held * min(self._limit, self._in_flight)))
                 self._ceiling = ceiling
                 self._limit = max(self._min, min(self._limit, ceiling) * self._decrease)
                 # Climb straight back only to a ceiling measured by the successes; the
@@ -196,7 +221,9 @@ class AdaptiveLimiter:
         elif slot.outcome == "ok":
             self._observe(slot)
             if self._limit < self._fast_until:
-                self._limit = min(self._fast_until, self._limit + 1.0)
+                # Slow start (no 429 yet) grows faster than the climb back after a cut.
+                gain = self._slow_start_gain if self._decreases == 0 else 1.0
+                self._limit = min(self._fast_until, self._limit + gain)
                 return
             share = self._ceiling
             if self._measured and share is not None and self._limit < max(1.1 * share, share + 2):

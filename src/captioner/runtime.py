@@ -128,7 +128,7 @@ class Runtime:
         describer = GeminiDescriber.from_settings(
             client,
             s,
-            # A cold instance starts low and doubles per round (slow start): the
+            # A cold instance starts low and triples per round (slow start): the
             # instances of a fleet start together against one quota.
             limiter=AdaptiveLimiter(
                 s.max_concurrency,

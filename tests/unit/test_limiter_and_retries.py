@@ -95,12 +95,20 @@ async def test_a_429_for_a_call_started_after_the_decrease_lowers_it_again() -> 
 async def test_with_successes_seen_the_ceiling_is_their_rate_times_their_latency() -> None:
     clock = Clock()
     limiter = AdaptiveLimiter(64, clock=clock)
-    await _steady(limiter, clock, rate=8.0, latency=0.5)  # Little: 8/s x 0.5 s = 4 calls
-    await _burst(limiter, 20, refused=1)  # 19 were let through in this burst ...
-    ceiling = limiter.stats.ceiling
-    assert ceiling is not None
-    assert 4 <= ceiling <= 5  # ... but the rate says about 4 in flight is what the quota allows
-    assert limiter.stats.limit == pytest.approx(0.7 * ceiling)
+    await _steady(limiter, clock, rate=40.0, latency=0.5)  # Little: 40/s x 0.5 s = 20 calls
+    await _burst(limiter, 22, refused=1)  # 21 were let through in this burst ...
+    assert limiter.stats.ceiling == 20  # ... but the rate says 20 is what the quota allows
+    assert limiter.stats.limit == pytest.approx(0.7 * 20)
+
+
+async def test_the_ceiling_is_at_least_0_85_of_the_calls_in_flight_at_the_429() -> None:
+    clock = Clock()
+    limiter = AdaptiveLimiter(64, clock=clock)
+    # Few events to caption: 4 calls in flight is this instance's demand, not the quota.
+    await _steady(limiter, clock, rate=8.0, latency=0.5)
+    await _burst(limiter, 20, refused=1)  # then 20 at once, and the quota let 19 through
+    assert limiter.stats.ceiling == 17  # 0.85 x 20, not the 4 the rate alone would say
+    assert limiter.stats.limit == pytest.approx(0.7 * 17)
 
 
 async def test_a_429_after_a_quiet_spell_is_not_read_as_a_quota_of_one_call() -> None:
@@ -113,28 +121,28 @@ async def test_a_429_after_a_quiet_spell_is_not_read_as_a_quota_of_one_call() ->
     assert limiter.stats.limit == pytest.approx(0.7 * 25)
 
 
-async def test_after_a_measured_429_the_limit_regains_0_95_of_the_ceiling_within_a_round() -> None:
+async def test_after_a_measured_429_the_limit_regains_0_85_of_the_ceiling_within_a_round() -> None:
     clock = Clock()
     limiter = AdaptiveLimiter(100, clock=clock)
     await _steady(limiter, clock, rate=40.0, latency=0.5)  # 20 calls in flight
-    await _burst(limiter, 30, refused=5)
+    await _burst(limiter, 22, refused=1)
     assert limiter.stats.ceiling == 20
     assert limiter.stats.limit == pytest.approx(14.0)  # 0.7 x 20
-    await _succeed(limiter, 4)  # one per success ...
-    assert limiter.stats.limit == pytest.approx(18.0)
-    await _succeed(limiter, 1)  # ... up to 0.95 x 20, not past it
-    assert limiter.stats.limit == pytest.approx(19.0)
-    await _succeed(limiter, 19)  # then a quarter of a call per round
-    assert limiter.stats.limit == pytest.approx(19.25, abs=0.01)
+    await _succeed(limiter, 2)  # one per success (not two: that is slow start's) ...
+    assert limiter.stats.limit == pytest.approx(16.0)
+    await _succeed(limiter, 1)  # ... up to 0.85 x 20, not past it
+    assert limiter.stats.limit == pytest.approx(17.0)
+    await _succeed(limiter, 17)  # then a quarter of a call per round
+    assert limiter.stats.limit == pytest.approx(17.25, abs=0.01)
 
 
 async def test_near_a_measured_ceiling_the_limit_creeps_a_quarter_of_a_call_a_round() -> None:
     clock = Clock()
     limiter = AdaptiveLimiter(1000, clock=clock)
     await _steady(limiter, clock, rate=40.0, latency=0.5)
-    await _burst(limiter, 30, refused=5)  # ceiling 20: fast up to 19, then creeping
-    await _succeed(limiter, 5)
-    assert limiter.stats.limit == pytest.approx(19.0)
+    await _burst(limiter, 22, refused=1)  # ceiling 20: fast up to 17, then creeping
+    await _succeed(limiter, 3)
+    assert limiter.stats.limit == pytest.approx(17.0)
     for _ in range(3):
         before = limiter.stats.limit
         await _succeed(limiter, int(before))  # one round
@@ -148,22 +156,22 @@ async def test_a_small_share_creeps_by_a_fraction_of_a_call_per_round() -> None:
     clock = Clock()
     limiter = AdaptiveLimiter(32, clock=clock)
     await _steady(limiter, clock, rate=6.0, latency=0.5)  # a share of 3 calls in flight
-    await _burst(limiter, 6, refused=1)
+    await _burst(limiter, 4, refused=1)
     assert limiter.stats.ceiling == 3
-    await _succeed(limiter, 1)  # fast back to 0.95 x 3
-    assert limiter.stats.limit == pytest.approx(2.85)
+    await _succeed(limiter, 1)  # fast back to 0.85 x 3
+    assert limiter.stats.limit == pytest.approx(2.55)
     rounds = 0
     while limiter.stats.limit < 4:  # a call beyond the share is what overshoots
         await _succeed(limiter, int(limiter.stats.limit))
         rounds += 1
-    assert rounds >= 4  # a quarter of a call a round: from 2.85 to 4 takes 5 rounds
+    assert rounds >= 5  # a quarter of a call a round: from 2.55 to 4 takes 6 rounds
 
 
 async def test_past_the_ceiling_probing_doubles_each_round_up_to_the_maximum() -> None:
     clock = Clock()
     limiter = AdaptiveLimiter(1000, clock=clock)
     await _steady(limiter, clock, rate=40.0, latency=0.5)
-    await _burst(limiter, 30, refused=5)  # ceiling 20
+    await _burst(limiter, 22, refused=1)  # ceiling 20
     while limiter.stats.limit < 22:  # 1.1 x the ceiling: the quota was raised
         await _succeed(limiter, 1)
     grown = []
@@ -192,13 +200,13 @@ def test_a_new_instance_starts_at_a_quarter_of_its_maximum() -> None:
     assert [slow_start_initial(n) for n in (1, 2, 4, 16, 32, 33)] == [1, 1, 1, 4, 8, 9]
 
 
-async def test_slow_start_doubles_per_round_up_to_the_maximum() -> None:
+async def test_slow_start_triples_per_round_up_to_the_maximum() -> None:
     limiter = AdaptiveLimiter(32, initial=slow_start_initial(32))
     limits = []
     for _ in range(3):
         await _succeed(limiter, int(limiter.stats.limit))  # one round
         limits.append(limiter.stats.limit)
-    assert limits == [16, 32, 32]
+    assert limits == [24, 32, 32]
 
 
 async def test_a_named_retry_delay_pauses_for_up_to_half_as_long_again_at_random() -> None:
@@ -307,10 +315,14 @@ async def test_a_fleet_shares_one_quota_evenly_with_few_429s(
     assert reached <= 5.0
 
 
-async def test_before_the_first_429_the_limit_doubles_per_round() -> None:
+async def test_before_the_first_429_the_limit_grows_two_calls_per_success() -> None:
     limiter = AdaptiveLimiter(100, initial=2)
     await _succeed(limiter, 4)
-    assert limiter.stats.limit == 6  # +1 per success
+    assert limiter.stats.limit == 10  # +2 per success
+    await _burst(limiter, 10, refused=2)  # the first 429: slow start is over
+    after = limiter.stats.limit
+    await _succeed(limiter, 2)
+    assert limiter.stats.limit - after < 2 * 2  # no longer two calls per success
 
 
 async def test_a_named_retry_delay_pauses_every_new_call() -> None:
