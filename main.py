@@ -34,6 +34,11 @@ configure_logging(SETTINGS.log_format)
 RUNTIME = Runtime(SETTINGS)
 # Imports and the Gemini client before the server listens, not in the first request.
 RUNTIME.preload()
+if os.environ.get("FUNCTION_TARGET") != "caption_on_upload":
+    # Cloud Run names the deployed function in FUNCTION_TARGET. The HTTP edge (its
+    # pydantic bodies, batch runs) is 30-50 ms of imports that the first request
+    # paid; an upload-only instance does not need it and starts without it.
+    import captioner.edges.http_api  # noqa: F401
 log = logging.getLogger("captioner")
 
 

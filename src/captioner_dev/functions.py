@@ -38,6 +38,9 @@ class FunctionServer(LoggedProcess):
     def start(self, timeout: float = 30.0) -> FunctionServer:
         env = {**os.environ, **self._env}
         env.pop("PYTHONPATH", None)  # main.py must find src/ by itself, as when deployed
+        # Set by Cloud Run for every function ("Reserved environment variables for
+        # functions" in its environment-variables docs); main.py reads it.
+        env["FUNCTION_TARGET"] = self.target
         self.started_at = time.monotonic()
         self._spawn(
             [
