@@ -123,7 +123,7 @@ async def simulate(
             while (
                 instance.ready
                 and instance.ready[0] <= clock.now
-                and stats.in_flight < int(stats.limit)
+                and stats.in_flight < stats.window
                 and clock.now >= stats.paused_until
             ):
                 heapq.heappop(instance.ready)

@@ -76,6 +76,7 @@ class LimiterStats:
     throttled: int
     ceiling: int | None
     paused_until: float = 0.0  # on the limiter's clock: no call starts before it
+    window: int = 0  # calls that may be in flight now: the limit made a whole number
 
 
 def slow_start_initial(maximum: int) -> int:
@@ -153,10 +154,14 @@ class AdaptiveLimiter:
             self._throttled,
             self._ceiling,
             self._resume_at,
+            self._calls_allowed(),
         )
 
+    def _calls_allowed(self) -> int:
+        return int(self._limit)
+
     def _allowed(self) -> bool:
-        return self._in_flight < int(self._limit)
+        return self._in_flight < self._calls_allowed()
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[Slot]:

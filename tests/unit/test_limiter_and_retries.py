@@ -262,7 +262,7 @@ async def _fleet(
     while clock.now < seconds:
         for who, limiter in enumerate(limiters):
             while (
-                limiter.stats.in_flight < int(limiter.stats.limit)
+                limiter.stats.in_flight < limiter.stats.window
                 and clock.now >= limiter.stats.paused_until
             ):
                 cm = limiter.slot()
