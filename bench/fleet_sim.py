@@ -40,7 +40,7 @@ from typing import Any
 import bench  # noqa: F401 - puts src/ on the path
 from captioner.limiter import AdaptiveLimiter, Slot, slow_start_initial
 
-MAXIMUM = 32  # CAPTION_MAX_CONCURRENCY, and the deliveries one instance holds
+MAXIMUM = 32  # CAPTION_MAX_CONCURRENCY, and the deliveries one instance holds (default)
 PREPARE = 0.02
 CONFIGS = ((1, 20.0), (4, 20.0), (8, 20.0), (4, 50.0), (8, 50.0))
 
@@ -100,6 +100,7 @@ async def simulate(
     images: int = 2000,
     seed: int = 1,
     halve: bool = False,
+    hold: int = MAXIMUM,
 ) -> dict[str, float]:
     """One fleet run; ``make(clock, rng)`` builds each instance's limiter."""
     clock = _Clock()
@@ -108,7 +109,7 @@ async def simulate(
     bucket = _Bucket(quota)
     backlog = images
     for instance in fleet:
-        held = min(MAXIMUM, backlog)
+        held = min(hold, backlog)
         backlog -= held
         instance.ready = [PREPARE] * held
     ends: list[_End] = []
@@ -208,23 +209,33 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=VALUE",
         help="AdaptiveLimiter keyword arguments (recover, held, creep, slow_start_gain, ...)",
     )
-    parser.add_argument("--initial", type=int, default=slow_start_initial(MAXIMUM))
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=MAXIMUM,
+        help="CAPTION_MAX_CONCURRENCY, and the deliveries one instance holds",
+    )
+    parser.add_argument("--initial", type=int, help="default: slow_start_initial(concurrency)")
     parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--halve", action="store_true", help="the quota halves mid-run")
     args = parser.parse_args(argv)
     settings = _parse_settings(args.set)
+    initial = args.initial or slow_start_initial(args.concurrency)
 
     def make(clock: Callable[[], float], rng: Callable[[], float]) -> AdaptiveLimiter:
         return AdaptiveLimiter(
-            MAXIMUM,
-            initial=args.initial,
+            args.concurrency,
+            initial=initial,
             clock=clock,
             rng=rng,
             **settings,  # type: ignore[arg-type]
         )
 
-    print(f"limiter: initial={args.initial} {settings or 'defaults'}; {args.seeds} seeds")
+    print(
+        f"limiter: maximum={args.concurrency} initial={initial} {settings or 'defaults'}; "
+        f"{args.seeds} seeds"
+    )
     print(
         "| fleet | of Q (min) | while backlog | 429s (max) | opening 429s | share min–max "
         "| drain (s) |"
@@ -233,7 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     for instances, quota in CONFIGS:
         runs = [
             asyncio.run(
-                simulate(make, instances, quota, images=args.images, seed=seed, halve=args.halve)
+                simulate(
+                    make,
+                    instances,
+                    quota,
+                    images=args.images,
+                    seed=seed,
+                    halve=args.halve,
+                    hold=args.concurrency,
+                )
             )
             for seed in range(1, args.seeds + 1)
         ]

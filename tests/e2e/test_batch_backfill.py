@@ -147,6 +147,41 @@ def test_a_caption_made_in_a_batch_is_the_one_made_online(
     assert in_batch.file_uris == [f"gs://{bucket.name}/batch/a.png"]
 
 
+def test_batch_prefix_setting_places_the_run_and_its_files_are_never_taken_for_images(
+    vertex_env: dict[str, str], gemini: Any, bucket: Any
+) -> None:
+    env = {
+        **vertex_env,
+        "CAPTION_BATCH_PREFIX": "nightly jobs/#1/",  # a space and a '#' in object names
+        "CAPTION_BATCH_APPLY_CONCURRENCY": "1",
+    }
+    upload_many(bucket, ["a.png", "b.png", "c.png"])
+    target = f"gs://{bucket.name}/"  # the whole bucket, where the run's files will be
+    submitted = run_cli(env, "batch", "submit", target, "--json")
+    assert submitted.returncode == 0, submitted.stderr
+    assert json.loads(submitted.stdout)["images"] == 3
+    names = [b.name for b in bucket.list_blobs()]
+    run_files = [n for n in names if n.startswith("nightly jobs/#1/")]
+    assert run_files  # the manifest and the request shard
+    assert not [n for n in names if n.startswith("captioner-batch/")]  # not the default
+
+    wait_for_jobs(env, target)
+    applied = run_cli(env, "batch", "apply", target)
+    assert applied.returncode == 0, applied.stderr
+    assert all(metadata(bucket, n)["caption-status"] == "ok" for n in ("a.png", "b.png", "c.png"))
+    for name in [b.name for b in bucket.list_blobs()]:
+        if name.startswith("nightly jobs/"):
+            assert "caption" not in metadata(bucket, name), name  # no run file captioned
+
+    # A second submit of the whole bucket lists the run's files and skips them: they are
+    # not counted as images or as anything else, and nothing is left to submit.
+    again = run_cli(env, "batch", "submit", target, "--dry-run", "--json")
+    assert again.returncode == 0, again.stderr
+    report = json.loads(again.stdout)
+    assert report["images"] == 0
+    assert report["skipped_by_reason"] == {"already-captioned": 3}
+
+
 def test_failed_and_partly_answered_jobs_leave_what_has_no_answer_for_the_next_run(
     vertex_env: dict[str, str], gemini: Any, bucket: Any
 ) -> None:

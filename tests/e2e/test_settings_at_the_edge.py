@@ -37,6 +37,8 @@ def test_thinking_and_media_resolution_settings_reach_the_wire(
         ("CAPTION_THINKING", "unlimited"),
         ("CAPTION_MEDIA_RESOLUTION", "ultra; rm -rf /"),
         ("CAPTION_HTTP_DEADLINE", "-5"),
+        ("CAPTION_BATCH_PREFIX", "no-trailing-slash"),
+        ("CAPTION_BATCH_APPLY_CONCURRENCY", "0"),
     ],
 )
 def test_a_bad_setting_value_is_refused_naming_the_variable(
