@@ -8,7 +8,8 @@ The real benchmark (bench/fleet.py) takes ten minutes a configuration matrix and
 by several hundredths from run to run on a shared 2-core machine, too little signal to
 choose a limiter's constants by. This runs the real ``AdaptiveLimiter`` (its clock
 replaced) in the same fleet: N instances start together, each holds up to 32 upload
-events at once (Cloud Run's per-instance concurrency, as the feeder delivers them) and
+events at once (``--concurrency``: Cloud Run's per-instance concurrency, as the feeder
+delivers them, and CAPTION_MAX_CONCURRENCY) and
 takes the next one from a shared backlog when one is captioned; a call is accepted by
 a token bucket like the stand-in's quota (``rate`` a second, a burst of one second's
 worth, RetryInfo with the time to the next token) and takes a lognormal latency

@@ -11,8 +11,11 @@ one project quota, so what one instance learns is its *share*:
   the maximum): instances start together, and each opening with its maximum spends
   the quota's first second on 429s (eight instances at 32 calls: 256 calls into a
   quota of 20/s). Tripling runs a lone instance at 8, 24, 32 calls in its first three
-  rounds rather than 8, 16, 32: a quarter second less on the first request of a
-  fresh instance at 0.5 s latency, and the same opening burst.
+  rounds rather than 8, 16, 32, with the same opening burst: on paper an eighth of a
+  second less on the first request of a fresh instance at 0.5 s latency, which the
+  measured first requests (0.69-0.72 of a full pool, bench/RESULTS.md) do not show
+  beyond their spread. Quadrupling was measured too: the first request gained a
+  little, and a lone instance under a quota of 20/s met twice as many 429s.
 - A 429 marks a *ceiling*: the rate of successes over the last two latencies (at
   least a second; up to six latencies when fewer than five calls ended in two, as
   for an instance that runs a few calls of a fleet's quota) times their latency,
