@@ -54,22 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:
-        return _interrupted()
-    except Exception:
-        # Ctrl-C reaches the whole process group: fake-gcs-server or the function may die
-        # of it and fail a call of ours before our own KeyboardInterrupt surfaces (seen
-        # once in CI: ConnectionRefusedError, exit 1, a traceback). Give it a moment.
-        try:
-            time.sleep(0.5)
-        except KeyboardInterrupt:
-            return _interrupted()
-        raise
-
-
-def _interrupted() -> int:
-    # The local stack is stopped by the context managers on the way out.
-    print("\ninterrupted; nothing is left running", file=sys.stderr)
-    return 130
+        # The local stack is stopped by the context managers on the way out.
+        print("\ninterrupted; nothing is left running", file=sys.stderr)
+        return 130
 
 
 def _main(argv: list[str] | None) -> int:
