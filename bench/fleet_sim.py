@@ -9,12 +9,12 @@ by several hundredths from run to run on a shared 2-core machine, too little sig
 choose a limiter's constants by. This runs the real ``AdaptiveLimiter`` (its clock
 replaced) in the same fleet: N instances start together, each holds up to 32 upload
 events at once (``--concurrency``: Cloud Run's per-instance concurrency, as the feeder
-delivers them, and CAPTION_MAX_CONCURRENCY) and
-takes the next one from a shared backlog when one is captioned; a call is accepted by
-a token bucket like the stand-in's quota (``rate`` a second, a burst of one second's
-worth, RetryInfo with the time to the next token) and takes a lognormal latency
-(median 1.2 s, sigma 0.6, cap 8 s, as bench/fleet.py's stand-in), a 429 comes back at
-once and its event is tried again after the named delay plus up to as much again (as
+delivers them, and CAPTION_MAX_CONCURRENCY) and takes the next one from a shared
+backlog when one is captioned; a call is accepted by the stand-in's own quota
+(captioner_dev.gemini_server.quota: ``rate`` a second, a burst of one second's worth,
+RetryInfo with the time to the next token) and takes a lognormal latency (median 1.2 s,
+sigma 0.6, cap 8 s, as bench/fleet.py's stand-in), a 429 comes back at once and its
+event is tried again after the named delay plus up to as much again (as
 ``GeminiDescriber`` does). Fetching and preparing an image is a fixed 20 ms.
 
 What it leaves out: CPU contention, the HTTP hops and the jitter of real processes.
@@ -40,6 +40,7 @@ from typing import Any
 
 import bench  # noqa: F401 - puts src/ on the path
 from captioner.limiter import AdaptiveLimiter, Slot, slow_start_initial
+from captioner_dev.gemini_server.quota import TokenBucket, retry_delay
 
 MAXIMUM = 32  # CAPTION_MAX_CONCURRENCY, and the deliveries one instance holds (default)
 PREPARE = 0.02
@@ -52,24 +53,6 @@ class _Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class _Bucket:
-    """The stand-in's quota: ``rate`` tokens a second, at most ``rate`` held."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.tokens = rate
-        self.at = 0.0
-
-    def take(self, now: float) -> float | None:
-        """None when a token was taken, else the RetryInfo delay (tenths of a second)."""
-        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return None
-        return max(0.1, math.ceil((1 - self.tokens) / self.rate * 10) / 10)
 
 
 @dataclass
@@ -107,7 +90,7 @@ async def simulate(
     clock = _Clock()
     rng = random.Random(seed)
     fleet = [_Instance(make(clock, rng.random)) for _ in range(instances)]
-    bucket = _Bucket(quota)
+    bucket = TokenBucket(quota, clock.now)
     backlog = images
     for instance in fleet:
         held = min(hold, backlog)
@@ -132,6 +115,8 @@ async def simulate(
                 manager = instance.limiter.slot()
                 slot: Slot = await manager.__aenter__()
                 wait = bucket.take(clock.now)
+                if wait is not None:
+                    wait = retry_delay(wait)  # as the stand-in's RetryInfo says it
                 if wait is None:
                     slot.succeeded()
                     last_sent = clock.now
@@ -163,7 +148,7 @@ async def simulate(
             done += 1
             if halve and halved_at is None and done >= images // 2:
                 halved_at = clock.now
-                bucket.rate = quota / 2
+                bucket = TokenBucket(quota / 2, clock.now)  # the stand-in refills too
             if backlog:
                 backlog -= 1
                 heapq.heappush(instance.ready, clock.now + PREPARE)

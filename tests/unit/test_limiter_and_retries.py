@@ -13,6 +13,7 @@ import pytest
 from captioner.errors import ConfigurationError, PermanentError, TransientError
 from captioner.limiter import AdaptiveLimiter, slow_start_initial
 from captioner.retrying import backoff_hook, with_retries
+from captioner_dev.gemini_server.quota import TokenBucket, retry_delay
 
 
 async def test_limiter_never_exceeds_its_limit() -> None:
@@ -222,23 +223,6 @@ async def test_a_named_retry_delay_pauses_for_up_to_half_as_long_again_at_random
     assert pauses == [2.0, 3.0, 2.5]
 
 
-class _Bucket:
-    """A token bucket like the stand-in's quota: ``rate`` a second, a burst of ``rate``."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.tokens = rate
-        self.at = 0.0
-
-    def take(self, now: float) -> float | None:
-        self.tokens = min(self.rate, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return None
-        return max(0.1, math.ceil((1 - self.tokens) / self.rate * 10) / 10)  # RetryInfo
-
-
 async def _fleet(
     instances: int, quota: float, *, seconds: float = 120.0, maximum: int = 32, seed: int = 16
 ) -> tuple[list[int], int, float]:
@@ -253,7 +237,7 @@ async def _fleet(
         AdaptiveLimiter(maximum, initial=slow_start_initial(maximum), clock=clock, rng=rng.random)
         for _ in range(instances)
     ]
-    bucket = _Bucket(quota)
+    bucket = TokenBucket(quota, clock.now)  # the stand-in's quota
     accepted = [0] * instances
     accepted_at: list[float] = []
     refused = 0
@@ -268,6 +252,8 @@ async def _fleet(
                 cm = limiter.slot()
                 slot = await cm.__aenter__()
                 wait = bucket.take(clock.now)
+                if wait is not None:
+                    wait = retry_delay(wait)
                 if wait is None:
                     slot.succeeded()
                     accepted[who] += 1

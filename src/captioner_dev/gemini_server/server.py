@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
 from collections.abc import Sequence
 from types import TracebackType
@@ -23,6 +22,7 @@ from captioner_dev.gemini_server.config import (
     StubConfigError,
 )
 from captioner_dev.gemini_server.errors import bad_key_error, quota_error
+from captioner_dev.gemini_server.quota import retry_delay
 from captioner_dev.gemini_server.records import RequestRecord
 from captioner_dev.gemini_server.state import StubState
 from captioner_dev.gemini_server.tokens import thinking_tokens_for
@@ -221,8 +221,7 @@ class GeminiStub(StubState):
             record.latency = delay
             record.fault = "quota" if wait is not None else (rule.kind if rule else None)
         if wait is not None:
-            rounded = max(0.1, math.ceil(wait * 10 - 1e-9) / 10)
-            return Outcome(429, quota_error(model, rounded).body())
+            return Outcome(429, quota_error(model, retry_delay(wait)).body())
         if await self._sleep(delay):
             return Outcome(503, ApiError(503, "The stub is shutting down.").body())
         response_id = f"stub-{record.seq:08d}"

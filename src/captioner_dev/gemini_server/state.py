@@ -23,6 +23,7 @@ from captioner_dev.gemini_server.config import (
     latency_to_json,
     parse_duration,
 )
+from captioner_dev.gemini_server.quota import TokenBucket
 from captioner_dev.gemini_server.records import RequestRecord
 
 
@@ -41,9 +42,7 @@ class StubState:
         self._bad_key_prefix: str | None = None
         self._latency: Latency = None
         self._rng = random.Random()
-        self._quota_rps: float | None = None
-        self._tokens = 0.0
-        self._refilled_at = 0.0
+        self._quota: TokenBucket | None = None
         self._faults: list[FaultRule] = []
         self._requests: list[RequestRecord] = []
         self._calls = 0
@@ -77,9 +76,9 @@ class StubState:
                 self._latency = latency
                 self._rng = latency.rng() if isinstance(latency, LatencyModel) else random.Random()
             if not isinstance(quota_rps, Unset):
-                self._quota_rps = quota_rps
-                self._tokens = self._burst()
-                self._refilled_at = time.monotonic()
+                self._quota = (
+                    None if quota_rps is None else TokenBucket(quota_rps, time.monotonic())
+                )
             if not isinstance(faults, Unset):
                 self._faults = list(faults)
             self._faults.extend(add_faults)
@@ -114,7 +113,7 @@ class StubState:
     @property
     def quota_rps(self) -> float | None:
         with self._lock:
-            return self._quota_rps
+            return None if self._quota is None else self._quota.rate
 
     @quota_rps.setter
     def quota_rps(self, value: float | None) -> None:
@@ -155,7 +154,7 @@ class StubState:
         with self._lock:
             return {
                 "latency": latency_to_json(self._latency),
-                "quota_rps": self._quota_rps,
+                "quota_rps": None if self._quota is None else self._quota.rate,
                 "faults": [rule.to_json() for rule in self._faults],
                 "bad_key_prefix": self._bad_key_prefix,
             }
@@ -186,21 +185,9 @@ class StubState:
                 kwargs[key] = [FaultRule.from_json(rule) for rule in rules]
         self.configure(**kwargs)
 
-    def _burst(self) -> float:
-        return 0.0 if self._quota_rps is None else max(1.0, self._quota_rps)
-
     def _take_quota(self) -> float | None:
         """Spends one token; returns None when allowed, else the seconds until a token is free."""
-        rate = self._quota_rps
-        if rate is None:
-            return None
-        now = time.monotonic()
-        self._tokens = min(self._burst(), self._tokens + (now - self._refilled_at) * rate)
-        self._refilled_at = now
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return None
-        return (1.0 - self._tokens) / rate
+        return None if self._quota is None else self._quota.take(time.monotonic())
 
     def _take_fault(self, haystacks: Sequence[str]) -> FaultRule | None:
         for index, rule in enumerate(self._faults):
