@@ -13,18 +13,25 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_bench_smoke_mode_writes_its_table(tmp_path: Path) -> None:
+def run_bench(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m bench.<args>`` from the repository without CAPTION_* settings; it must
+    exit 0."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTION_")}
     process = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--smoke", "--out", str(tmp_path)],
+        [sys.executable, "-m", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=110,
+        timeout=timeout,
     )
     assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    return process
+
+
+@pytest.mark.slow
+def test_bench_smoke_mode_writes_its_table(tmp_path: Path) -> None:
+    run_bench("bench.run", "--smoke", "--out", str(tmp_path), timeout=110)
 
     results = json.loads((tmp_path / "results.json").read_text())
     approaches = {run["run"]["approach"] for run in results["runs"]}
@@ -45,17 +52,8 @@ def test_bench_smoke_mode_writes_its_table(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_fleet_benchmark_smoke_mode_feeds_two_instances_against_one_quota(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CAPTION_")}
     out = tmp_path / "fleet.json"
-    process = subprocess.run(
-        [sys.executable, "-m", "bench.fleet", "--smoke", "--out", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    process = run_bench("bench.fleet", "--smoke", "--out", str(out), timeout=120)
 
     (run,) = json.loads(out.read_text())["fleet"]
     assert run["run"]["instances"] == 2
@@ -73,14 +71,7 @@ def test_fleet_benchmark_smoke_mode_feeds_two_instances_against_one_quota(tmp_pa
 
 
 def test_fleet_simulation_runs_the_real_limiter_and_prints_its_table() -> None:
-    process = subprocess.run(
-        [sys.executable, "-m", "bench.fleet_sim", "--seeds", "1", "--images", "300"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    process = run_bench("bench.fleet_sim", "--seeds", "1", "--images", "300", timeout=120)
     rows = [line for line in process.stdout.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| fleet | of Q (min) |")
     assert len(rows) == 1 + 5  # the header, then 1 x 20/s ... 8 x 50/s
