@@ -113,6 +113,16 @@ async def client(stub: Any) -> AsyncIterator[Any]:
 
 
 @pytest.fixture(scope="module")
+def site() -> Iterator[Any]:
+    """For URL-mode tests: a local site serving the sample images (tests.webserver)."""
+    from tests.webserver import ImageSite
+
+    server = ImageSite().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
 def internal() -> Iterator[Any]:
     """For URL-mode tests: a service on 127.0.0.1 that is not in the allowed list, which
     counts every request it gets (it must get none)."""

@@ -24,13 +24,6 @@ HOSTILE_BODIES = st.one_of(FORMS, BODIES)
 
 
 @pytest.fixture(scope="module")
-def site() -> Iterator[ImageSite]:
-    server = ImageSite().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def allowed_bucket(gcs_client: Any) -> Any:
     return gcs_client.create_bucket(ALLOWED)
 

@@ -102,13 +102,6 @@ def shim(folder: Path, name: str, body: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def site() -> Iterator[ImageSite]:
-    server = ImageSite().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def buckets(gcs_client: Any) -> list[Any]:
     made = []
     for name in BUCKETS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import http.client
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from urllib.parse import urlencode
 
 import aiohttp
@@ -23,13 +23,6 @@ from captioner.adapters.urls import (
 from captioner.errors import PermanentError, TransientError
 from tests import images
 from tests.webserver import CountingSite, ImageSite
-
-
-@pytest.fixture(scope="module")
-def site() -> Iterator[ImageSite]:
-    server = ImageSite().start()
-    yield server
-    server.stop()
 
 
 class FixedResolver(AbstractResolver):
