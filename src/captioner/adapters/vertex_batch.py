@@ -17,25 +17,32 @@ Which Cloud Storage client where, and why:
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import os
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from google.genai import errors as genai_errors
 from google.genai import types
 
 from captioner.adapters.gemini import (
+    NO_CREDENTIALS,
     GeminiDescriber,
     _classify,
     _description,
     make_client,
 )
 from captioner.adapters.storage import endpoint_from_env
-from captioner.batch_jobs import BatchJobs, BatchLimits, JobStatus, JsonTemplate, Manifest
+from captioner.batch_jobs import (
+    LABEL,
+    BatchJobs,
+    BatchLimits,
+    JobStatus,
+    JsonTemplate,
+    Manifest,
+    StoredFile,
+)
 from captioner.captions import CaptionSpec
 from captioner.domain import Description
 from captioner.errors import ConfigurationError, PermanentError, TransientError
@@ -60,6 +67,8 @@ _UPLOAD_CHUNK = 8 * 1024 * 1024
 _READ_CHUNK = 4 * 1024 * 1024
 # Lines are handed to the shard writer's thread in pieces of about this size.
 _WRITE_BUFFER = 1024 * 1024
+# A manifest or checkpoint is a few KiB; a "JSON file" larger than this was not ours.
+_MAX_JSON_BYTES = 16 * 1024 * 1024
 
 
 # ---------------------------------------------------------------- requests and answers
@@ -88,6 +97,9 @@ def template_for(describer: GeminiDescriber, client: genai.Client) -> Any:
         for internal in ("_url", "_query", "config"):
             body.pop(internal, None)
         body = _common.encode_unserializable_types(_common.convert_to_dict(body))
+        # The key's digest in the request's own labels, which Vertex AI echoes with the
+        # request in each output line (keys.LABEL says why a digest).
+        body["labels"] = {LABEL: placeholder.label_placeholder}
         return JsonTemplate(json.dumps(body, ensure_ascii=False, separators=(",", ":")))
 
     return build
@@ -108,21 +120,57 @@ def read_answer(response: Mapping[str, Any], model: str) -> Description:
 
 def read_status(status: Any) -> Exception:
     """A batch output's error ``status`` as the error the online path would raise for the
-    same answer: a google.rpc.Status object, or its text (``"Bad Request: {...}"``)."""
+    same answer. Vertex AI does not document its form, so each one seen is read: a
+    google.rpc.Status object (``{"code": 14, "message": …}``: a gRPC code), an HTTP error
+    body (``{"error": {"code": 503, "status": "UNAVAILABLE", …}}``), or either as text
+    after a reason (``"Service Unavailable: {…}"``). A status that is none of these is
+    left for the next run (transient), never recorded on the image."""
     body: Any = status
     if isinstance(status, str):
         start = status.find("{")
         try:
             body = json.loads(status[start:]) if start >= 0 else {"message": status}
-        except ValueError:
+        except (ValueError, RecursionError):
             body = {"message": status}
-    if not isinstance(body, dict):
-        body = {"message": str(status)}
-    inner = body.get("error", body)
-    code = inner.get("code") if isinstance(inner, dict) else None
-    if not isinstance(code, int):
+    inner = body.get("error", body) if isinstance(body, dict) else None
+    if not isinstance(inner, dict):
+        return TransientError(
+            f"Gemini's batch answer is an error of no known form: {status!r:.300}"
+        )
+    code, name = inner.get("code"), inner.get("status")
+    message = inner.get("message")
+    message = message if isinstance(message, str) else repr(message)[:300]
+    if isinstance(name, str) and name in _HTTP_OF_STATUS:
+        http = _HTTP_OF_STATUS[name]
+    elif isinstance(code, int) and not isinstance(code, bool) and code in _HTTP_OF_RPC:
+        http = _HTTP_OF_RPC[code]  # 0-16: a google.rpc.Code, not an HTTP status
+        name = _RPC_NAMES[code]
+    elif isinstance(code, int) and not isinstance(code, bool) and 100 <= code <= 599:
+        http = code
+    else:
         return TransientError(f"Gemini's batch answer is an error without a code: {status!r:.300}")
-    return _classify(genai_errors.APIError(code, {"error": inner}))
+    error = {"code": http, "message": message, "status": name if isinstance(name, str) else ""}
+    details = inner.get("details")
+    if isinstance(details, list):
+        error["details"] = details
+    return _classify(genai_errors.APIError(http, {"error": error}))
+
+
+# google.rpc.Code → HTTP, as Google's APIs map them (google/rpc/code.proto).
+_RPC_NAMES = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+    "UNAUTHENTICATED",
+)  # fmt: skip
+_HTTP_OF_STATUS = {
+    "OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400,
+    "DEADLINE_EXCEEDED": 504, "NOT_FOUND": 404, "ALREADY_EXISTS": 409,
+    "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429, "FAILED_PRECONDITION": 400,
+    "ABORTED": 409, "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501, "INTERNAL": 500,
+    "UNAVAILABLE": 503, "DATA_LOSS": 500, "UNAUTHENTICATED": 401,
+}  # fmt: skip
+_HTTP_OF_RPC = {number: _HTTP_OF_STATUS[name] for number, name in enumerate(_RPC_NAMES)}
 
 
 # ---------------------------------------------------------------- jobs
@@ -145,11 +193,14 @@ def job_status(job: types.BatchJob) -> JobStatus:
         succeeded=stats.successful_count if stats else None,
         failed=stats.failed_count if stats else None,
         incomplete=stats.incomplete_count if stats else None,
+        created=job.create_time,
+        ended_at=job.end_time,
+        display_name=job.display_name,
     )
 
 
 class VertexJobs:
-    """``client.aio.batches``: create a job per shard, and read one's state."""
+    """``client.aio.batches``: create a job per shard, read one's state, cancel one."""
 
     def __init__(self, client: genai.Client) -> None:
         if not client.vertexai:
@@ -158,20 +209,36 @@ class VertexJobs:
 
     async def create(self, *, model: str, source: str, dest: str, display_name: str) -> JobStatus:
         config = types.CreateBatchJobConfig(dest=dest, display_name=display_name)
-        try:
+        with _answered_as_ours():
             job = await self._client.aio.batches.create(model=model, src=source, config=config)
-        except genai_errors.APIError as exc:
-            raise _classify(exc) from exc
         return job_status(job)
 
     async def get(self, name: str) -> JobStatus:
-        try:
+        with _answered_as_ours(not_found=f"no batch job {name}"):
             job = await self._client.aio.batches.get(name=name)
-        except genai_errors.APIError as exc:
-            if exc.code == 404:
-                raise PermanentError("no-such-job", f"no batch job {name}") from exc
-            raise _classify(exc) from exc
         return job_status(job)
+
+    async def cancel(self, name: str) -> None:
+        with _answered_as_ours(not_found=f"no batch job {name}"):
+            await self._client.aio.batches.cancel(name=name)
+
+
+@contextmanager
+def _answered_as_ours(not_found: str | None = None) -> Iterator[None]:
+    """Vertex AI's errors as ours: classified as the online path classifies them, and no
+    credentials (found only when the first call needs a token) as one line to fix it."""
+    import google.auth.exceptions
+
+    try:
+        yield
+    except genai_errors.APIError as exc:
+        if exc.code == 404 and not_found is not None:
+            raise PermanentError("no-such-job", not_found) from exc
+        raise _classify(exc) from exc
+    except google.auth.exceptions.DefaultCredentialsError:
+        raise ConfigurationError(NO_CREDENTIALS) from None
+    except google.auth.exceptions.RefreshError as exc:
+        raise ConfigurationError(f"Google credentials cannot be refreshed: {exc}") from None
 
 
 # ---------------------------------------------------------------- large files
@@ -230,77 +297,109 @@ class GcsBlobs:
     def writer(self, bucket: str, name: str, content_type: str) -> _ShardWriter:
         return _ShardWriter(self._client, bucket, name, content_type)
 
-    async def read_json(self, bucket: str, name: str) -> dict[str, Any] | None:
+    async def read_json(self, bucket: str, name: str) -> Any:
+        """The parsed file, None when there is none; ValueError for one that is not JSON
+        or is larger than any file of ours (read no further than that)."""
         from google.cloud import exceptions
 
         blob = self._client.bucket(bucket).blob(name)
         try:
-            data = await asyncio.to_thread(blob.download_as_bytes)
+            data = await asyncio.to_thread(blob.download_as_bytes, end=_MAX_JSON_BYTES)
         except exceptions.NotFound:
             return None
-        value = json.loads(data)
-        return value if isinstance(value, dict) else None
+        if len(data) > _MAX_JSON_BYTES:
+            raise ValueError(f"over {_MAX_JSON_BYTES} bytes")
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, RecursionError) as exc:
+            raise ValueError(str(exc)[:200]) from None
 
     async def write_json(self, bucket: str, name: str, data: Mapping[str, Any]) -> None:
         blob = self._client.bucket(bucket).blob(name)
         text = json.dumps(data, ensure_ascii=False, indent=1)
         await asyncio.to_thread(blob.upload_from_string, text, content_type="application/json")
 
-    async def names(self, bucket: str, prefix: str) -> list[str]:
-        def listed() -> list[str]:
-            return [b.name for b in self._client.list_blobs(bucket, prefix=prefix)]
+    async def files(self, bucket: str, prefix: str) -> list[StoredFile]:
+        def listed() -> list[StoredFile]:
+            return [_stored(b) for b in self._client.list_blobs(bucket, prefix=prefix)]
 
         return await asyncio.to_thread(listed)
 
-    async def lines(self, bucket: str, name: str, offset: int) -> AsyncIterator[tuple[int, bytes]]:
+    async def stat(self, bucket: str, name: str) -> StoredFile | None:
+        blob = await asyncio.to_thread(self._client.bucket(bucket).get_blob, name)
+        return None if blob is None else _stored(blob)
+
+    async def delete(self, bucket: str, name: str) -> None:
+        from google.cloud import exceptions
+
+        with suppress(exceptions.NotFound):
+            await asyncio.to_thread(self._client.bucket(bucket).blob(name).delete)
+
+    async def lines(
+        self, bucket: str, name: str, offset: int, max_line: int
+    ) -> AsyncIterator[tuple[int, bytes | None]]:
         """Lines from byte ``offset`` on, read 4 MiB at a time: a file of 200,000 answers
-        never sits in memory."""
+        never sits in memory, nor does a line over ``max_line`` bytes (None instead)."""
         blob = self._client.bucket(bucket).blob(name)
         reader = await asyncio.to_thread(blob.open, "rb", chunk_size=_READ_CHUNK)
         try:
             if offset:
                 await asyncio.to_thread(reader.seek, offset)
-            position, rest = offset, b""
-            while True:
-                chunk = await asyncio.to_thread(reader.read, _READ_CHUNK)
-                if not chunk:
-                    break
-                data = rest + chunk
-                start = 0
-                while (end := data.find(b"\n", start)) >= 0:
-                    position += end + 1 - start
-                    if end > start:
-                        yield position, data[start:end]
-                    start = end + 1
-                rest = data[start:]
-            if rest.strip():
-                yield position + len(rest), rest
+            splitter = _LineSplitter(offset, max_line)
+            while chunk := await asyncio.to_thread(reader.read, _READ_CHUNK):
+                for item in splitter.feed(chunk):
+                    yield item
+            for item in splitter.end():
+                yield item
         finally:
             await asyncio.to_thread(reader.close)
+
+
+def _stored(blob: Any) -> StoredFile:
+    return StoredFile(blob.name, blob.time_created, int(blob.size or 0))
+
+
+class _LineSplitter:
+    """Bytes in, (offset past the line, the line or None when over the cap) out."""
+
+    def __init__(self, offset: int, max_line: int) -> None:
+        self._position = offset
+        self._max = max_line
+        self._rest = b""
+        self._skipping = False  # inside a line already over the cap
+
+    def feed(self, chunk: bytes) -> list[tuple[int, bytes | None]]:
+        data, start = self._rest + chunk, 0
+        found: list[tuple[int, bytes | None]] = []
+        while (end := data.find(b"\n", start)) >= 0:
+            self._position += end + 1 - start
+            if self._skipping or end - start > self._max:
+                found.append((self._position, None))
+            elif end > start:
+                found.append((self._position, data[start:end]))
+            self._skipping = False
+            start = end + 1
+        self._rest = data[start:]
+        if len(self._rest) > self._max:  # drop the long line's bytes as they come
+            self._position += len(self._rest)
+            self._rest, self._skipping = b"", True
+        return found
+
+    def end(self) -> list[tuple[int, bytes | None]]:
+        if self._skipping:
+            return [(self._position + len(self._rest), None)]
+        if self._rest.strip():
+            return [(self._position + len(self._rest), self._rest)]
+        return []
 
 
 # ---------------------------------------------------------------- wiring
 
 
-def _local_base_url(env: Mapping[str, str]) -> bool:
-    """A Gemini base URL on this machine (a local stand-in) needs no Google credentials."""
-    host = urlsplit(env.get("GOOGLE_GEMINI_BASE_URL") or "").hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def gemini_client(settings: Settings) -> genai.Client:
-    env = os.environ
-    credentials = None
-    if _local_base_url(env):
-        from google.oauth2.credentials import Credentials
-
-        credentials = Credentials(token="local")  # type: ignore[no-untyped-call]
-    client = make_client(settings.gemini_timeout, env, credentials=credentials)
+    """The Vertex AI client, authenticated exactly as the online path's: Application
+    Default Credentials, whatever ``GOOGLE_GEMINI_BASE_URL`` points at."""
+    client = make_client(settings.gemini_timeout)
     if not client.vertexai:
         raise ConfigurationError(NEEDS_VERTEX)
     return client

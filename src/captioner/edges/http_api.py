@@ -18,7 +18,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from captioner.batch import BatchRun, CaptionRequest, ObjectsRequest, PrefixRequest, result_json
-from captioner.batch_jobs import BatchFollowRequest, BatchRequest, BatchSubmitRequest
+from captioner.batch_jobs import (
+    BatchFollowRequest,
+    BatchPruneRequest,
+    BatchRequest,
+    BatchSubmitRequest,
+)
 from captioner.edges.http_body import parse_body
 from captioner.edges.logs import log_result
 from captioner.errors import (
@@ -76,7 +81,7 @@ async def _handle(runtime: Runtime, request: Request, request_id: str) -> Respon
         headers = {"Allow": "POST"} if exc.status == 405 else {}
         return error(exc.status, str(exc), **headers)
 
-    if isinstance(caption_request, BatchSubmitRequest | BatchFollowRequest):
+    if isinstance(caption_request, BatchSubmitRequest | BatchFollowRequest | BatchPruneRequest):
         return await _batch_jobs(runtime, caption_request)
     run = runtime.batch(caption_request)
     deadline = runtime.settings.http_deadline
@@ -100,13 +105,15 @@ async def _handle(runtime: Runtime, request: Request, request_id: str) -> Respon
 async def _batch_jobs(runtime: Runtime, request: BatchRequest) -> Response:
     """Submit, or follow and apply, Vertex AI batch jobs (captioner.batch_jobs)."""
     from captioner.adapters.vertex_batch import NEEDS_VERTEX, opened
+    from captioner.batch_jobs import needs_vertex
 
     settings = runtime.settings
-    dry_run = isinstance(request, BatchSubmitRequest) and request.dry_run
     try:
-        async with opened(settings, needs_vertex=not dry_run) as jobs:
+        async with opened(settings, needs_vertex=needs_vertex(request)) as jobs:
             if isinstance(request, BatchSubmitRequest):
                 return JSONResponse((await jobs.submit(request)).as_json())
+            if isinstance(request, BatchPruneRequest):
+                return JSONResponse((await jobs.prune(request)).as_json())
             # Apply stops a little before the deadline with its checkpoint saved: the
             # answer says so, and the same request goes on from there.
             follow = jobs.follow(
@@ -202,7 +209,7 @@ async def _parse(runtime: Runtime, request: Request) -> CaptionRequest | BatchRe
 def _check_allowed(runtime: Runtime, parsed: CaptionRequest | BatchRequest) -> None:
     if isinstance(parsed, ObjectsRequest):
         buckets = {ref.bucket for ref in parsed.objects}
-    elif isinstance(parsed, PrefixRequest | BatchSubmitRequest):
+    elif isinstance(parsed, PrefixRequest | BatchSubmitRequest | BatchPruneRequest):
         buckets = {parsed.bucket}
     elif isinstance(parsed, BatchFollowRequest) and parsed.bucket is not None:
         buckets = {parsed.bucket}  # a job's bucket is checked once its manifest is read

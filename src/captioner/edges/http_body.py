@@ -19,7 +19,15 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from captioner.batch import CaptionRequest, ObjectsRequest, PrefixRequest, UrlsRequest
-from captioner.batch_jobs import BatchFollowRequest, BatchRequest, BatchSubmitRequest
+from captioner.batch_jobs import (
+    BatchFollowRequest,
+    BatchPruneRequest,
+    BatchRequest,
+    BatchSubmitRequest,
+    check_job_name,
+    check_run_id,
+    parse_age,
+)
 from captioner.domain import MAX_OBJECT_NAME_BYTES, ObjectRef, first_unencodable
 from captioner.errors import BadRequestError
 
@@ -61,11 +69,19 @@ class _BatchSubmitBody(_Body):
 
 
 class _BatchFollowBody(_Body):
-    batch: Literal["status", "apply"]
+    batch: Literal["status", "apply", "cancel"]
     job: Annotated[str | None, Field(min_length=1, max_length=300)] = None
     bucket: Annotated[str | None, Field(min_length=1)] = None
     prefix: str = ""
     run: Annotated[str | None, Field(min_length=1, max_length=100)] = None
+
+
+class _BatchPruneBody(_Body):
+    batch: Literal["prune"]
+    bucket: Annotated[str, Field(min_length=1)]
+    older_than: Annotated[str, Field(min_length=2, max_length=10)]
+    force: bool = False
+    dry_run: bool = False
 
 
 # The key that names each form, and its model.
@@ -82,7 +98,9 @@ _FIELD_RULES = {
     "overwrite": "'overwrite' must be true or false",
     "dry_run": "'dry_run' must be true or false",
     "if_stale": "'if_stale' must be true or false",
-    "batch": '\'batch\' must be "submit", "status" or "apply"',
+    "batch": '\'batch\' must be "submit", "status", "apply", "cancel" or "prune"',
+    "older_than": "'older_than' must be an age in days or hours, such as \"30d\"",
+    "force": "'force' must be true or false",
     "job": "'job' must be a batch job's name (projects/…/batchPredictionJobs/ID)",
     "run": "'run' must be a run id, as submit answered it",
 }
@@ -150,12 +168,16 @@ def parse_request(body: Any) -> CaptionRequest | BatchRequest:
 def parse_batch(body: dict[str, Any]) -> BatchRequest:
     """``{"batch": "submit", "bucket": …, "prefix": …}`` or ``{"batch": "status"|"apply",
     "job": …}`` (or ``"bucket"``, ``"prefix"`` and ``"run"`` instead of ``"job"``)."""
-    submit = body.get("batch") == "submit"
-    model: type[_Body] = _BatchSubmitBody if submit else _BatchFollowBody
+    models: dict[Any, type[_Body]] = {"submit": _BatchSubmitBody, "prune": _BatchPruneBody}
+    model = models.get(body.get("batch"), _BatchFollowBody)
     try:
         parsed = model.model_validate(body)
     except ValidationError as exc:
         raise BadRequestError(_sentence(exc, "batch", model)) from None
+    if isinstance(parsed, _BatchPruneBody):
+        return BatchPruneRequest(
+            parsed.bucket, parse_age(parsed.older_than), parsed.force, parsed.dry_run
+        )
     if len(str(getattr(parsed, "prefix", "")).encode("utf-8")) > MAX_OBJECT_NAME_BYTES:
         raise BadRequestError(_FIELD_RULES["prefix"])
     if isinstance(parsed, _BatchSubmitBody):
@@ -167,8 +189,9 @@ def parse_batch(body: dict[str, Any]) -> BatchRequest:
         raise BadRequestError("give 'job', or 'bucket' (with 'prefix' or 'run'), not both")
     if parsed.job is not None and (parsed.run or parsed.prefix):
         raise BadRequestError("'run' and 'prefix' go with 'bucket', not with 'job'")
-    jobs = () if parsed.job is None else (parsed.job,)
-    return BatchFollowRequest(parsed.batch, jobs, parsed.bucket, parsed.prefix, parsed.run)
+    jobs = () if parsed.job is None else (check_job_name(parsed.job),)
+    run = None if parsed.run is None else check_run_id(parsed.run)
+    return BatchFollowRequest(parsed.batch, jobs, parsed.bucket, parsed.prefix, run)
 
 
 def _sentence(exc: ValidationError, form: str, model: type[_Body] | None = None) -> str:

@@ -46,7 +46,9 @@ Batch prediction (Vertex AI only, as google-genai's ``client.aio.batches`` calls
   RequestRecord per line (batch lines are not in ``stub.requests`` nor ``stub.calls``).
 - Not emulated: BigQuery input or output, wildcards in input URIs, the Gemini Developer API's
   own batch mode (``batches/…``, inline requests), several output files or ``errors_*`` files,
-  quotas, the online latency model, IAM (any bearer token works), the 200,000-request and
+  quotas, the online latency model, IAM (any bearer token works, though a Vertex AI request
+  without one is 401, as the real service answers; ``POST /token`` issues tokens to
+  service-account keys whose ``token_uri`` points here, see oauth.py), the 200,000-request and
   1 GB limits, jobs surviving a restart of the stand-in. The exact text of a failed line's
   ``status`` is the stand-in's own (``"<HTTP reason>: <the online error JSON>"``).
 """

@@ -132,6 +132,7 @@ class BatchJob:
     output_config: dict[str, Any]
     bearer_present: bool
     create_time: float
+    bearer_issued: bool = False
     labels: dict[str, Any] | None = None
     state: str = "JOB_STATE_QUEUED"
     update_time: float = 0.0
@@ -194,6 +195,7 @@ class BatchJob:
         return {
             "resource": self.resource(),
             "bearer_present": self.bearer_present,
+            "bearer_issued": self.bearer_issued,
             "cancel_requested": self.cancel_requested,
             "fault": self.fault,
             "lines": [line.to_json() for line in self.lines],

@@ -17,6 +17,7 @@ from captioner_dev.gemini_server.answer import Answerer
 from captioner_dev.gemini_server.batch import BatchJob, BatchSettings
 from captioner_dev.gemini_server.batch_run import BatchRunner
 from captioner_dev.gemini_server.config import StubConfigError
+from captioner_dev.gemini_server.oauth import TokenIssuer
 from captioner_dev.gemini_server.wire import ApiError, dumps, get_field, json_error
 
 _JOBS: Final = "/{version:v1|v1beta1}/projects/{project}/locations/{location}/batchPredictionJobs"
@@ -34,9 +35,11 @@ class BatchEmulator(BatchSettings):
         answerer: Answerer,
         sleep: Callable[[float], Awaitable[bool]],
         storage_endpoint: str | None = None,
+        issuer: TokenIssuer | None = None,
     ) -> None:
         super().__init__()
         self.storage_endpoint = storage_endpoint
+        self._issuer = issuer or TokenIssuer()
         self._runner = BatchRunner(self, answerer, sleep, self._endpoint)
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -71,6 +74,9 @@ class BatchEmulator(BatchSettings):
         try:
             body = json.loads(await request.read() or b"{}")
             job = _job_from_request(body, request, self.new_id())
+            job.bearer_issued = (
+                self._issuer.issued_to(request.headers.get("Authorization", "")) is not None
+            )
         except (ValueError, RecursionError) as exc:
             return json_error(ApiError(400, f"Invalid JSON payload received. {exc}"))
         except ApiError as error:

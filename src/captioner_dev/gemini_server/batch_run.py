@@ -235,6 +235,7 @@ class BatchRunner:
             action="batchPredict",
             api_key_present=False,
             bearer_present=job.bearer_present,
+            bearer_issued=job.bearer_issued,
             received_at=time.time(),
         )
         line: dict[str, Any] = {}

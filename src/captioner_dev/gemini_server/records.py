@@ -33,6 +33,8 @@ class RequestRecord:
     api_key_present: bool
     bearer_present: bool
     received_at: float
+    # The bearer token was one the stand-in's token endpoint issued (oauth.py).
+    bearer_issued: bool = False
     images: list[ImageRecord] = field(default_factory=list)
     file_uris: list[str] = field(default_factory=list)
     prompt: str = ""

@@ -22,6 +22,7 @@ from captioner_dev.gemini_server.config import (
     StubConfigError,
 )
 from captioner_dev.gemini_server.errors import bad_key_error, quota_error
+from captioner_dev.gemini_server.oauth import TOKEN_PATH, TokenIssuer, vertex_needs_a_bearer
 from captioner_dev.gemini_server.quota import retry_delay
 from captioner_dev.gemini_server.records import RequestRecord
 from captioner_dev.gemini_server.state import StubState
@@ -56,8 +57,11 @@ class GeminiStub(StubState):
         self._stopping: asyncio.Event | None = None
         self._base_url: str | None = None
         self._answerer = Answerer(self._sleep)
+        # Google's token endpoint for service-account keys (oauth.py). Tokens outlive a
+        # reset(): a client keeps the token it got for an hour.
+        self.tokens = TokenIssuer()
         # Vertex AI batch prediction jobs (batch.py): settings, faults and the jobs it got.
-        self.batch = BatchEmulator(self._answerer, self._sleep)
+        self.batch = BatchEmulator(self._answerer, self._sleep, issuer=self.tokens)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -104,7 +108,8 @@ class GeminiStub(StubState):
         return self._base_url
 
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=CLIENT_MAX_SIZE)
+        app = web.Application(client_max_size=CLIENT_MAX_SIZE, middlewares=[vertex_needs_a_bearer])
+        app.router.add_post(TOKEN_PATH, self.tokens.http_token)
         app.router.add_get("/_stub/health", self._http_health)
         app.router.add_get("/_stub/requests", self._http_requests)
         app.router.add_get("/_stub/config", self._http_get_config)
@@ -154,6 +159,7 @@ class GeminiStub(StubState):
                     request.headers.get("x-goog-api-key") or request.query.get("key")
                 ),
                 bearer_present=authorization.lower().startswith("bearer "),
+                bearer_issued=self.tokens.issued_to(authorization) is not None,
                 received_at=time.time(),
             )
             self._requests.append(record)

@@ -1,0 +1,92 @@
+"""``captioner``: describe local files and URLs, or backfill a bucket in place.
+
+    captioner describe photos/ cat.jpg https://example.com/dog.png
+    captioner backfill gs://my-bucket/products/ [--dry-run] [--overwrite]
+    captioner batch submit|status|apply|cancel|prune ...   (Vertex AI batch prediction)
+
+Captions print as they complete. A progress bar (counts, rate, ETA) shows on a
+terminal only. A summary ends every run. Exit codes: 0 all done, 1 some images
+failed, 2 usage or configuration (no key, no credentials, no such bucket),
+130 interrupted, 141 the output was closed early (``| head``), as a shell reports
+a command ended by SIGPIPE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from contextlib import ExitStack
+
+from captioner.edges.cli import batch, captioning, stored
+from captioner.edges.cli.common import EXIT_INTERRUPTED, EXIT_PIPE, EXIT_USAGE
+from captioner.edges.cli.parser import build_parser
+from captioner.errors import BadRequestError, CaptionerError, ObjectGoneError, SettingsError
+from captioner.settings import Settings
+
+__all__ = ["build_parser", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`captioner … | head`): stop quietly. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    # stamina logs each scheduled retry as a warning; with no logging configured,
+    # Python prints it bare ("stamina.retry_scheduled") among the captions. A retry
+    # that ends badly shows in the image's own line and the summary.
+    logging.getLogger("stamina").setLevel(logging.ERROR)
+    try:
+        overrides = {
+            name: value
+            for name, value in (
+                ("CAPTION_MODEL", getattr(args, "model", None)),
+                ("CAPTION_PROMPT", getattr(args, "prompt", None)),
+            )
+            if value is not None
+        }
+        settings = Settings.from_env({**os.environ, **overrides})
+        if getattr(args, "concurrency", None) is not None:
+            if not 1 <= args.concurrency <= 1000:
+                raise SettingsError("--concurrency must be from 1 to 1000")
+            settings = settings.model_copy(update={"max_concurrency": args.concurrency})
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.command in ("show", "export"):
+            with ExitStack() as files:
+                out, page = sys.stdout, None
+                if getattr(args, "output", None):
+                    out = files.enter_context(open(args.output, "w", encoding="utf-8", newline=""))
+                if getattr(args, "html", None):
+                    page = files.enter_context(open(args.html, "w", encoding="utf-8"))
+                return asyncio.run(stored.run(args, settings, out, page))
+        if args.command == "batch":
+            return asyncio.run(batch.run(args, settings))
+        return asyncio.run(captioning.run(args, settings))
+    except KeyboardInterrupt:
+        print("interrupted; a second run resumes where this one stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except ObjectGoneError as exc:  # listing or reading a bucket that is not there
+        print(f"error: {exc} (does the bucket exist?)", file=sys.stderr)
+        return EXIT_USAGE
+    except (BadRequestError, CaptionerError) as exc:
+        # Bad arguments, and what stops a whole run: no key, no credentials, a key
+        # Gemini refuses, a bucket we may not read.
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        raise  # main() ends quietly with 141
+    except OSError as exc:  # an --output or --html file that cannot be written
+        print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EXIT_USAGE

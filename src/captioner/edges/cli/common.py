@@ -1,0 +1,45 @@
+"""What every command shares: exit codes, gs:// targets and the summary lines."""
+
+from __future__ import annotations
+
+from typing import TextIO
+
+from captioner.batch import Totals
+from captioner.errors import BadRequestError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
+
+
+def parse_target(target: str) -> tuple[str, str]:
+    if not target.startswith("gs://"):
+        raise BadRequestError(f"{target!r}: give gs://bucket or gs://bucket/prefix")
+    bucket, _, prefix = target[len("gs://") :].partition("/")
+    if not bucket:
+        raise BadRequestError(f"{target!r} names no bucket")
+    return bucket, prefix
+
+
+def summary(totals: Totals, out: TextIO) -> None:
+    t = totals.as_dict()
+    why = ", ".join(f"{n} {reason}" for reason, n in t["skipped_by_reason"].items())
+    print(
+        f"done {t['ok']}, skipped {t['skipped']}"
+        + (f" ({why})" if why else "")
+        + f", blocked {t['blocked']}, "
+        f"failed {t['error']}, to retry {t['retry']}"
+        + (f", would caption {t['would-caption']}" if t["would-caption"] else "")
+        + f" in {t['seconds']:.1f} s ({t['images_per_second']:.1f} images/s)",
+        file=out,
+    )
+    for label, key in (("tokens", "tokens"), ("estimated tokens", "estimated_tokens")):
+        token_line(label, t.get(key), out)
+
+
+def token_line(label: str, tokens: dict[str, int] | None, out: TextIO) -> None:
+    if tokens and tokens["gemini_calls"]:
+        print(
+            f"{label}: {tokens['prompt_tokens']} prompt ({tokens['image_tokens']} image), "
+            f"{tokens['thoughts_tokens']} thinking, {tokens['output_tokens']} output "
+            f"in {tokens['gemini_calls']} Gemini calls",
+            file=out,
+        )

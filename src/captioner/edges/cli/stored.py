@@ -1,0 +1,121 @@
+"""``show`` and ``export``: read captions back from Cloud Storage (no Gemini)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator
+from typing import Any, TextIO
+
+from captioner import readback
+from captioner.concurrency import bounded_as_completed
+from captioner.decisions import looks_like_image
+from captioner.domain import ObjectInfo
+from captioner.edges import html_page
+from captioner.edges.cli.common import EXIT_FAILED, EXIT_OK, parse_target
+from captioner.errors import BadRequestError, ObjectGoneError, PermanentError, TransientError
+from captioner.metadata import MetadataKeys
+from captioner.settings import Settings
+
+
+async def run(
+    args: argparse.Namespace, settings: Settings, out: TextIO, page: TextIO | None
+) -> int:
+    """`show` and `export`: read captions back; needs Cloud Storage only, not Gemini."""
+    from captioner.adapters.storage import StorageClient
+
+    keys = MetadataKeys(settings.metadata_prefix, settings.languages)
+    async with StorageClient.opened(attempts=settings.storage_attempts) as storage:
+        if args.command == "show":
+            return await _show(storage, keys, args.objects, as_json=args.json)
+        return await _export(storage, keys, args, settings, out, page)
+
+
+async def _show(storage: Any, keys: MetadataKeys, targets: list[str], *, as_json: bool) -> int:
+    missing = 0
+    for target in targets:
+        bucket, name = parse_target(target)
+        if not name:
+            raise BadRequestError(
+                f"{target!r} names no object; `captioner export {target}` lists a prefix"
+            )
+        try:
+            info = await storage.get_object(bucket, name)
+        except ObjectGoneError:
+            print(f"{target}\tno such object", file=sys.stderr)
+            missing += 1
+            continue
+        record = readback.record_of(info, keys)
+        if as_json:
+            print(json.dumps(readback.as_json(record), ensure_ascii=False), flush=True)
+        else:
+            print(readback.as_text(record), flush=True)
+    return EXIT_FAILED if missing else EXIT_OK
+
+
+async def _export(
+    storage: Any,
+    keys: MetadataKeys,
+    args: argparse.Namespace,
+    settings: Settings,
+    out: TextIO,
+    page: TextIO | None,
+) -> int:
+    bucket, prefix = parse_target(args.target)
+    count = 0
+    if args.format == "csv":
+        out.write(readback.csv_header())
+    if page is not None:
+        page.write(html_page.page_start(f"Captions of {args.target}"))
+
+    async def listed() -> AsyncIterator[ObjectInfo]:
+        nonlocal count
+        async for info in storage.list_objects(bucket, prefix):
+            if not looks_like_image(info):
+                continue
+            if args.limit is not None and count >= args.limit:
+                return
+            count += 1
+            record = readback.record_of(info, keys)
+            if args.format == "csv":
+                out.write(readback.csv_row(record))
+            else:
+                out.write(json.dumps(readback.as_json(record), ensure_ascii=False) + "\n")
+            yield info
+
+    if page is None:
+        async for _ in listed():
+            pass
+    else:
+        async for card in bounded_as_completed(
+            listed(), lambda info: _card(storage, keys, info, settings), 8
+        ):
+            page.write(card)
+        page.write(html_page.page_end(count))
+    out.flush()
+    print(f"exported {count} images", file=sys.stderr)
+    return EXIT_OK
+
+
+async def _card(storage: Any, keys: MetadataKeys, info: ObjectInfo, settings: Settings) -> str:
+    """One thumbnail and its caption; an image that cannot be shown still gets its card."""
+    from captioner.adapters.images import prepare
+
+    record = readback.record_of(info, keys)
+    try:
+        data = await storage.download(
+            info.bucket, info.name, generation=info.generation, max_bytes=settings.max_bytes
+        )
+        thumb = await asyncio.to_thread(
+            prepare, data, max_edge=_THUMBNAIL_EDGE, max_pixels=settings.max_pixels
+        )
+    except (ObjectGoneError, PermanentError, TransientError):
+        return html_page.card(record, None)
+    return html_page.card(record, thumb.data, thumb.mime_type)
+
+
+# Thumbnails for the HTML page: 240 px is sharp in a 240 px grid cell and keeps a
+# page of a thousand images near 15 MB.
+_THUMBNAIL_EDGE = 240
