@@ -4,26 +4,17 @@ Vertex AI's jobs: what is submitted, how answers are written, and what is not.""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from captioner.adapters.vertex_batch import (
-    NEEDS_VERTEX,
-    VertexJobs,
-    read_answer,
-    read_status,
-    template_for,
-)
+from captioner.adapters.vertex_batch import NEEDS_VERTEX, VertexJobs, read_status, template_for
 from captioner.batch_jobs import (
+    LABEL,
     BatchFollowRequest,
-    BatchJobs,
     BatchLimits,
     BatchSubmitRequest,
-    JobStatus,
-    JsonTemplate,
     Manifest,
     RequestKey,
     ShardPlanner,
@@ -34,170 +25,18 @@ from captioner.batch_jobs import (
 from captioner.captions import CaptionSpec
 from captioner.domain import ObjectInfo, Usage
 from captioner.errors import ConfigurationError, PermanentError, TransientError
-from captioner.metadata import MetadataKeys
-from captioner.recording import Recorder
 from captioner.rules import RuleBook, parse_rules
-from tests.fakes import MemoryStorage
-
-BUCKET = "photos"
-KEYS = MetadataKeys()
-SPEC = CaptionSpec("Describe it.", structured=True)
-TEMPLATE = JsonTemplate(
-    json.dumps(
-        {
-            "contents": [
-                {
-                    "role": "user",
-                    "parts": [
-                        {"fileData": {"file_uri": "__captioner_uri__",
-                                      "mime_type": "__captioner_mime__"}},
-                        {"text": "Describe it."},
-                    ],
-                }
-            ],
-            "generationConfig": {"temperature": 0.2},
-        }
-    )
-)  # fmt: skip
-
-
-class ListedStorage(MemoryStorage):
-    async def list_objects(self, bucket: str, prefix: str = "") -> AsyncIterator[ObjectInfo]:
-        for (b, name), stored in sorted(self.objects.items()):
-            if b == bucket and name.startswith(prefix):
-                yield stored.info
-
-    def delete(self, bucket: str, name: str) -> None:
-        del self.objects[(bucket, name)]
-
-
-class _Writer:
-    def __init__(self, blobs: MemoryBlobs, name: str) -> None:
-        self._blobs, self._name, self._data = blobs, name, bytearray()
-
-    async def write(self, data: bytes) -> None:
-        self._data += data
-
-    async def close(self) -> None:
-        self._blobs.files[self._name] = bytes(self._data)
-
-
-@dataclass
-class MemoryBlobs:
-    files: dict[str, bytes] = field(default_factory=dict)
-    json_writes: int = 0
-
-    def writer(self, bucket: str, name: str, content_type: str) -> _Writer:
-        return _Writer(self, name)
-
-    async def read_json(self, bucket: str, name: str) -> dict[str, Any] | None:
-        data = self.files.get(name)
-        return None if data is None else json.loads(data)
-
-    async def write_json(self, bucket: str, name: str, data: Mapping[str, Any]) -> None:
-        self.json_writes += 1
-        self.files[name] = json.dumps(data).encode()
-
-    async def names(self, bucket: str, prefix: str) -> list[str]:
-        return [name for name in self.files if name.startswith(prefix)]
-
-    async def lines(self, bucket: str, name: str, offset: int) -> AsyncIterator[tuple[int, bytes]]:
-        data = self.files[name]
-        position = offset
-        for line in data[offset:].splitlines(keepends=True):
-            position += len(line)
-            yield position, line.rstrip(b"\n")
-
-    def requests(self, shard: str) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.files[shard].splitlines()]
-
-
-def answer(caption: str = "A cat on a mat.", finish: str = "STOP") -> dict[str, Any]:
-    text = json.dumps({"caption": caption, "alt_text": "Cat.", "tags": ["cat", "mat"]})
-    return {
-        "candidates": [
-            {"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": finish}
-        ],
-        "modelVersion": "gemini-2.5-flash-001",
-        "usageMetadata": {"promptTokenCount": 330, "candidatesTokenCount": 25},
-    }
-
-
-@dataclass
-class FakeVertex:
-    """Jobs that 'run' when told to: each request line becomes an output line."""
-
-    blobs: MemoryBlobs
-    created: list[dict[str, str]] = field(default_factory=list)
-    states: dict[str, str] = field(default_factory=dict)
-
-    async def create(self, *, model: str, source: str, dest: str, display_name: str) -> JobStatus:
-        name = f"projects/p/locations/us-central1/batchPredictionJobs/{len(self.created) + 1}"
-        self.created.append({"name": name, "model": model, "source": source, "dest": dest})
-        self.states[name] = "QUEUED"
-        return await self.get(name)
-
-    async def get(self, name: str) -> JobStatus:
-        job = next(j for j in self.created if j["name"] == name)
-        return JobStatus(name, self.states[name], job["source"], job["dest"])
-
-    def run(
-        self, index: int = 0, state: str = "SUCCEEDED", outcome: Any = None, keep: Any = None
-    ) -> list[str]:
-        """Finish job ``index``: ``outcome(key)`` gives a line's response or status."""
-        job = self.created[index]
-        self.states[job["name"]] = state
-        shard = job["source"].removeprefix(f"gs://{BUCKET}/")
-        lines, keys = [], []
-        for request in self.blobs.requests(shard):
-            if keep is not None and not keep(request["key"]):
-                continue
-            result = (outcome or (lambda key: {"response": answer()}))(request["key"])
-            lines.append(json.dumps({**request, "status": "", **result}))
-            keys.append(request["key"])
-        out = job["dest"].removeprefix(f"gs://{BUCKET}/") + "prediction-model-1/predictions.jsonl"
-        if lines:
-            self.blobs.files[out] = ("\n".join(lines) + "\n").encode()
-        return keys
-
-
-def service(
-    storage: ListedStorage,
-    blobs: MemoryBlobs,
-    vertex: FakeVertex | None,
-    *,
-    limits: BatchLimits | None = None,
-    rules: RuleBook | None = None,
-    concurrency: int = 8,
-) -> BatchJobs:
-    return BatchJobs(
-        lister=storage,
-        recorder_for=lambda m: Recorder(storage, m.keys, m.model),
-        blobs=blobs,
-        jobs=vertex,
-        template_for=lambda spec: TEMPLATE,
-        read_answer=read_answer,
-        read_status=read_status,
-        model="gemini-2.5-flash",
-        rules=rules or RuleBook(SPEC),
-        keys=KEYS,
-        batch_prefix="captioner-batch/",
-        limits=limits or BatchLimits(),
-        max_bytes=1_000_000,
-        estimate=Usage(330, 80, 0, 258, calls=1),
-        concurrency=concurrency,
-        checkpoint_every=0.0,
-    )
-
-
-def photos(storage: ListedStorage, n: int, prefix: str = "2019/") -> list[ObjectInfo]:
-    return [storage.put(BUCKET, f"{prefix}{i:04}.jpg", b"x" * 100) for i in range(n)]
-
-
-async def apply(jobs: BatchJobs, **kw: Any) -> list[Any]:
-    request = BatchFollowRequest("apply", bucket=BUCKET, prefix="2019/", **kw)
-    return [report async for report in jobs.follow(request)]
-
+from tests.batch_fakes import (
+    BUCKET,
+    SPEC,
+    FakeVertex,
+    ListedStorage,
+    MemoryBlobs,
+    answer,
+    apply,
+    photos,
+    service,
+)
 
 # ---------------------------------------------------------------- pure parts
 
@@ -293,9 +132,7 @@ async def test_submit_writes_a_keyed_request_per_wanted_image_and_a_job_per_shar
     part = lines[0]["request"]["contents"][0]["parts"][0]["fileData"]
     assert part == {"file_uri": f"gs://{BUCKET}/2019/0000.jpg", "mime_type": "image/jpeg"}
     assert lines[0]["spec"] == SPEC.fingerprint
-    manifest = Manifest.from_json(
-        json.loads(blobs.files[f"captioner-batch/{report.run}/jobs.json"])
-    )
+    manifest = Manifest.from_json(json.loads(blobs.data[f"captioner-batch/{report.run}/jobs.json"]))
     assert [j.name for j in manifest.jobs] == [j["name"] for j in vertex.created]
     assert manifest.specs == {SPEC.fingerprint: SPEC}
     assert report.manifest == f"gs://{BUCKET}/captioner-batch/{report.run}/jobs.json"
@@ -309,7 +146,7 @@ async def test_dry_run_counts_images_jobs_and_cost_and_writes_nothing() -> None:
     assert (report.images, report.shards, report.run, report.jobs) == (5, 3, None, [])
     assert report.estimate.image_tokens == 5 * 258
     assert report.cost == pytest.approx((5 * 330 * 0.30 + 5 * 80 * 2.50) / 1e6 / 2)
-    assert blobs.files == {}
+    assert blobs.data == {}
 
 
 # ---------------------------------------------------------------- apply
@@ -346,42 +183,51 @@ async def test_apply_writes_as_the_online_path_and_a_second_apply_writes_nothing
     (again,) = await apply(jobs)
     assert again.applied
     assert len(storage.patches) == patches
-    blobs.files = {k: v for k, v in blobs.files.items() if "applied-" not in k}
+    blobs.drop("applied-")
     (forced,) = await apply(jobs)  # even with the checkpoint gone: nothing written
     assert forced.totals.skipped["already-captioned"] == 20
     assert len(storage.patches) == patches
 
 
-async def test_output_lines_without_our_key_are_matched_by_the_image_uri_in_the_request() -> None:
-    """Google documents that an output line holds the input ``request``, not that it
-    keeps our top-level ``key`` and ``spec``: without them, apply finds the object, its
-    generation and the spec through the request's fileData URI in the job's request file
-    (camelCase as sent, or snake_case as Google's example output shows it)."""
+def _keep_only(form: str) -> Any:
+    """What an output line keeps of our request line: ``key`` (the top-level fields, as
+    the emulator echoes them), ``label`` (only the request, whose labels Vertex AI
+    documents echoing) or ``uri`` (only the request's parts, in Google's example output's
+    snake_case)."""
+
+    def transform(line: dict[str, Any]) -> dict[str, Any]:
+        line = json.loads(json.dumps(line))
+        if form in ("label", "uri"):
+            del line["key"], line["spec"]
+        if form == "uri":
+            del line["request"]["labels"]
+            part = line["request"]["contents"][0]["parts"][0]
+            part["file_data"] = {"file_uri": part.pop("fileData")["file_uri"]}
+        return line
+
+    return transform
+
+
+@pytest.mark.parametrize("form", ["key", "label", "uri"])
+async def test_each_form_of_output_line_is_matched_to_its_request_through_the_request_file(
+    form: str,
+) -> None:
+    """Google documents that an output line holds the input ``request`` (labels
+    included), not that it keeps our top-level ``key`` and ``spec``: whichever the line
+    keeps, apply finds the object, its generation and the spec in the job's request file."""
     storage, blobs = ListedStorage(), MemoryBlobs()
     infos = photos(storage, 4)
     vertex = FakeVertex(blobs)
     jobs = service(storage, blobs, vertex)
     await jobs.submit(BatchSubmitRequest(BUCKET, "2019/"))
     new = storage.put(BUCKET, "2019/0001.jpg", b"a new image")  # replaced since submit
-    vertex.run()
-    (out,) = [name for name in blobs.files if name.endswith("predictions.jsonl")]
-    lines = []
-    for i, raw in enumerate(blobs.files[out].splitlines()):
-        line = json.loads(raw)
-        del line["key"], line["spec"]
-        if i % 2:  # as in Google's example: {"file_data": {"file_uri": ..., "mime_type": ...}}
-            part = line["request"]["contents"][0]["parts"][0]
-            part["file_data"] = {"file_uri": part.pop("fileData")["file_uri"]}
-        lines.append(json.dumps(line))
-    lines.append(json.dumps({"status": "", "request": {"contents": [{"parts": [
-        {"fileData": {"fileUri": f"gs://{BUCKET}/elsewhere.jpg"}}]}]}}))  # fmt: skip
-    lines.append(json.dumps({"status": "", "response": answer()}))
-    blobs.files[out] = ("\n".join(lines) + "\n").encode()
+    vertex.run(transform=_keep_only(form))
 
     (report,) = await apply(jobs)
     assert report.applied
     assert report.totals.counts["ok"] == 3
-    assert dict(report.totals.skipped) == {"superseded": 1, "not-ours": 2}
+    assert dict(report.totals.skipped) == {"superseded": 1}
+    assert not report.refused
     for info in (infos[0], infos[2], infos[3]):
         meta = storage.metadata(BUCKET, info.name)
         assert meta["caption"] == "A cat on a mat."
@@ -447,8 +293,9 @@ async def test_per_request_errors_are_recorded_or_left_as_the_online_path_would(
     assert "caption-status" not in storage.metadata(BUCKET, "2019/0003.jpg")  # second chance
     assert storage.metadata(BUCKET, "2019/0004.jpg")["caption-status"] == "ok"
     assert "caption-status" not in storage.metadata(BUCKET, "2019/0005.jpg")  # never answered
-    assert report.totals.counts["retry"] == 2
+    assert report.totals.counts["retry"] == 3  # 429, cut off, and the one never answered
     assert report.lines == 5
+    assert "1 requests without an answer" in (report.note or "")
     # The next submit picks up exactly what is left.
     again = await jobs.submit(BatchSubmitRequest(BUCKET, "2019/"))
     assert again.images == 3
@@ -481,7 +328,7 @@ async def test_apply_resumes_from_its_checkpoint_after_a_stop() -> None:
     (stopped,) = [r async for r in jobs.follow(request, deadline=0.0)]
     assert not stopped.applied
     assert "apply again" in (stopped.note or "")
-    checkpoint = json.loads(blobs.files[f"captioner-batch/{report.run}/applied-1.json"])
+    checkpoint = json.loads(blobs.data[f"captioner-batch/{report.run}/applied-1.json"])
     assert not checkpoint.get("done")
     (resumed,) = [r async for r in jobs.follow(request)]
     assert resumed.applied
@@ -503,7 +350,7 @@ async def test_overwrite_runs_write_once_even_when_applied_twice() -> None:
     await apply(jobs, run=redo.run)
     assert storage.metadata(BUCKET, "2019/0001.jpg")["caption"] == "A dog."
     patches = len(storage.patches)
-    blobs.files = {k: v for k, v in blobs.files.items() if "applied-" not in k}
+    blobs.drop("applied-")
     await apply(jobs, run=redo.run)
     assert len(storage.patches) == patches
 
@@ -550,7 +397,9 @@ def test_the_batch_request_is_the_online_request_with_the_image_as_a_gs_uri() ->
         attempts=1, timeout=10,
     )  # fmt: skip
     spec = CaptionSpec("Describe it.", structured=True, languages=("en", "de"))
-    body = json.loads(template_for(describer, client)(spec).render("gs://b/a.jpg", "image/png"))
+    key = RequestKey("b", "a.jpg", 7)
+    body = json.loads(template_for(describer, client)(spec).render(key, "image/png"))
+    assert body["labels"] == {LABEL: key.label}
     image, text = body["contents"][0]["parts"]
     assert image == {"fileData": {"file_uri": "gs://b/a.jpg", "mime_type": "image/png"}}
     assert text == {"text": spec.full_prompt()}
