@@ -81,6 +81,30 @@ def gemini(gemini_thread: Any) -> Iterator[Any]:
     gemini_thread.stub.reset()
 
 
+@pytest.fixture(scope="session")
+def adc_key(gemini_thread: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Application Default Credentials for the stand-in's Vertex AI: a service-account key
+    whose token_uri is the stand-in's token endpoint (captioner_dev.credentials)."""
+    from captioner_dev.credentials import write_service_account_key
+
+    folder = tmp_path_factory.mktemp("adc")
+    return str(write_service_account_key(folder, gemini_thread.base_url + "/token"))
+
+
+@pytest.fixture
+def vertex_env(stack_env: dict[str, str], adc_key: str) -> dict[str, str]:
+    """The stack in Vertex AI mode (batch jobs exist only there), with credentials got
+    the way a deployment gets them: ADC from GOOGLE_APPLICATION_CREDENTIALS."""
+    return {
+        **stack_env,
+        "GEMINI_API_KEY": "",
+        "GOOGLE_GENAI_USE_VERTEXAI": "true",
+        "GOOGLE_CLOUD_PROJECT": "p",
+        "GOOGLE_CLOUD_LOCATION": "us-central1",
+        "GOOGLE_APPLICATION_CREDENTIALS": adc_key,
+    }
+
+
 @pytest.fixture
 def stack_env(gcs: FakeGcs, gemini_thread: Any) -> dict[str, str]:
     """What a functions-framework process needs to use the local stack."""

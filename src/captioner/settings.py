@@ -74,6 +74,9 @@ class Settings(BaseModel):
     batch_max_bytes: Annotated[int, Field(ge=4096, le=1_000_000_000)] = 1_000_000_000
     batch_prefix: str = "captioner-batch/"
     batch_apply_concurrency: Annotated[int, Field(ge=1, le=1000)] = 64
+    # How often `batch apply` stores where it got to: the work redone after a crash, against
+    # a checkpoint write every so many seconds.
+    batch_checkpoint_seconds: Annotated[float, Field(ge=0.1, le=3600)] = 5.0
 
     @field_validator("allowed_buckets", "languages", "url_allowed_hosts", mode="before")
     @classmethod

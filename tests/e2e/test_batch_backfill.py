@@ -21,19 +21,6 @@ from tests.objects import metadata, upload
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def vertex_env(stack_env: dict[str, str]) -> dict[str, str]:
-    """The stack in Vertex AI mode: batch jobs exist only there."""
-    env = {k: v for k, v in stack_env.items() if k != "GEMINI_API_KEY"}
-    return {
-        **env,
-        "GEMINI_API_KEY": "",
-        "GOOGLE_GENAI_USE_VERTEXAI": "true",
-        "GOOGLE_CLOUD_PROJECT": "p",
-        "GOOGLE_CLOUD_LOCATION": "us-central1",
-    }
-
-
 def png(i: int) -> bytes:
     return images.encode(images.solid((40 + i % 50, 30 + i % 7)), "PNG")
 
@@ -353,13 +340,14 @@ def allowed_bucket(gcs_client: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def batch_function(gcs: Any, gemini_thread: Any) -> Iterator[FunctionServer]:
+def batch_function(gcs: Any, gemini_thread: Any, adc_key: str) -> Iterator[FunctionServer]:
     env = {
         "STORAGE_EMULATOR_HOST": gcs.url,
         "GOOGLE_GEMINI_BASE_URL": gemini_thread.base_url,
         "GOOGLE_GENAI_USE_VERTEXAI": "true",
         "GOOGLE_CLOUD_PROJECT": "p",
         "GOOGLE_CLOUD_LOCATION": "us-central1",
+        "GOOGLE_APPLICATION_CREDENTIALS": adc_key,
         "GEMINI_API_KEY": "",
         "CAPTION_ALLOWED_BUCKETS": ALLOWED,
         "CAPTION_BATCH_MAX_REQUESTS": "5",

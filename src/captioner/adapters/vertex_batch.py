@@ -21,6 +21,7 @@ import json
 import os
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager, suppress
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from google.genai import errors as genai_errors
@@ -356,7 +357,10 @@ class GcsBlobs:
 
 
 def _stored(blob: Any) -> StoredFile:
-    return StoredFile(blob.name, blob.time_created, int(blob.size or 0))
+    # Cloud Storage always sets timeCreated; were it missing, "now" is the safe reading
+    # (a file cannot then pass for one written before a job ended).
+    created = blob.time_created or datetime.now(UTC)
+    return StoredFile(blob.name, created, int(blob.size or 0))
 
 
 class _LineSplitter:
@@ -449,4 +453,5 @@ def _batch_jobs(
         max_bytes=s.max_bytes,
         estimate=runtime.estimated_usage(),
         concurrency=s.batch_apply_concurrency,
+        checkpoint_every=s.batch_checkpoint_seconds,
     )

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+from captioner.batch_jobs.answers import answer_of
 from captioner.batch_jobs.checkpoint import FINISHED, Checkpoint, Watermark, load, save
 from captioner.batch_jobs.index import Admitted, RequestIndex
 from captioner.batch_jobs.keys import split_uri
@@ -25,27 +26,20 @@ from captioner.batch_jobs.outputs import (
     CLOCK_SLACK,
     MAX_LINE_BYTES,
     LineRefused,
-    OutputLine,
     answer_files,
     parse_output_line,
 )
 from captioner.batch_jobs.ports import Blobs, ReadAnswer, ReadStatus
 from captioner.batch_jobs.reports import JobReport
-from captioner.captions import CaptionSpec, InvalidAnswerError, with_captions
 from captioner.concurrency import bounded_as_completed
 from captioner.decisions import Skip, decide, has_final_word
-from captioner.domain import CaptionResult, Description, ObjectInfo, ObjectRef, Outcome
-from captioner.errors import PermanentError, TransientError
+from captioner.domain import CaptionResult, ObjectInfo, Outcome
 from captioner.metadata import is_done
-from captioner.recording import Recorder, Verdict, result_for, verdict
+from captioner.recording import Recorder, Verdict, result_for
 from captioner.rules import RuleBook
 
 log = logging.getLogger("captioner.batch")
 
-# Answers that the online path asks for a second time (cut at the output cap, empty, off
-# the schema). A batch has no second time, so they are left to the next run, where the
-# online path gets its second chance, rather than recorded as final.
-_SECOND_CHANCE = "left for the next run, which asks again with the online path's second chance"
 # Refusals logged one by one per job; the rest are counted.
 _LOGGED_REFUSALS = 20
 
@@ -119,9 +113,7 @@ class JobApplier:
 
     def _finish(self, total: int) -> None:
         checkpoint, report = self._checkpoint, self._report
-        answered = checkpoint.answered + (self._index.answered if self._index else 0)
-        checkpoint.answered = answered
-        checkpoint.unanswered = max(0, total - answered)
+        checkpoint.unanswered = max(0, total - checkpoint.answered)
         checkpoint.done = True
         report.applied = True
         if checkpoint.unanswered:
@@ -168,8 +160,7 @@ class JobApplier:
 
     async def _apply_file(self, name: str, stop_at: float | None) -> bool:
         """Apply one output file from its checkpoint on; False if the deadline came first."""
-        offsets = self._checkpoint.offsets
-        start = offsets.get(name, 0)
+        start = self._checkpoint.offsets.get(name, 0)
         if start == FINISHED:
             return True
         mark = Watermark(start)
@@ -192,23 +183,22 @@ class JobApplier:
             index, end, raw = item
             return index, await self._apply_line(raw, f"{name}@{end}")
 
+        before = self._checkpoint.answered  # answers below the offsets of every file
         async for index, result in bounded_as_completed(numbered(), one, self._tools.concurrency):
-            mark.finished(index)
+            mark.finished(index, counts=result is not None)
             self._report.lines += 1
             if isinstance(result, CaptionResult):
                 self._report.totals.add(result.outcome, reason=result.reason)
             if time.monotonic() - saved_at > self._tools.checkpoint_every:
-                offsets[name] = mark.offset
-                await self._save_progress()
+                await self._save_progress(name, mark.offset, before + mark.counted)
                 saved_at = time.monotonic()
-        offsets[name] = mark.offset if stopped else FINISHED
-        await self._save_progress()
+        await self._save_progress(name, mark.offset if stopped else FINISHED, before + mark.counted)
         return not stopped
 
-    async def _save_progress(self) -> None:
-        """The offsets so far (answers admitted are counted once the job is finished)."""
-        progress = Checkpoint(dict(self._checkpoint.offsets), self._checkpoint.answered)
-        await save(self._tools.blobs, self._paths, self._report.status.name, progress)
+    async def _save_progress(self, name: str, offset: int, answered: int) -> None:
+        self._checkpoint.offsets[name] = offset
+        self._checkpoint.answered = answered
+        await save(self._tools.blobs, self._paths, self._report.status.name, self._checkpoint)
 
     async def _apply_line(self, raw: bytes | None, where: str) -> CaptionResult | None:
         """One answer, written as the online path writes it, or why not (None: refused)."""
@@ -218,7 +208,14 @@ class JobApplier:
                 raise LineRefused("line-too-long", f"over {MAX_LINE_BYTES} bytes")
             line = parse_output_line(raw)
             admitted = self._index.admit(line)
-            outcome = self._outcome(line, admitted)
+            outcome = answer_of(
+                line,
+                admitted,
+                self._keys,
+                self._manifest.model,
+                self._tools.read_answer,
+                self._tools.read_status,
+            )
         except LineRefused as refused:
             self._refused(refused.reason, f"{where}: {refused}")
             return None
@@ -286,47 +283,3 @@ class JobApplier:
         except ValueError:
             return False
         return recorded > self._manifest.created_at
-
-    def _outcome(self, line: OutputLine, admitted: Admitted) -> Verdict | CaptionResult:
-        """The Verdict to write, or the CaptionResult that ends this line unwritten.
-        Whatever the answer's bytes make the readers raise is the line's fault."""
-        try:
-            return self._read(line, admitted)
-        except (PermanentError, TransientError):
-            raise
-        except Exception as exc:
-            raise LineRefused("unreadable-answer", f"{type(exc).__name__}: {exc!s:.200}") from None
-
-    def _read(self, line: OutputLine, admitted: Admitted) -> Verdict | CaptionResult:
-        ref, spec = admitted.key.ref, admitted.spec
-        if line.response is None:
-            error = self._tools.read_status(line.status) if line.status else None
-            if isinstance(error, PermanentError):
-                return verdict(self._keys, spec, error=error)
-            message = str(error) if error else "no answer for this request"
-            reason = getattr(error, "reason", "missing") if error else "missing"
-            return result_for(ref, Outcome.RETRY, reason=reason, message=message)
-        try:
-            description = self._tools.read_answer(line.response, self._manifest.model)
-        except PermanentError as exc:
-            return verdict(self._keys, spec, error=exc)
-        except TransientError as exc:
-            return result_for(ref, Outcome.RETRY, reason=exc.reason, message=str(exc))
-        if description.blocked_reason is not None:
-            return verdict(self._keys, spec, description=description)
-        return self._checked(ref, spec, description)
-
-    def _checked(
-        self, ref: ObjectRef, spec: CaptionSpec, description: Description
-    ) -> Verdict | CaptionResult:
-        if description.cut_off:
-            return result_for(ref, Outcome.RETRY, reason="max-tokens", message=_SECOND_CHANCE)
-        if not description.text or not description.text.strip():
-            return result_for(ref, Outcome.RETRY, reason="empty-answer", message=_SECOND_CHANCE)
-        try:
-            captions = spec.parse(description.text)
-        except InvalidAnswerError as exc:
-            return result_for(
-                ref, Outcome.RETRY, reason="invalid-answer", message=f"{exc}; {_SECOND_CHANCE}"
-            )
-        return verdict(self._keys, spec, description=with_captions(description, captions))

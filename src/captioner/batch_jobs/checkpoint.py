@@ -68,20 +68,23 @@ async def save(blobs: Blobs, paths: RunPaths, job: str, checkpoint: Checkpoint) 
 
 
 class Watermark:
-    """The byte offset up to which every line is applied, as lines finish out of order."""
+    """The byte offset up to which every line is applied, as lines finish out of order,
+    and how many of the lines below it counted (answers admitted): what a checkpoint can
+    say without counting a line twice when the lines above it are read again."""
 
     def __init__(self, start: int) -> None:
         self.offset = start
+        self.counted = 0
         self._next = 0
         self._ends: dict[int, int] = {}
-        self._done: set[int] = set()
+        self._done: dict[int, bool] = {}
 
     def started(self, index: int, end: int) -> None:
         self._ends[index] = end
 
-    def finished(self, index: int) -> None:
-        self._done.add(index)
+    def finished(self, index: int, counts: bool = False) -> None:
+        self._done[index] = counts
         while self._next in self._done:
-            self._done.discard(self._next)
+            self.counted += self._done.pop(self._next)
             self.offset = self._ends.pop(self._next)
             self._next += 1

@@ -45,6 +45,11 @@ from captioner_dev.gemini_server.config import (
 from captioner_dev.gemini_server.records import RequestRecord
 
 JobOutcome: TypeAlias = Literal["FAILED", "PARTIALLY_SUCCEEDED", "EXPIRED"]
+# How a failed line's ``status`` is written. Vertex AI does not document it; both forms were
+# seen from Vertex-compatible services: the HTTP reason and error body as text ("text"), and
+# a google.rpc.Status object whose ``code`` is a gRPC code, not an HTTP one ("rpc").
+StatusForm: TypeAlias = Literal["text", "rpc"]
+STATUS_FORMS: Final[frozenset[str]] = frozenset(get_args(StatusForm))
 JOB_OUTCOMES: Final[frozenset[str]] = frozenset(get_args(JobOutcome))
 TERMINAL_STATES: Final = frozenset(
     {
@@ -216,6 +221,7 @@ class BatchSettings:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self._stage_seconds = DEFAULT_STAGE_SECONDS
+        self._status_form: StatusForm = "text"
         self._line_faults: list[FaultRule] = []
         self._job_faults: list[BatchJobFault] = []
         self._jobs: dict[str, BatchJob] = {}
@@ -227,6 +233,7 @@ class BatchSettings:
         self,
         *,
         stage_seconds: float | Unset = UNSET,
+        status_form: StatusForm | Unset = UNSET,
         line_faults: Sequence[FaultRule] | Unset = UNSET,
         add_line_faults: Sequence[FaultRule] = (),
         job_faults: Sequence[BatchJobFault] | Unset = UNSET,
@@ -239,7 +246,11 @@ class BatchSettings:
         an error kind becomes that line's ``status``, the others answer as they do online."""
         if not isinstance(stage_seconds, Unset) and stage_seconds < 0:
             raise StubConfigError("stage_seconds must be >= 0")
+        if not isinstance(status_form, Unset) and status_form not in STATUS_FORMS:
+            raise StubConfigError(f"status_form must be one of {sorted(STATUS_FORMS)}")
         with self.lock:
+            if not isinstance(status_form, Unset):
+                self._status_form = status_form
             if not isinstance(stage_seconds, Unset):
                 self._stage_seconds = float(stage_seconds)
             if not isinstance(line_faults, Unset):
@@ -274,6 +285,11 @@ class BatchSettings:
         return rule
 
     @property
+    def status_form(self) -> StatusForm:
+        with self.lock:
+            return self._status_form
+
+    @property
     def stage_seconds(self) -> float:
         with self.lock:
             return self._stage_seconds
@@ -293,12 +309,15 @@ class BatchSettings:
         """Forgets the jobs and the faults; stages last DEFAULT_STAGE_SECONDS again."""
         with self.lock:
             self._jobs.clear()
-        self.configure(stage_seconds=DEFAULT_STAGE_SECONDS, line_faults=[], job_faults=[])
+        self.configure(
+            stage_seconds=DEFAULT_STAGE_SECONDS, status_form="text", line_faults=[], job_faults=[]
+        )
 
     def config_json(self) -> dict[str, Any]:
         with self.lock:
             return {
                 "stage_seconds": self._stage_seconds,
+                "status_form": self._status_form,
                 "line_faults": [rule.to_json() for rule in self._line_faults],
                 "job_faults": [rule.to_json() for rule in self._job_faults],
             }
@@ -307,13 +326,18 @@ class BatchSettings:
         """Applies a ``POST /_stub/batch`` body (see configure)."""
         if not isinstance(data, Mapping):
             raise StubConfigError("the batch config must be a JSON object")
-        keys = {"stage_seconds", "line_faults", "add_line_faults", "job_faults", "add_job_faults"}
+        keys = {
+            "stage_seconds", "status_form", "line_faults", "add_line_faults", "job_faults",
+            "add_job_faults",
+        }  # fmt: skip
         unknown = set(data) - keys
         if unknown:
             raise StubConfigError(f"unknown batch config keys: {sorted(unknown)}")
         kwargs: dict[str, Any] = {}
         if "stage_seconds" in data:
             kwargs["stage_seconds"] = parse_duration(data["stage_seconds"])
+        if "status_form" in data:
+            kwargs["status_form"] = data["status_form"]
         for key in ("line_faults", "add_line_faults", "job_faults", "add_job_faults"):
             if key in data:
                 rules = data[key]

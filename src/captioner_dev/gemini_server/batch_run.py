@@ -89,6 +89,25 @@ class GcsClient:
                 raise GcsError(f"{uri}: HTTP {response.status} {(await response.text())[:200]}")
 
 
+# HTTP status → google.rpc.Code (google/rpc/code.proto's HTTP mapping), for "rpc" statuses.
+_RPC_CODE = {400: 3, 401: 16, 403: 7, 404: 5, 409: 10, 429: 8, 499: 1, 500: 13, 501: 12,
+             503: 14, 504: 4}  # fmt: skip
+
+
+def failed_status(outcome: Outcome, form: str) -> Any:
+    """A failed line's ``status`` in the form configured (batch.StatusForm)."""
+    if form != "rpc":
+        return status_text(outcome)
+    error = outcome.body.get("error", {}) if isinstance(outcome.body, dict) else {}
+    status: dict[str, Any] = {
+        "code": _RPC_CODE.get(outcome.status, 2),  # 2: UNKNOWN
+        "message": str(error.get("message", "")),
+    }
+    if error.get("details"):
+        status["details"] = error["details"]
+    return status
+
+
 def status_text(outcome: Outcome) -> str:
     """A failed line's ``status``: the HTTP reason and the online error body."""
     try:
@@ -208,9 +227,7 @@ class BatchRunner:
     async def _write_output(
         self, gcs: GcsClient, job: BatchJob, output: list[dict[str, Any]]
     ) -> None:
-        prefix = job.output_prefix if job.output_prefix.endswith("/") else job.output_prefix + "/"
-        bucket, folder = split_gs_uri(prefix)
-        directory = f"gs://{bucket}/{folder.lstrip('/')}prediction-model-{_stamp(job)}"
+        directory = output_directory(job)
         data = "".join(dumps(line) + "\n" for line in output).encode("utf-8")
         await gcs.write(f"{directory}/predictions.jsonl", data, "application/jsonl")
         with self._settings.lock:
@@ -256,7 +273,7 @@ class BatchRunner:
             job.successful += ok
             job.failed += not ok
         result: dict[str, Any] = {
-            "status": "" if ok else status_text(outcome),
+            "status": "" if ok else failed_status(outcome, self._settings.status_form),
             "processed_time": datetime.now(UTC).isoformat(timespec="milliseconds"),
             **line,
         }
@@ -292,6 +309,14 @@ class BatchRunner:
             error = ApiError(504, "Deadline expired before operation could complete.")
             return Outcome(error.code, error.body())
         return await self._answerer.fault_outcome(rule, parsed, model, response_id)
+
+
+def output_directory(job: BatchJob) -> str:
+    """``gs://…/<outputUriPrefix>/prediction-model-<create time>``: where the job's answers go
+    (known from its creation on, as Vertex AI's naming makes it)."""
+    prefix = job.output_prefix if job.output_prefix.endswith("/") else job.output_prefix + "/"
+    bucket, folder = split_gs_uri(prefix)
+    return f"gs://{bucket}/{folder.lstrip('/')}prediction-model-{_stamp(job)}"
 
 
 def _stamp(job: BatchJob) -> str:

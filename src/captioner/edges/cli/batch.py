@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from captioner.batch import Totals
 from captioner.batch_jobs import (
@@ -29,6 +30,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     from captioner.adapters.vertex_batch import opened
 
     request = batch_request(args)
+    started = time.monotonic()
     async with opened(settings, needs_vertex=needs_vertex(request)) as jobs:
         if isinstance(request, BatchSubmitRequest):
             _print_submit(await jobs.submit(request), as_json=args.json)
@@ -41,7 +43,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     for job in reports:
         _print_job(job, as_json=args.json)
     if request.action == "apply":
-        totals = Totals()
+        totals = Totals(started=started)
         for job in reports:
             totals.counts.update(job.totals.counts)
             totals.skipped.update(job.totals.skipped)
