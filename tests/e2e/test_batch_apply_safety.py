@@ -344,3 +344,91 @@ def test_a_heic_image_goes_by_uri_and_is_captioned(
     (line,) = gemini.batch.jobs[0].lines
     assert line.file_uris == [f"gs://{bucket.name}/heic/a.heic"]
     assert metadata(bucket, "heic/a.heic")["caption-status"] == "ok"
+
+
+# ---------------------------------------------------------------- day two: prune, cancel
+
+
+def _run_folders(bucket: Any) -> set[str]:
+    return {b.name.split("/")[1] for b in bucket.list_blobs(prefix="captioner-batch/")}
+
+
+def test_prune_deletes_old_applied_runs_and_keeps_unapplied_ones_without_force(
+    vertex_env: dict[str, str], gemini: Any, bucket: Any
+) -> None:
+    upload_many(bucket, [f"a/{i}.png" for i in range(2)] + [f"b/{i}.png" for i in range(2)])
+    done_target, open_target = f"gs://{bucket.name}/a/", f"gs://{bucket.name}/b/"
+    assert run_cli(vertex_env, "batch", "submit", done_target).returncode == 0
+    assert run_cli(vertex_env, "batch", "submit", open_target).returncode == 0
+    wait_for_jobs(vertex_env, f"gs://{bucket.name}/")
+    assert run_cli(vertex_env, "batch", "apply", done_target).returncode == 0
+    bucket.blob("captioner-batch/notes.txt").upload_from_string("the owner's, not a run")
+    runs = _run_folders(bucket)
+    assert len(runs) == 3  # two runs and the owner's file
+
+    young = run_cli(vertex_env, "batch", "prune", f"gs://{bucket.name}/", "--older-than", "1d")
+    assert young.returncode == 0, young.stderr
+    assert "deleted 0 runs" in young.stderr
+    dry = run_cli(vertex_env, "batch", "prune", f"gs://{bucket.name}/", "--older-than", "0h",
+                  "--dry-run")  # fmt: skip
+    assert "would delete 1 runs" in dry.stderr
+    assert _run_folders(bucket) == runs
+
+    pruned = run_cli(vertex_env, "batch", "prune", f"gs://{bucket.name}/", "--older-than", "0h")
+    assert pruned.returncode == 1  # a run was kept: its answers are not applied
+    assert "answers not yet applied" in pruned.stdout
+    assert "captioner batch apply" in pruned.stdout
+    assert len(_run_folders(bucket)) == 2
+    assert bucket.get_blob("captioner-batch/notes.txt") is not None
+    assert metadata(bucket, "a/0.png")["caption-status"] == "ok"  # captions stay
+
+    forced = run_cli(vertex_env, "batch", "prune", f"gs://{bucket.name}/", "--older-than", "0h",
+                     "--force")  # fmt: skip
+    assert forced.returncode == 0, forced.stderr
+    assert _run_folders(bucket) == {"notes.txt"}
+    for bad in ("30", "-1d", "1w", "ten days"):
+        usage = run_cli(vertex_env, "batch", "prune", f"gs://{bucket.name}/", f"--older-than={bad}")
+        assert usage.returncode == 2, bad
+        assert "is not an age" in usage.stderr
+    prefix = run_cli(vertex_env, "batch", "prune", f"gs://{bucket.name}/a/", "--older-than", "1d")
+    assert prefix.returncode == 2
+    assert "takes a bucket" in prefix.stderr
+
+
+def test_prune_keeps_a_run_whose_job_still_runs(
+    vertex_env: dict[str, str], gemini: Any, bucket: Any
+) -> None:
+    upload_many(bucket, ["r/0.png"])
+    gemini.batch.configure(stage_seconds=2.0)
+    assert run_cli(vertex_env, "batch", "submit", f"gs://{bucket.name}/r/").returncode == 0
+    pruned = run_cli(vertex_env, "batch", "prune", f"gs://{bucket.name}/", "--older-than", "0h")
+    assert pruned.returncode == 1
+    assert "cancel it first" in pruned.stdout
+    assert len(_run_folders(bucket)) == 1
+
+
+def test_http_cancel_and_prune(function: FunctionServer, allowed_bucket: Any, gemini: Any) -> None:
+    upload_many(allowed_bucket, [f"p/{i}.png" for i in range(2)])
+    gemini.batch.configure(stage_seconds=1.0)
+    submitted = post(function, {"batch": "submit", "bucket": ALLOWED, "prefix": "p/"})
+    run = submitted.json()["run"]
+    cancelled = post(function, {"batch": "cancel", "bucket": ALLOWED, "run": run})
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["jobs"][0]["cancelled"] is True
+    for _ in range(100):
+        state = post(function, {"batch": "status", "bucket": ALLOWED, "run": run})
+        if state.json()["jobs"][0]["state"] == "CANCELLED":
+            break
+        time.sleep(0.1)
+    body = {"batch": "prune", "bucket": ALLOWED, "older_than": "0h"}
+    kept = post(function, {**body, "dry_run": True})
+    assert kept.status_code == 200, kept.text
+    assert kept.json()["would_delete"] == [f"gs://{ALLOWED}/captioner-batch/{run}/"]
+    pruned = post(function, body)
+    assert pruned.json()["deleted"] == [f"gs://{ALLOWED}/captioner-batch/{run}/"]
+    assert not list(allowed_bucket.list_blobs(prefix=f"captioner-batch/{run}/"))
+    refused = post(function, {**body, "bucket": "elsewhere"})
+    assert refused.status_code == 403
+    bad = post(function, {**body, "older_than": "soon"})
+    assert bad.status_code == 400
+    assert "is not an age" in bad.json()["error"]["message"]
