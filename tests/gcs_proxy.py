@@ -43,6 +43,7 @@ class Recorded:
     path: str
     query: dict[str, str]
     status: int = 0
+    authorization: str = ""
 
 
 @dataclass
@@ -78,6 +79,8 @@ class GcsProxy(ThreadedServer):
         self._session: aiohttp.ClientSession | None = None
         self._patch_lock: asyncio.Lock | None = None
         self._metagenerations: dict[str, tuple[str, int]] = {}
+        # Answer media downloads without x-goog-hash, as some intermediaries do.
+        self.hide_hashes = False
 
     @property
     def url(self) -> str:
@@ -97,6 +100,7 @@ class GcsProxy(ThreadedServer):
         with self._lock:
             self.state = ProxyState()
             self._metagenerations.clear()
+            self.hide_hashes = False
 
     def add_fault(
         self,
@@ -138,6 +142,11 @@ class GcsProxy(ThreadedServer):
         with self._lock:
             self.state.before_patch.append(action)
 
+    def pending_faults(self) -> int:
+        """How many queued faults have not been served yet."""
+        with self._lock:
+            return sum(fault.count for fault in self.state.faults)
+
     def recorded(self, method: str | None = None) -> list[Recorded]:
         with self._lock:
             return [r for r in self.state.requests if method is None or r.method == method]
@@ -157,7 +166,12 @@ class GcsProxy(ThreadedServer):
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         raw_path = request.raw_path.split("?", 1)[0]
-        record = Recorded(request.method, raw_path, dict(request.query))
+        record = Recorded(
+            request.method,
+            raw_path,
+            dict(request.query),
+            authorization=request.headers.get("Authorization", ""),
+        )
         with self._lock:
             self.state.requests.append(record)
         fault = self._take_fault(request.method, request.path, request.query_string)
@@ -288,11 +302,10 @@ class GcsProxy(ThreadedServer):
             body = await upstream.read()
             if upstream.status == 200 and "alt=media" not in query and "/o" in raw_path:
                 body = self._with_metagenerations(raw_path, body, bump)
-            passed = {
-                k: v
-                for k, v in upstream.headers.items()
-                if k.lower() not in ("content-length", "transfer-encoding", "connection")
-            }
+            dropped = {"content-length", "transfer-encoding", "connection"}
+            if self.hide_hashes:
+                dropped.add("x-goog-hash")
+            passed = {k: v for k, v in upstream.headers.items() if k.lower() not in dropped}
             return upstream.status, passed, body
 
     def _with_metagenerations(self, raw_path: str, body: bytes, bump: bool) -> bytes:
