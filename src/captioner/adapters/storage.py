@@ -5,9 +5,9 @@ credentials against an emulator); otherwise uses Application Default Credentials
 
 Retries follow Google's own clients (the conformance scenarios of
 googleapis/conformance-tests, storage/v1/retry_tests.json): reads are retried on
-408, 429, 5xx and dropped connections; a PATCH only when ``ifMetagenerationMatch``
-makes it safe to repeat; 401 and 403 never (a missing permission answers the same
-until someone grants it). Media downloads are checked against the CRC32C that
+408, 429, 500, 502, 503, 504 and dropped connections; a PATCH only when
+``ifMetagenerationMatch`` makes it safe to repeat; 401 and 403 never (a missing
+permission answers the same until someone grants it). Media downloads are checked against the CRC32C that
 Cloud Storage holds, as Google's clients do.
 """
 
@@ -198,7 +198,7 @@ class StorageClient:
                 return _Media.of(response, await read_capped(response, max_bytes))
 
         mismatch = ""
-        for _ in range(2):
+        for _ in range(2):  # damage on the way seldom strikes twice; more would hide a fault
             media: _Media = await self._retry(once)
             expected = media.crc32c
             if expected is None and not media.transcoded:
