@@ -7,8 +7,8 @@ Retries follow Google's own clients (the conformance scenarios of
 googleapis/conformance-tests, storage/v1/retry_tests.json): reads are retried on
 408, 429, 500, 502, 503, 504 and dropped connections; a PATCH only when
 ``ifMetagenerationMatch`` makes it safe to repeat; 401 and 403 never (a missing
-permission answers the same until someone grants it). Media downloads are checked against the CRC32C that
-Cloud Storage holds, as Google's clients do.
+permission answers the same until someone grants it). Media downloads are checked
+against the CRC32C that Cloud Storage holds, as Google's clients do.
 """
 
 from __future__ import annotations
