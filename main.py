@@ -23,7 +23,7 @@ from starlette.responses import Response  # noqa: E402
 
 from captioner.edges.logs import configure_logging, trace_id, traced  # noqa: E402
 from captioner.edges.upload import on_upload  # noqa: E402
-from captioner.errors import BadRequestError, TransientError  # noqa: E402
+from captioner.errors import BadRequestError, ConfigurationError, TransientError  # noqa: E402
 from captioner.runtime import Runtime  # noqa: E402
 from captioner.settings import Settings  # noqa: E402
 
@@ -59,6 +59,12 @@ async def caption_on_upload(event: Any) -> None:
             exc,
             extra={"fields": {"event_id": event_id, "malformed_event": True}},
         )
+    except ConfigurationError as exc:
+        # A missing permission, a refused key: every delivery fails the same way until
+        # the operator fixes it, so it is an ERROR for alerting. Redelivered (503), as
+        # nothing was recorded on the image.
+        log.error("configuration problem, asking for redelivery: %s", exc)
+        raise HTTPException(503, detail=f"configuration problem, retry later: {exc}") from None
     except TransientError as exc:
         # Eventarc redelivers on any non-2xx answer; 503 says "try later".
         log.warning("transient failure, asking for redelivery: %s", exc)

@@ -7,12 +7,19 @@ passes on carry its count), enforces both preconditions (under a lock, like the
 real service's atomic check), records every request so tests can assert what was sent, answers with
 chosen statuses or dropped connections on demand, and runs hooks just before a
 PATCH to simulate what other writers do meanwhile (overwrite, edit, delete).
+
+``add_instruction`` takes the fault names of Google's storage-testbench and of the
+retry conformance scenarios (``return-503``, ``return-reset-connection``,
+``return-broken-stream``, ``return-broken-stream-after-256K``,
+``return-corrupted-data``...), with the testbench's meaning.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +31,11 @@ from aiohttp import web
 
 from captioner_dev.threaded import ThreadedServer
 
+_STATUS = re.compile(r"return-(\d{3})$")
+_BROKEN_AFTER = re.compile(r"return-broken-stream-after-(\d+)K$")
+# storage-testbench's return-broken-stream breaks a download after a few bytes.
+_BROKEN_STREAM_BYTES = 4
+
 
 @dataclass
 class Recorded:
@@ -31,6 +43,7 @@ class Recorded:
     path: str
     query: dict[str, str]
     status: int = 0
+    authorization: str = ""
 
 
 @dataclass
@@ -41,7 +54,11 @@ class Fault:
     count: int = 1
     # Instead of an error status, a 200 whose body is broken: "cut" (the connection
     # drops after part of the declared body), "html" (a proxy's HTML page),
-    # "bad-gzip" (Content-Encoding: gzip on bytes that are not gzip).
+    # "bad-gzip" (an object stored with Content-Encoding: gzip whose bytes are not
+    # gzip, with their true checksum); or the real answer, spoilt: "corrupt" (its
+    # first byte changed, x-goog-hash kept, as storage-testbench's
+    # return-corrupted-data), "broken-after-<n>" (the connection drops after n bytes
+    # of the declared body).
     body: str | None = None
     query_contains: str = ""
 
@@ -62,6 +79,8 @@ class GcsProxy(ThreadedServer):
         self._session: aiohttp.ClientSession | None = None
         self._patch_lock: asyncio.Lock | None = None
         self._metagenerations: dict[str, tuple[str, int]] = {}
+        # Answer media downloads without x-goog-hash, as some intermediaries do.
+        self.hide_hashes = False
 
     @property
     def url(self) -> str:
@@ -81,6 +100,7 @@ class GcsProxy(ThreadedServer):
         with self._lock:
             self.state = ProxyState()
             self._metagenerations.clear()
+            self.hide_hashes = False
 
     def add_fault(
         self,
@@ -97,10 +117,35 @@ class GcsProxy(ThreadedServer):
                 Fault(method, path_contains, status, count, body, query_contains)
             )
 
+    def add_instruction(
+        self, method: str, path_contains: str, instruction: str, *, query_contains: str = ""
+    ) -> None:
+        """Queue one storage-testbench fault for the next matching request."""
+        status: int | None = None
+        body: str | None = None
+        if match := _STATUS.match(instruction):
+            status = int(match.group(1))
+        elif instruction == "return-reset-connection":
+            status = None
+        elif instruction == "return-broken-stream":
+            body = f"broken-after-{_BROKEN_STREAM_BYTES}"
+        elif match := _BROKEN_AFTER.match(instruction):
+            body = f"broken-after-{int(match.group(1)) * 1024}"
+        elif instruction == "return-corrupted-data":
+            body = "corrupt"
+        else:
+            raise ValueError(f"the proxy cannot inject {instruction!r}")
+        self.add_fault(method, path_contains, status, body=body, query_contains=query_contains)
+
     def before_next_patch(self, action: Callable[[], None]) -> None:
         """Run ``action`` (in a thread) just before the next PATCH is looked at."""
         with self._lock:
             self.state.before_patch.append(action)
+
+    def pending_faults(self) -> int:
+        """How many queued faults have not been served yet."""
+        with self._lock:
+            return sum(fault.count for fault in self.state.faults)
 
     def recorded(self, method: str | None = None) -> list[Recorded]:
         with self._lock:
@@ -121,7 +166,12 @@ class GcsProxy(ThreadedServer):
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         raw_path = request.raw_path.split("?", 1)[0]
-        record = Recorded(request.method, raw_path, dict(request.query))
+        record = Recorded(
+            request.method,
+            raw_path,
+            dict(request.query),
+            authorization=request.headers.get("Authorization", ""),
+        )
         with self._lock:
             self.state.requests.append(record)
         fault = self._take_fault(request.method, request.path, request.query_string)
@@ -164,10 +214,17 @@ class GcsProxy(ThreadedServer):
                 content_type="text/html",
             )
         if kind == "bad-gzip":
+            stored = b"this is not gzip at all" * 10
             return web.Response(
-                body=b"this is not gzip at all" * 10,
-                headers={"Content-Encoding": "gzip", "Content-Type": "image/jpeg"},
+                body=stored,
+                headers={
+                    "Content-Encoding": "gzip",
+                    "Content-Type": "image/jpeg",
+                    "x-goog-hash": f"crc32c={crc32c(stored)}",
+                },
             )
+        if kind == "corrupt" or kind.startswith("broken-after-"):
+            return await self._spoilt(request, kind)
         assert kind == "cut", kind
         response = web.StreamResponse(headers={"Content-Type": "image/jpeg"})
         response.content_length = 100_000
@@ -175,6 +232,22 @@ class GcsProxy(ThreadedServer):
         await response.write(b"\xff\xd8\xff" + b"\0" * 997)
         assert request.transport is not None
         request.transport.close()
+        return response
+
+    async def _spoilt(self, request: web.Request, kind: str) -> web.StreamResponse:
+        raw_path = request.raw_path.split("?", 1)[0]
+        status, headers, body = await self._upstream(request, raw_path)
+        if kind == "corrupt":
+            body = (b"B" if body[:1] == b"A" else b"A") + body[1:]
+            return web.Response(body=body, status=status, headers=headers)
+        cut = int(kind.removeprefix("broken-after-"))
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = len(body)
+        await response.prepare(request)
+        await response.write(body[:cut])
+        if cut < len(body):
+            assert request.transport is not None
+            request.transport.close()
         return response
 
     async def _precondition_refusal(self, raw_path: str, query: Any) -> int | None:
@@ -212,6 +285,13 @@ class GcsProxy(ThreadedServer):
     async def _forward(
         self, request: web.Request, raw_path: str, bump: bool = False
     ) -> web.Response:
+        status, headers, body = await self._upstream(request, raw_path, bump)
+        return web.Response(body=body, status=status, headers=headers)
+
+    async def _upstream(
+        self, request: web.Request, raw_path: str, bump: bool = False
+    ) -> tuple[int, dict[str, str], bytes]:
+        """The upstream's answer to ``request``: status, headers to pass on, body."""
         session = self._client()
         query = request.raw_path.split("?", 1)[1] if "?" in request.raw_path else ""
         url = self.upstream + raw_path + (f"?{query}" if query else "")
@@ -222,12 +302,11 @@ class GcsProxy(ThreadedServer):
             body = await upstream.read()
             if upstream.status == 200 and "alt=media" not in query and "/o" in raw_path:
                 body = self._with_metagenerations(raw_path, body, bump)
-            passed = {
-                k: v
-                for k, v in upstream.headers.items()
-                if k.lower() not in ("content-length", "transfer-encoding", "connection")
-            }
-            return web.Response(body=body, status=upstream.status, headers=passed)
+            dropped = {"content-length", "transfer-encoding", "connection"}
+            if self.hide_hashes:
+                dropped.add("x-goog-hash")
+            passed = {k: v for k, v in upstream.headers.items() if k.lower() not in dropped}
+            return upstream.status, passed, body
 
     def _with_metagenerations(self, raw_path: str, body: bytes, bump: bool) -> bytes:
         try:
@@ -243,3 +322,10 @@ class GcsProxy(ThreadedServer):
             path = f"/storage/v1/b/{item['bucket']}/o/{quote(item['name'], safe='')}"
             item["metageneration"] = str(self._metageneration(path, item))
         return json.dumps(resource).encode()
+
+
+def crc32c(data: bytes) -> str:
+    """The base64 CRC32C that ``x-goog-hash`` carries."""
+    import google_crc32c
+
+    return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode("ascii")

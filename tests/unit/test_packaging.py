@@ -19,6 +19,8 @@ DISTRIBUTIONS = {
     # Only adapters/vertex_batch.py (batch jobs: resumable uploads, streamed reads).
     "google.cloud": "google-cloud-storage",
     "google.genai": "google-genai",
+    # Only adapters/storage.py (checksums of downloads).
+    "google_crc32c": "google-crc32c",
     "PIL": "pillow",
     "pillow_heif": "pillow-heif",
     "pydantic": "pydantic",

@@ -2,22 +2,33 @@
 
 Honours ``STORAGE_EMULATOR_HOST`` the way google-cloud-storage does (no
 credentials against an emulator); otherwise uses Application Default Credentials.
-Every request here is idempotent (reads, and PATCHes guarded by generation and
-metageneration preconditions), so transient failures are retried.
+
+Retries follow Google's own clients (the conformance scenarios of
+googleapis/conformance-tests, storage/v1/retry_tests.json): reads are retried on
+408, 429, 500, 502, 503, 504 and dropped connections; a PATCH only when
+``ifMetagenerationMatch`` makes it safe to repeat; 401 and 403 never (a missing
+permission answers the same until someone grants it). Media downloads are checked
+against the CRC32C that Cloud Storage holds, as Google's clients do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import gzip
+import io
 import json
 import os
+import zlib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import google_crc32c
 
 from captioner.adapters.bodies import read_capped
 from captioner.domain import ObjectInfo, first_unencodable
@@ -34,6 +45,12 @@ PUBLIC_ENDPOINT = "https://storage.googleapis.com"
 _SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _OBJECT_FIELDS = "bucket,name,generation,metageneration,contentType,size,metadata"
+# The IAM permission each call needs, named in the message when it is refused.
+_GET, _LIST, _UPDATE = "storage.objects.get", "storage.objects.list", "storage.objects.update"
+# The stored bytes as they are: without it Cloud Storage decompresses an object stored
+# with Content-Encoding: gzip on the way (decompressive transcoding), and sends bytes
+# that the checksum it holds does not describe.
+_MEDIA_HEADERS = {"Accept-Encoding": "gzip"}
 
 
 def endpoint_from_env(environ: Mapping[str, str] | None = None) -> tuple[str, bool]:
@@ -62,11 +79,15 @@ class _Credentials:
         self._credentials: Any = None
         self._lock = asyncio.Lock()
 
-    async def header(self) -> dict[str, str]:
+    async def header(self, rejected: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The Authorization header; a new token if ``rejected`` (a header Cloud Storage
+        answered 401 to) still carries the current one."""
         async with self._lock:
             if self._credentials is None:
                 self._credentials = await asyncio.to_thread(_default_credentials)
-            if not self._credentials.valid:
+            current = {"Authorization": f"Bearer {self._credentials.token}"}
+            # Many requests may come back 401 on one token together: refresh it once.
+            if not self._credentials.valid or rejected == current:
                 await asyncio.to_thread(_refresh, self._credentials)
             return {"Authorization": f"Bearer {self._credentials.token}"}
 
@@ -132,36 +153,79 @@ class StorageClient:
         async with aiohttp.ClientSession() as session:
             yield cls.from_env(session, attempts=attempts)
 
-    async def _headers(self) -> dict[str, str]:
+    async def _headers(self, rejected: Mapping[str, str] | None = None) -> dict[str, str]:
         if self._credentials is None:
             return {}
-        return await self._credentials.header()
+        return await self._credentials.header(rejected)
 
-    async def _retry(self, call: Any) -> Any:
-        return await with_retries(call, attempts=self._attempts, deadline=None, wait_max=10.0)
+    async def _retry(self, call: Any, *, attempts: int | None = None) -> Any:
+        return await with_retries(
+            call, attempts=attempts or self._attempts, deadline=None, wait_max=10.0
+        )
 
     async def get_object(self, bucket: str, name: str) -> ObjectInfo:
         url = self._api + object_path(bucket, name)
 
         async def once() -> ObjectInfo:
             async with self._request("GET", url, params={"fields": _OBJECT_FIELDS}) as response:
-                await _raise_for_status(response, f"gs://{bucket}/{name}")
+                await _raise_for_status(response, f"gs://{bucket}/{name}", _GET, bucket)
                 return _object_info(await response.json(content_type=None))
 
         result: ObjectInfo = await self._retry(once)
         return result
 
     async def download(self, bucket: str, name: str, *, generation: int, max_bytes: int) -> bytes:
-        """The object's bytes at exactly ``generation``; refuses more than ``max_bytes``."""
+        """The object's bytes at exactly ``generation``; refuses more than ``max_bytes``.
+
+        The bytes are checked against the CRC32C Cloud Storage holds for the object.
+        Bytes that do not match were damaged on the way, not stored that way, so they
+        are fetched once more and then, if still wrong, a TransientError: never a
+        verdict on the image. This always reads the whole object: ``x-goog-hash``
+        describes the whole object, so a part (a ranged read, or the rest of a
+        download resumed after a cut) could not be checked on its own; only the
+        reassembled whole could. A download cut off is therefore fetched again from
+        the start.
+        """
         url = self._api + object_path(bucket, name)
         params = {"alt": "media", "generation": str(generation)}
+        what = f"gs://{bucket}/{name}#{generation}"
 
-        async def once() -> bytes:
+        async def once() -> _Media:
+            async with self._request(
+                "GET", url, params=params, headers=_MEDIA_HEADERS, decompress=False
+            ) as response:
+                await _raise_for_status(response, what, _GET, bucket)
+                return _Media.of(response, await read_capped(response, max_bytes))
+
+        mismatch = ""
+        for _ in range(2):  # damage on the way seldom strikes twice; more would hide a fault
+            media: _Media = await self._retry(once)
+            expected = media.crc32c
+            if expected is None and not media.transcoded:
+                expected = await self._stored_crc32c(bucket, name, generation)
+            actual = _crc32c(media.body)
+            if expected is None or media.transcoded or actual == expected:
+                return await _decoded(media, max_bytes)
+            mismatch = f"CRC32C {actual} received, {expected} stored"
+        raise TransientError(
+            f"{what}: the bytes received twice did not match the object's checksum "
+            f"({mismatch}): damaged on the way, to be fetched again later"
+        )
+
+    async def _stored_crc32c(self, bucket: str, name: str, generation: int) -> str | None:
+        """The object resource's CRC32C, for an answer that came without ``x-goog-hash``."""
+        url = self._api + object_path(bucket, name)
+        params = {"generation": str(generation), "fields": "crc32c"}
+
+        async def once() -> str | None:
             async with self._request("GET", url, params=params) as response:
-                await _raise_for_status(response, f"gs://{bucket}/{name}#{generation}")
-                return await read_capped(response, max_bytes)
+                await _raise_for_status(
+                    response, f"gs://{bucket}/{name}#{generation}", _GET, bucket
+                )
+                value = (await response.json(content_type=None)).get("crc32c")
+                return value if isinstance(value, str) else None
 
-        result: bytes = await self._retry(once)
+        result: str | None = await self._retry(once)
         return result
 
     async def patch_metadata(
@@ -176,6 +240,9 @@ class StorageClient:
         """Merge ``metadata`` into the object's custom metadata, under preconditions.
 
         Raises PreconditionFailedError on 412 (newer generation, or metadata changed).
+        Without ``if_metageneration_match`` a transient failure is not retried: the
+        first PATCH may have been applied, and only that precondition makes a second
+        one harmless (Google's clients treat objects.patch as idempotent only then).
         """
         url = self._api + object_path(bucket, name)
         params = {"ifGenerationMatch": str(if_generation_match), "fields": _OBJECT_FIELDS}
@@ -191,10 +258,12 @@ class StorageClient:
                 data=body,
                 headers={"Content-Type": "application/json"},
             ) as response:
-                await _raise_for_status(response, f"gs://{bucket}/{name}#{if_generation_match}")
+                what = f"gs://{bucket}/{name}#{if_generation_match}"
+                await _raise_for_status(response, what, _UPDATE, bucket)
                 return _object_info(await response.json(content_type=None))
 
-        result: ObjectInfo = await self._retry(once)
+        safe_to_repeat = if_metageneration_match is not None
+        result: ObjectInfo = await self._retry(once, attempts=None if safe_to_repeat else 1)
         return result
 
     async def list_objects(
@@ -217,7 +286,7 @@ class StorageClient:
 
             async def once(params: dict[str, str] = params) -> dict[str, Any]:
                 async with self._request("GET", url, params=params) as response:
-                    await _raise_for_status(response, f"gs://{bucket}/{prefix}")
+                    await _raise_for_status(response, f"gs://{bucket}/{prefix}", _LIST, bucket)
                     page: dict[str, Any] = await response.json(content_type=None)
                     return page
 
@@ -238,8 +307,9 @@ class StorageClient:
         params: Mapping[str, str],
         data: str | None = None,
         headers: Mapping[str, str] | None = None,
+        decompress: bool = True,
     ) -> _Request:
-        return _Request(self, method, url, params, data, dict(headers or {}))
+        return _Request(self, method, url, params, data, dict(headers or {}), decompress)
 
 
 class _Request:
@@ -253,26 +323,37 @@ class _Request:
         params: Mapping[str, str],
         data: str | None,
         headers: dict[str, str],
+        decompress: bool,
     ) -> None:
         self._client = client
         self._args = (method, url, params, data, headers)
+        self._decompress = decompress
         self._response: aiohttp.ClientResponse | None = None
 
     async def __aenter__(self) -> aiohttp.ClientResponse:
+        auth = await self._client._headers()
+        self._response = await self._send(auth)
+        if self._response.status == 401 and auth:
+            # A token can be revoked or expire early: one refresh and one resend, as
+            # google-auth's own transports do. A second 401 is for the operator.
+            self._response.release()
+            self._response = await self._send(await self._client._headers(rejected=auth))
+        return self._response
+
+    async def _send(self, auth: Mapping[str, str]) -> aiohttp.ClientResponse:
         method, url, params, data, headers = self._args
-        headers = {**headers, **(await self._client._headers())}
         try:
-            self._response = await self._client._session.request(
+            return await self._client._session.request(
                 method,
                 url,
                 params=params,
                 data=data,
-                headers=headers,
+                headers={**headers, **auth},
                 timeout=self._client._timeout,
+                auto_decompress=self._decompress,
             )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise TransientError(f"Cloud Storage {method} failed: {exc!r}") from exc
-        return self._response
 
     async def __aexit__(
         self,
@@ -283,16 +364,12 @@ class _Request:
         if self._response is not None:
             self._response.release()
         # Every body read happens inside this block, so every way a body can be
-        # unreadable is decided here, once: a body whose Content-Encoding does not
-        # decode is this generation's bytes and will never read (permanent); a body
-        # cut off, timed out, or that is not the JSON the API speaks (a proxy's HTML
-        # page) may be fine on the next try (transient).
+        # unreadable is decided here, once: a body cut off, timed out, not decoding as
+        # its Content-Encoding says, or that is not the JSON the API speaks (a proxy's
+        # HTML page) may be fine on the next try (transient). Media bytes arrive
+        # undecoded; whether their encoding is broken is decided once their checksum
+        # says they are the stored bytes (_decoded).
         method = self._args[0]
-        if isinstance(exc, aiohttp.ClientPayloadError) and _bad_encoding(exc):
-            raise PermanentError(
-                "bad-content-encoding",
-                f"the object's bytes do not decode as its Content-Encoding says: {exc}",
-            ) from exc
         if isinstance(exc, aiohttp.ClientError | TimeoutError):
             raise TransientError(
                 f"Cloud Storage {method}: the answer was cut off: {exc!r}"
@@ -303,23 +380,77 @@ class _Request:
             ) from exc
 
 
-def _bad_encoding(exc: aiohttp.ClientPayloadError) -> bool:
-    """aiohttp reports a Content-Encoding that does not decode as a payload error whose
-    cause (or text) is ``ContentEncodingError``."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if type(seen).__name__ == "ContentEncodingError" or "content-encoding" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+@dataclass(frozen=True, slots=True)
+class _Media:
+    """A media download as it arrived, before its Content-Encoding is undone."""
+
+    body: bytes
+    encoding: str  # the answer's Content-Encoding, lower case; "" for none
+    crc32c: str | None  # the stored object's, from x-goog-hash (base64, big-endian)
+    # Decompressed by Cloud Storage although we asked for the stored bytes: the
+    # checksum describes the compressed bytes, not these, so they cannot be checked.
+    transcoded: bool
+
+    @classmethod
+    def of(cls, response: aiohttp.ClientResponse, body: bytes) -> _Media:
+        encoding = response.headers.get("Content-Encoding", "").strip().lower()
+        stored = response.headers.get("x-goog-stored-content-encoding", "").strip().lower()
+        return cls(
+            body=body,
+            encoding=encoding,
+            crc32c=_crc32c_header(response.headers.getall("x-goog-hash", [])),
+            transcoded=stored == "gzip" and encoding != "gzip",
+        )
 
 
-async def _raise_for_status(response: aiohttp.ClientResponse, what: str) -> None:
+def _crc32c_header(values: list[str]) -> str | None:
+    """The ``crc32c=`` value of ``x-goog-hash`` (one header or several, comma-separated)."""
+    for value in values:
+        for part in value.split(","):
+            label, _, digest = part.strip().partition("=")
+            if label.lower() == "crc32c" and digest:
+                return digest
+    return None
+
+
+def _crc32c(data: bytes) -> str:
+    return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode("ascii")
+
+
+async def _decoded(media: _Media, max_bytes: int) -> bytes:
+    """The object's bytes with a gzip Content-Encoding undone (the only compression Cloud
+    Storage serves); any other label is passed on as it is, for Pillow to judge."""
+    if media.encoding not in ("gzip", "x-gzip"):
+        return media.body
+    return await asyncio.to_thread(_gunzip, media.body, max_bytes)
+
+
+def _gunzip(body: bytes, max_bytes: int) -> bytes:
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(body)) as stream:
+            data = stream.read(max_bytes + 1)
+    except (OSError, EOFError, zlib.error) as exc:
+        # The checksum said these are the stored bytes: they will never decode.
+        raise PermanentError(
+            "bad-content-encoding",
+            f"the object's bytes do not decode as its Content-Encoding (gzip) says: {exc}",
+        ) from exc
+    if len(data) > max_bytes:
+        raise PermanentError(
+            "too-large", f"more than CAPTION_MAX_BYTES={max_bytes} bytes once decompressed"
+        )
+    return data
+
+
+async def _raise_for_status(
+    response: aiohttp.ClientResponse, what: str, permission: str, bucket: str
+) -> None:
+    """``permission`` on ``bucket`` is what the call needs, named if it is refused."""
     status = response.status
     if status < 300:
         return
     try:
-        detail = (await response.text(errors="replace"))[:300]
+        detail = _one_line(await response.text(errors="replace"))
     except (aiohttp.ClientError, TimeoutError, ValueError):
         detail = ""
     if status == 404:
@@ -331,15 +462,30 @@ async def _raise_for_status(response: aiohttp.ClientResponse, what: str) -> None
             f"Cloud Storage answered {status} for {what}: {detail}",
             retry_after=_retry_after(response),
         )
-    if status in (401, 403):
-        # A missing IAM binding is fixed by the operator, not by giving up on the image.
-        raise TransientError(
-            f"Cloud Storage refused access ({status}) to {what}: {detail}. The runtime "
-            "service account needs storage.objects.get and storage.objects.update on the bucket."
+    if status == 401:
+        # Fixed by the operator, not by giving up on the image nor by asking again.
+        raise ConfigurationError(
+            f"Cloud Storage did not accept our credentials (401) for {what}, which needs "
+            f"{permission} on bucket {bucket}: check the identity the function runs as "
+            f"(GOOGLE_APPLICATION_CREDENTIALS, the runtime service account). {detail}"
+        )
+    if status == 403:
+        raise ConfigurationError(
+            f"Cloud Storage refused {permission} on bucket {bucket} (403) for {what}: "
+            f"grant it to the identity the function runs as. {detail}"
         )
     raise PermanentError(
         f"storage-{status}", f"Cloud Storage answered {status} for {what}: {detail}"
     )
+
+
+def _one_line(text: str) -> str:
+    """An error body as one short line: the API's ``error.message`` when it is JSON."""
+    try:
+        message = json.loads(text)["error"]["message"]
+    except (ValueError, TypeError, KeyError):
+        message = text
+    return " ".join(str(message).split())[:300]
 
 
 def _retry_after(response: aiohttp.ClientResponse) -> float | None:

@@ -2,8 +2,10 @@
 
 ``main.py`` turns its errors into answers to Eventarc: BadRequestError (the event
 is malformed and will never work) → 200 with an error log, as anything else is
-redelivered for a day; TransientError → 503 so that Eventarc redelivers; a return
-means done, whatever the outcome for the image.
+redelivered for a day; TransientError → 503 so that Eventarc redelivers (its
+ConfigurationError kind, a problem for the operator such as a missing IAM
+permission, logged as an error); a return means done, whatever the outcome for the
+image.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 from captioner.domain import CaptionResult, Outcome
 from captioner.edges.events import FINALIZED, object_ref_from_event
 from captioner.edges.logs import log_result
-from captioner.errors import TransientError
+from captioner.errors import ConfigurationError, TransientError
 from captioner.runtime import Runtime
 
 log = logging.getLogger("captioner")
@@ -47,5 +49,6 @@ async def on_upload(runtime: Runtime, event_type: str | None, data: Any) -> Capt
                           "seconds": round(result.seconds, 3)}},
     )  # fmt: skip
     if result.outcome is Outcome.RETRY:
-        raise TransientError(f"{ref.uri}: {result.message}")
+        kind = ConfigurationError if result.reason == ConfigurationError.reason else TransientError
+        raise kind(f"{ref.uri}: {result.message}")
     return result
