@@ -49,6 +49,7 @@ from captioner.batch_jobs import (
     RequestKey,
     RunPaths,
 )
+from captioner.batch_jobs.templates import request_line
 from captioner.domain import ObjectInfo, Usage
 from captioner.metadata import MetadataKeys
 from captioner.recording import Recorder
@@ -56,6 +57,7 @@ from captioner.settings import Settings
 from captioner_dev.gcs import FakeGcs, free_port
 
 PAGE = 4096
+JOB = "projects/p/locations/us-central1/batchPredictionJobs/1"
 
 
 class RssPeak:
@@ -98,7 +100,12 @@ class DoneJobs:
 
     async def create(self, *, model: str, source: str, dest: str, display_name: str) -> JobStatus:
         self.created += 1
-        return JobStatus(f"jobs/{self.created}", "QUEUED", source, dest)
+        return JobStatus(
+            f"projects/p/locations/us-central1/batchPredictionJobs/{self.created}",
+            "QUEUED",
+            source,
+            dest,
+        )
 
     async def get(self, name: str) -> JobStatus:
         return self.status
@@ -132,7 +139,7 @@ def answer_line(key: RequestKey, spec: str) -> str:
         "modelVersion": "gemini-2.5-flash-001",
         "usageMetadata": {"promptTokenCount": 330, "candidatesTokenCount": 25},
     }  # fmt: skip
-    request = {"contents": [{"role": "user", "parts": [{"fileData": {"file_uri": key.text}}]}]}
+    request = {"contents": [{"role": "user", "parts": [{"fileData": {"file_uri": key.uri}}]}]}
     return json.dumps(
         {"key": key.text, "spec": spec, "request": request, "status": "",
          "processed_time": "2026-11-30T10:00:00Z", "response": response}
@@ -202,23 +209,24 @@ async def bench_apply(gcs: FakeGcs, n: int, json_api: str | None = None) -> dict
             generations = await populate(session, gcs.url, bucket, n)
     else:
         generations = [1_764_000_000_000_000 + i for i in range(n)]
-    run = "bench"
+    run = "20261130-090000-beef"
     paths = RunPaths.of(bucket, settings.batch_prefix, run)
     out = f"{paths.root}output-00000/prediction-model-1/predictions.jsonl"
-    lines = "\n".join(
-        answer_line(RequestKey(bucket, f"a/{i:06}.png", g), spec.fingerprint)
-        for i, g in enumerate(generations)
-    )
+    keys = [RequestKey(bucket, f"a/{i:06}.png", g) for i, g in enumerate(generations)]
+    lines = "\n".join(answer_line(key, spec.fingerprint) for key in keys)
     client.bucket(bucket).blob(out).upload_from_string(lines + "\n")
+    # The request file apply checks every answer against (what submit would have written).
+    requests = b"".join(request_line(key, spec, "{}") for key in keys)
+    client.bucket(bucket).blob(paths.shard(0)).upload_from_string(requests)
     manifest = Manifest(run, bucket, "a/", settings.model, "2026-11-30T09:00:00Z", "caption",
                         ("en",), specs={spec.fingerprint: spec})  # fmt: skip
     output_dir = f"gs://{bucket}/{paths.root}output-00000/prediction-model-1"
     status = JobStatus(
-        "jobs/1", "SUCCEEDED", f"gs://{bucket}/{paths.shard(0)}", paths.dest(0), output_dir
+        JOB, "SUCCEEDED", f"gs://{bucket}/{paths.shard(0)}", paths.dest(0), output_dir
     )
     from captioner.batch_jobs import JobEntry
 
-    manifest.jobs.append(JobEntry("jobs/1", status.source or "", status.dest or "", n, 0))
+    manifest.jobs.append(JobEntry(JOB, status.source or "", status.dest or "", n, 0))
     client.bucket(bucket).blob(paths.manifest).upload_from_string(json.dumps(manifest.as_json()))
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
         storage = StorageClient(session, endpoint=json_api or gcs.url, emulator=True)
@@ -229,8 +237,8 @@ async def bench_apply(gcs: FakeGcs, n: int, json_api: str | None = None) -> dict
             (report,) = [r async for r in jobs.follow(request)]
             seconds = time.perf_counter() - started
         again_started = time.perf_counter()
-        request_again = BatchFollowRequest("apply", ("jobs/1",))
-        client.bucket(bucket).blob(paths.checkpoint("jobs/1")).delete()
+        request_again = BatchFollowRequest("apply", (JOB,))
+        client.bucket(bucket).blob(paths.checkpoint(JOB)).delete()
         (again,) = [r async for r in jobs.follow(request_again)]
         again_seconds = time.perf_counter() - again_started
     assert report.totals.counts["ok"] == n, report.totals.as_dict()

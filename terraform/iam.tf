@@ -77,8 +77,9 @@ resource "google_storage_bucket_iam_member" "runtime_objects" {
 # notebooks, ...). Calling Gemini needs one: Vertex AI's generative AI access-control
 # page lists aiplatform.endpoints.predict for "Make prompt requests" (generateContent
 # on publishers/google/models/*), https://cloud.google.com/vertex-ai/generative-ai/docs/access-control.
-# Batch prediction jobs take aiplatform.batchPredictionJobs.create on the location and
-# .get / .list to follow them, https://cloud.google.com/vertex-ai/docs/general/iam-permissions
+# Batch prediction jobs take aiplatform.batchPredictionJobs.create on the location,
+# .get / .list to follow them and .cancel to stop one (`captioner batch cancel`),
+# https://cloud.google.com/vertex-ai/docs/general/iam-permissions
 # (the Vertex AI service agent, not this account, reads the inputs). Publisher models
 # have no IAM policy of their own, so the project is the narrowest place to grant it.
 resource "google_project_iam_custom_role" "vertex_caller" {
@@ -89,6 +90,7 @@ resource "google_project_iam_custom_role" "vertex_caller" {
   title       = "Captioner Gemini caller"
   description = "Call Gemini models on Vertex AI (online and batch prediction) and nothing else."
   permissions = [
+    "aiplatform.batchPredictionJobs.cancel",
     "aiplatform.batchPredictionJobs.create",
     "aiplatform.batchPredictionJobs.get",
     "aiplatform.batchPredictionJobs.list",
@@ -104,6 +106,46 @@ resource "google_project_iam_member" "runtime_vertex" {
   project = var.project_id
   role    = google_project_iam_custom_role.vertex_caller[0].id
   member  = google_service_account.runtime.member
+}
+
+# The run's own files under the batch prefix: `batch submit` writes request files and a
+# manifest, `batch apply` rewrites its checkpoints, `batch prune` deletes old runs.
+# Replacing an object takes storage.objects.delete as well as .create
+# (https://cloud.google.com/storage/docs/access-control/iam-permissions), so both, and
+# only under CAPTION_BATCH_PREFIX: the images themselves stay get/list/update only.
+resource "google_project_iam_custom_role" "batch_files" {
+  count = local.use_vertex ? 1 : 0
+
+  project     = var.project_id
+  role_id     = "${replace(var.name_prefix, "-", "_")}_batchFiles"
+  title       = "Captioner batch run files"
+  description = "Create, replace and delete the files of captioner batch runs. Granted under the batch prefix only."
+  permissions = [
+    "storage.objects.create",
+    "storage.objects.delete",
+  ]
+
+  depends_on = [google_project_service.core]
+}
+
+resource "google_storage_bucket_iam_member" "runtime_batch_files" {
+  for_each = local.use_vertex ? local.runtime_buckets : toset([])
+
+  bucket = each.value
+  role   = google_project_iam_custom_role.batch_files[0].id
+  member = google_service_account.runtime.member
+
+  condition {
+    title       = "captioner batch prefix only"
+    description = "The function writes and deletes its batch runs' files under CAPTION_BATCH_PREFIX and nowhere else."
+    expression  = "resource.name.startsWith(\"projects/_/buckets/${each.value}/objects/${var.caption_batch_prefix}\")"
+  }
+
+  depends_on = [
+    google_storage_bucket.watched,
+    data.google_storage_bucket.existing,
+    data.google_storage_bucket.allowed,
+  ]
 }
 
 # ---------------------------------------------------------------------------

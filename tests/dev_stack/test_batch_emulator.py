@@ -341,6 +341,7 @@ def test_the_control_route_configures_and_shows_jobs(gemini: GeminiStub) -> None
     gemini.reset()
     assert gemini.batch.config_json() == {
         "stage_seconds": 0.05,
+        "status_form": "text",
         "line_faults": [],
         "job_faults": [],
     }

@@ -53,6 +53,8 @@ CLOUD_ONLY = (
     "captioner batch submit gs://",
     "captioner batch status",
     "captioner batch apply",
+    "captioner batch cancel",  # tests/e2e/test_batch_apply_safety.py
+    "captioner batch prune",
 )
 # Run by other tests: the installed command, the demo, and the test suite itself.
 RUN_ELSEWHERE = {

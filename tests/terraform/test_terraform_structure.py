@@ -677,7 +677,8 @@ def test_object_role_is_minimal_and_covers_every_allowed_bucket(config: Config) 
 VERTEX_PERMISSIONS = {
     # Vertex AI generative AI access control, "Make prompt requests" (generateContent).
     "aiplatform.endpoints.predict",
-    # Vertex AI IAM permissions: create a batch prediction job, then follow it.
+    # Vertex AI IAM permissions: create a batch prediction job, follow it, cancel it.
+    "aiplatform.batchPredictionJobs.cancel",
     "aiplatform.batchPredictionJobs.create",
     "aiplatform.batchPredictionJobs.get",
     "aiplatform.batchPredictionJobs.list",
@@ -796,6 +797,28 @@ def test_vertex_agent_writes_only_under_the_batch_prefix(config: Config) -> None
     for (_rtype, name), body in _vertex_agent_grants(config).items():
         if name != "vertex_agent_write_batch":
             assert literal(body["role"]) == "roles/storage.objectViewer", name
+
+
+def test_the_function_writes_and_deletes_only_its_batch_files_under_the_batch_prefix(
+    config: Config,
+) -> None:
+    grant = config.resource("google_storage_bucket_iam_member", "runtime_batch_files")
+    assert "local.use_vertex" in grant["for_each"]
+    assert "local.runtime_buckets" in grant["for_each"]
+    assert grant["member"] == "${google_service_account.runtime.member}"
+    assert role_permissions(config, grant["role"]) == {
+        "storage.objects.create",
+        "storage.objects.delete",
+    }
+    (condition,) = grant["condition"]
+    assert literal(condition["expression"]) == (
+        'resource.name.startsWith("projects/_/buckets/${each.value}'
+        '/objects/${var.caption_batch_prefix}")'
+    )
+    # Outside the prefix, the images: read, list and metadata updates only.
+    objects = config.resource("google_storage_bucket_iam_member", "runtime_objects")
+    assert "storage.objects.delete" not in (role_permissions(config, objects["role"]) or set())
+    assert "storage.objects.create" not in (role_permissions(config, objects["role"]) or set())
 
 
 def test_batch_prefix_default_is_the_applications(config: Config) -> None:
