@@ -193,18 +193,25 @@ def test_failed_and_partly_answered_jobs_leave_what_has_no_answer_for_the_next_r
     assert f"would submit {12 - 6} images" in left.stdout
 
 
-def test_shards_split_at_the_byte_limit(
+def test_shards_split_at_the_byte_limit_and_every_job_is_applied(
     vertex_env: dict[str, str], gemini: Any, bucket: Any
 ) -> None:
     env = {**vertex_env, "CAPTION_BATCH_MAX_BYTES": "5000"}
     upload_many(bucket, [f"s/{i}.png" for i in range(10)])
-    submitted = run_cli(env, "batch", "submit", f"gs://{bucket.name}/s/", "--json")
+    target = f"gs://{bucket.name}/s/"
+    submitted = run_cli(env, "batch", "submit", target, "--json")
     assert submitted.returncode == 0, submitted.stderr
     report = json.loads(submitted.stdout)
     assert report["job_count"] == len(report["jobs"]) > 1
+    assert sum(job["requests"] for job in report["jobs"]) == 10
     for job in report["jobs"]:
         shard = bucket.get_blob(job["shard"].removeprefix(f"gs://{bucket.name}/"))
         assert shard.size <= 5000
+    wait_for_jobs(env, target)
+    applied = run_cli(env, "batch", "apply", target)
+    assert applied.returncode == 0, applied.stderr
+    assert "done 10" in applied.stderr
+    assert all(metadata(bucket, f"s/{i}.png")["caption-status"] == "ok" for i in range(10))
 
 
 def test_the_api_key_mode_says_batch_needs_vertex_ai(
