@@ -15,6 +15,7 @@ from typing import Any
 
 from captioner.domain import ObjectInfo
 from captioner.metadata import MetadataKeys
+from captioner.safe_text import csv_cell, for_terminal
 
 CSV_FIELDS = (
     "source",
@@ -97,7 +98,7 @@ def as_json(record: CaptionRecord) -> dict[str, Any]:
 
 
 def csv_header() -> str:
-    return _csv_line(CSV_FIELDS)
+    return csv_line(CSV_FIELDS)
 
 
 def csv_row(record: CaptionRecord) -> str:
@@ -105,7 +106,9 @@ def csv_row(record: CaptionRecord) -> str:
     values["tags"] = ",".join(record.tags)
     values["current"] = "true" if record.current else "false"
     values["translations"] = ";".join(f"{k}={v}" for k, v in record.translations.items())
-    return _csv_line("" if values[name] is None else str(values[name]) for name in CSV_FIELDS)
+    return csv_line(
+        "" if values[name] is None else csv_cell(str(values[name])) for name in CSV_FIELDS
+    )
 
 
 def as_text(record: CaptionRecord) -> str:
@@ -125,12 +128,14 @@ def as_text(record: CaptionRecord) -> str:
             lines.append(f"  {label + ':':<8} {value}")
     for code, text in record.translations.items():
         lines.append(f"  {code + ':':<8} {text}")
-    return "\n".join(lines)
+    return "\n".join(for_terminal(line) for line in lines)
 
 
-def _csv_line(values: Iterable[str]) -> str:
-    # csv quotes commas, quotes and newlines in captions; one row per call so the
-    # export streams instead of holding the listing.
+def csv_line(values: Iterable[str]) -> str:
+    # csv quotes commas, quotes and line breaks in captions; one row per call so the
+    # export streams instead of holding the listing. CRLF as RFC 4180 has it: with a
+    # "\n" terminator the csv module would leave a lone CR in a cell unquoted, and a
+    # caption's CR would split its row in other readers.
     out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerow(list(values))
+    csv.writer(out, lineterminator="\r\n").writerow(list(values))
     return out.getvalue()

@@ -23,6 +23,7 @@ from captioner.edges.cli import batch, captioning, stored
 from captioner.edges.cli.common import EXIT_INTERRUPTED, EXIT_PIPE, EXIT_USAGE
 from captioner.edges.cli.parser import build_parser
 from captioner.errors import BadRequestError, CaptionerError, ObjectGoneError, SettingsError
+from captioner.safe_text import for_terminal
 from captioner.settings import Settings
 
 __all__ = ["build_parser", "main"]
@@ -39,12 +40,30 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PIPE
 
 
+class _TerminalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return for_terminal(super().format(record))
+
+
+def _log_to_the_terminal() -> None:
+    """Warnings (e.g. a batch line refused, naming a planted file) on standard error as
+    Python would print them unconfigured, but with control characters escaped."""
+    logger = logging.getLogger("captioner")
+    if not any(isinstance(h.formatter, _TerminalFormatter) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(_TerminalFormatter("%(message)s"))
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     # stamina logs each scheduled retry as a warning; with no logging configured,
     # Python prints it bare ("stamina.retry_scheduled") among the captions. A retry
     # that ends badly shows in the image's own line and the summary.
     logging.getLogger("stamina").setLevel(logging.ERROR)
+    _log_to_the_terminal()
     try:
         overrides = {
             name: value
@@ -60,7 +79,7 @@ def _main(argv: list[str] | None) -> int:
                 raise SettingsError("--concurrency must be from 1 to 1000")
             settings = settings.model_copy(update={"max_concurrency": args.concurrency})
     except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {for_terminal(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     try:
         if args.command in ("show", "export"):
@@ -78,15 +97,15 @@ def _main(argv: list[str] | None) -> int:
         print("interrupted; a second run resumes where this one stopped", file=sys.stderr)
         return EXIT_INTERRUPTED
     except ObjectGoneError as exc:  # listing or reading a bucket that is not there
-        print(f"error: {exc} (does the bucket exist?)", file=sys.stderr)
+        print(f"error: {for_terminal(str(exc))} (does the bucket exist?)", file=sys.stderr)
         return EXIT_USAGE
     except (BadRequestError, CaptionerError) as exc:
         # Bad arguments, and what stops a whole run: no key, no credentials, a key
         # Gemini refuses, a bucket we may not read.
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {for_terminal(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
         raise  # main() ends quietly with 141
     except OSError as exc:  # an --output or --html file that cannot be written
-        print(f"error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        print(f"error: {for_terminal(str(exc.filename))}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE

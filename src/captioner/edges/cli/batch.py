@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -23,6 +22,7 @@ from captioner.batch_jobs import (
 )
 from captioner.edges.cli.common import EXIT_FAILED, EXIT_OK, parse_target, summary, token_line
 from captioner.errors import BadRequestError
+from captioner.safe_text import for_terminal, json_line
 from captioner.settings import Settings
 
 
@@ -81,7 +81,7 @@ def batch_request(args: argparse.Namespace) -> BatchRequest:
 
 def _print_submit(report: SubmitReport, *, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(report.as_json(), ensure_ascii=False), flush=True)
+        print(json_line(report.as_json()), flush=True)
     else:
         for job in report.jobs:
             print(job.name, flush=True)
@@ -101,7 +101,7 @@ def _print_submit(report: SubmitReport, *, as_json: bool) -> None:
 
 def _print_job(job: JobReport, *, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(job.as_json(), ensure_ascii=False), flush=True)
+        print(json_line(job.as_json()), flush=True)
         return
     entry = job.as_json()
     counts = ", ".join(f"{k} {v}" for k, v in entry.get("results", {}).items())
@@ -117,18 +117,18 @@ def _print_job(job: JobReport, *, as_json: bool) -> None:
         *([f"problem: {job.problem}"] if job.problem else []),
         *([f"error: {job.status.error}"] if job.status.error else []),
     ]
-    print("\t".join(fields), flush=True)
+    print("\t".join(map(for_terminal, fields)), flush=True)
 
 
 def _print_prune(report: PruneReport, *, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(report.as_json(), ensure_ascii=False), flush=True)
+        print(json_line(report.as_json()), flush=True)
         return
     verb = "would delete" if report.dry_run else "deleted"
     for folder in report.deleted:
-        print(f"{folder}\t{verb}", flush=True)
+        print(f"{for_terminal(folder)}\t{verb}", flush=True)
     for folder, why in report.kept.items():
-        print(f"{folder}\tkept: {why}", flush=True)
+        print(f"{for_terminal(folder)}\tkept: {for_terminal(why)}", flush=True)
     print(
         f"{verb} {len(report.deleted)} runs ({report.files} files), kept {len(report.kept)}",
         file=sys.stderr,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import aclosing
@@ -18,6 +17,7 @@ from captioner.domain import CaptionResult, Outcome
 from captioner.edges.cli.common import EXIT_FAILED, EXIT_OK, parse_target, summary
 from captioner.errors import BadRequestError, ConfigurationError
 from captioner.runtime import Runtime
+from captioner.safe_text import for_terminal, json_line
 from captioner.settings import Settings
 
 
@@ -110,7 +110,7 @@ async def _report(
         if bar is not None:
             bar.close()
     if as_json:
-        print(json.dumps({"totals": totals.as_dict()}), flush=True)
+        print(json_line({"totals": totals.as_dict()}), flush=True)
 
 
 _STOPS_THE_RUN = frozenset({ConfigurationError.reason, "daily-quota"})
@@ -127,17 +127,19 @@ def _progress_bar(total: int | None) -> Any:
 
 
 def _print_result(result: CaptionResult, as_json: bool, bar: Any) -> None:
+    # Names, captions and messages come from buckets, files and the model: escaped.
+    source = for_terminal(result.source)
     if as_json:
-        line = json.dumps(result_json(result), ensure_ascii=False)
+        line = json_line(result_json(result))
     elif result.outcome is Outcome.CAPTIONED:
-        line = f"{result.source}\t{result.caption}"
+        line = f"{source}\t{for_terminal(result.caption or '')}"
     elif result.outcome is Outcome.PLANNED:
-        line = f"{result.source}\twould caption ({result.message})"
+        line = f"{source}\twould caption ({for_terminal(result.message or '')})"
     elif result.outcome is Outcome.SKIPPED:
-        line = f"{result.source}\tskipped: {result.reason}"
+        line = f"{source}\tskipped: {result.reason}"
     else:
-        detail = f": {result.message}" if result.message else ""
-        line = f"{result.source}\t{result.outcome.value} ({result.reason}){detail}"
+        detail = f": {for_terminal(result.message)}" if result.message else ""
+        line = f"{source}\t{result.outcome.value} ({result.reason}){detail}"
     if bar is not None:
         bar.write(line, file=sys.stdout)
     else:

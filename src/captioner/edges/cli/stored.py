@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from collections.abc import AsyncIterator
 from typing import Any, TextIO
@@ -17,6 +16,7 @@ from captioner.edges import html_page
 from captioner.edges.cli.common import EXIT_FAILED, EXIT_OK, parse_target
 from captioner.errors import BadRequestError, ObjectGoneError, PermanentError, TransientError
 from captioner.metadata import MetadataKeys
+from captioner.safe_text import for_terminal, json_line
 from captioner.settings import Settings
 
 
@@ -44,12 +44,12 @@ async def _show(storage: Any, keys: MetadataKeys, targets: list[str], *, as_json
         try:
             info = await storage.get_object(bucket, name)
         except ObjectGoneError:
-            print(f"{target}\tno such object", file=sys.stderr)
+            print(f"{for_terminal(target)}\tno such object", file=sys.stderr)
             missing += 1
             continue
         record = readback.record_of(info, keys)
         if as_json:
-            print(json.dumps(readback.as_json(record), ensure_ascii=False), flush=True)
+            print(json_line(readback.as_json(record)), flush=True)
         else:
             print(readback.as_text(record), flush=True)
     return EXIT_FAILED if missing else EXIT_OK
@@ -82,7 +82,7 @@ async def _export(
             if args.format == "csv":
                 out.write(readback.csv_row(record))
             else:
-                out.write(json.dumps(readback.as_json(record), ensure_ascii=False) + "\n")
+                out.write(json_line(readback.as_json(record)) + "\n")
             yield info
 
     if page is None:
