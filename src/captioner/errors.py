@@ -37,6 +37,13 @@ class TransientError(CaptionerError):
         self.retry_after = retry_after
 
 
+class UnreachableError(TransientError):
+    """The service cannot be reached at all (connection refused, no such host): often a
+    wrong address or a local stack that is not running, and every call will say so."""
+
+    reason = "unreachable"
+
+
 class ConfigurationError(TransientError):
     """Not the image's fault and not worth retrying now: a bad or expired API key, a
     missing role, an unknown model, billing or region, a setting the model refuses.

@@ -14,9 +14,10 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from captioner.batch import BatchRun, CaptionRequest, FilesRequest
-from captioner.domain import Usage
+from captioner.captions import CaptionSpec
+from captioner.domain import Description, PreparedImage, Usage
 from captioner.models import estimated_tokens
-from captioner.pipeline import Captioner, PipelineConfig
+from captioner.pipeline import Captioner, Describer, PipelineConfig
 from captioner.settings import Settings
 
 if TYPE_CHECKING:
@@ -24,6 +25,18 @@ if TYPE_CHECKING:
 
     from captioner.adapters.storage import StorageClient
     from captioner.adapters.urls import UrlFetcher
+
+
+@dataclass(slots=True)
+class NoGemini:
+    """The describer when Gemini cannot be reached as configured (no key): every
+    description is the configuration error, said once per image, never at start."""
+
+    model: str
+    error: Exception
+
+    async def describe(self, image: PreparedImage, spec: CaptionSpec | None = None) -> Description:
+        raise self.error
 
 
 @dataclass(slots=True)
@@ -114,28 +127,34 @@ class Runtime:
         from captioner.adapters.images import decode_cost, prepare
         from captioner.adapters.storage import StorageClient
         from captioner.adapters.urls import UrlFetcher
+        from captioner.errors import ConfigurationError
         from captioner.limiter import AdaptiveLimiter, slow_start_initial
 
         s = self.settings
-        # The Gemini client first: it refuses a missing key (ConfigurationError)
-        # before any session exists that would then be left unclosed.
         client, self._ready_client = self._ready_client, None
-        if client is None:
-            client = make_client(s.gemini_timeout)
+        describer: Describer
+        try:
+            if client is None:
+                client = make_client(s.gemini_timeout)
+        except ConfigurationError as exc:
+            # No key: what needs no Gemini (a dry run, reading back) still works; the
+            # first image to describe reports it.
+            describer = NoGemini(s.model, exc)
+        else:
+            describer = GeminiDescriber.from_settings(
+                client,
+                s,
+                # A cold instance starts low and triples per round (slow start): the
+                # instances of a fleet start together against one quota.
+                limiter=AdaptiveLimiter(
+                    s.max_concurrency,
+                    initial=slow_start_initial(s.max_concurrency),
+                    max_pause=s.retry_max_wait,
+                ),
+            )
         connector = aiohttp.TCPConnector(limit=max(2 * s.max_concurrency, 10))
         session = aiohttp.ClientSession(connector=connector)
         storage = StorageClient.from_env(session, attempts=s.storage_attempts)
-        describer = GeminiDescriber.from_settings(
-            client,
-            s,
-            # A cold instance starts low and triples per round (slow start): the
-            # instances of a fleet start together against one quota.
-            limiter=AdaptiveLimiter(
-                s.max_concurrency,
-                initial=slow_start_initial(s.max_concurrency),
-                max_pause=s.retry_max_wait,
-            ),
-        )
         captioner = Captioner(
             storage=storage,
             describer=describer,
@@ -156,7 +175,8 @@ class Runtime:
             timeout=s.url_timeout,
             limit=s.max_concurrency,
         )
-        return LoopResources(captioner, storage, urls, [client, urls, session])
+        closers: list[object] = [urls, session] if client is None else [client, urls, session]
+        return LoopResources(captioner, storage, urls, closers)
 
     async def aclose(self) -> None:
         """Close the running loop's clients (for CLIs and tests; servers just exit)."""

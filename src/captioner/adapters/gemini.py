@@ -31,7 +31,7 @@ from google.genai import types
 from captioner import models
 from captioner.captions import Captions, CaptionSpec, InvalidAnswerError, with_captions
 from captioner.domain import Description, PreparedImage, Usage
-from captioner.errors import ConfigurationError, PermanentError, TransientError
+from captioner.errors import ConfigurationError, PermanentError, TransientError, UnreachableError
 from captioner.limiter import AdaptiveLimiter
 from captioner.models import MediaResolution, Thinking, default_temperature
 from captioner.retrying import with_retries
@@ -366,13 +366,28 @@ class GeminiDescriber:
         return base + self._rng.uniform(0, base)
 
 
+def _why(exc: aiohttp.ClientConnectorError) -> str:
+    """ "connection refused", "name or service not known": the socket's own words."""
+    error = exc.os_error
+    if error.errno is not None and error.errno > 0:
+        return os.strerror(error.errno).lower()
+    return (error.strerror or str(error)).lower()
+
+
 def _transport_error(exc: Exception, timeout: float) -> Exception:
     """A failure below the API's own errors, as the error to raise (the same one if it
     is none of these)."""
     if isinstance(exc, TimeoutError):
         return TransientError(f"Gemini did not answer within {timeout:g}s")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UnreachableError(f"cannot reach Gemini at {exc.host}:{exc.port} ({_why(exc)})")
     if isinstance(exc, aiohttp.ClientError):
-        return TransientError(f"Gemini connection failed: {exc!r}")
+        return TransientError(f"Gemini connection failed: {type(exc).__name__}: {str(exc)[:200]}")
+    if isinstance(exc, google.auth.exceptions.DefaultCredentialsError):
+        # Vertex AI mode finds out there are no credentials only when it needs a token.
+        return ConfigurationError(NO_CREDENTIALS)
+    if isinstance(exc, google.auth.exceptions.RefreshError):
+        return ConfigurationError(f"Google credentials cannot be refreshed: {str(exc)[:300]}")
     if isinstance(exc, ValueError | TypeError | KeyError | AttributeError):
         # A 200 whose body is not JSON (a proxy's HTML page), or JSON of another
         # shape: the SDK's converters and pydantic raise these.

@@ -92,7 +92,7 @@ class _Credentials:
             return {"Authorization": f"Bearer {self._credentials.token}"}
 
 
-_NO_CREDENTIALS = (
+NO_STORAGE_CREDENTIALS = (
     "no Google credentials for Cloud Storage: run `gcloud auth application-default login` "
     "(or set GOOGLE_APPLICATION_CREDENTIALS; STORAGE_EMULATOR_HOST for a local emulator)"
 )
@@ -105,7 +105,7 @@ def _default_credentials() -> Any:
     try:
         credentials, _ = google.auth.default(scopes=[_SCOPE])
     except google.auth.exceptions.DefaultCredentialsError:
-        raise ConfigurationError(_NO_CREDENTIALS) from None
+        raise ConfigurationError(NO_STORAGE_CREDENTIALS) from None
     return credentials
 
 

@@ -34,7 +34,7 @@ from captioner.adapters.gemini import (
     _description,
     make_client,
 )
-from captioner.adapters.storage import endpoint_from_env
+from captioner.adapters.storage import NO_STORAGE_CREDENTIALS, endpoint_from_env
 from captioner.batch_jobs import (
     LABEL,
     BatchJobs,
@@ -68,6 +68,7 @@ _UPLOAD_CHUNK = 8 * 1024 * 1024
 _READ_CHUNK = 4 * 1024 * 1024
 # Lines are handed to the shard writer's thread in pieces of about this size.
 _WRITE_BUFFER = 1024 * 1024
+_TRUE = frozenset({"1", "true", "yes", "on"})  # as make_client reads the variable
 # A manifest or checkpoint is a few KiB; a "JSON file" larger than this was not ours.
 _MAX_JSON_BYTES = 16 * 1024 * 1024
 
@@ -258,7 +259,12 @@ def storage_client() -> Any:
             credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
             client_options={"api_endpoint": endpoint},
         )
-    return Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT"))
+    import google.auth.exceptions
+
+    try:
+        return Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT"))
+    except google.auth.exceptions.DefaultCredentialsError:
+        raise ConfigurationError(NO_STORAGE_CREDENTIALS) from None
 
 
 class _ShardWriter:
@@ -290,10 +296,19 @@ class _ShardWriter:
 
 
 class GcsBlobs:
-    """Shards, outputs, manifests and checkpoints, through google-cloud-storage in threads."""
+    """Shards, outputs, manifests and checkpoints, through google-cloud-storage in threads.
 
-    def __init__(self, client: Any) -> None:
-        self._client = client
+    The client is made on first use: a dry run, which never touches these files, then
+    needs no more than the listing's own credentials."""
+
+    def __init__(self, client: Any = None) -> None:
+        self._made = client
+
+    @property
+    def _client(self) -> Any:
+        if self._made is None:
+            self._made = storage_client()
+        return self._made
 
     def writer(self, bucket: str, name: str, content_type: str) -> _ShardWriter:
         return _ShardWriter(self._client, bucket, name, content_type)
@@ -403,6 +418,8 @@ class _LineSplitter:
 def gemini_client(settings: Settings) -> genai.Client:
     """The Vertex AI client, authenticated exactly as the online path's: Application
     Default Credentials, whatever ``GOOGLE_GEMINI_BASE_URL`` points at."""
+    if os.environ.get("GOOGLE_GENAI_USE_VERTEXAI", "").strip().lower() not in _TRUE:
+        raise ConfigurationError(NEEDS_VERTEX)  # before asking for an API key it cannot use
     client = make_client(settings.gemini_timeout)
     if not client.vertexai:
         raise ConfigurationError(NEEDS_VERTEX)
@@ -438,7 +455,7 @@ def _batch_jobs(
     return BatchJobs(
         lister=storage,
         recorder_for=recorder_for,
-        blobs=GcsBlobs(storage_client()),
+        blobs=GcsBlobs(),
         jobs=None if client is None else VertexJobs(client),
         template_for=None
         if describer is None or client is None

@@ -15,7 +15,7 @@ from captioner.batch import FilesRequest, PrefixRequest, Totals, result_json
 from captioner.decisions import IMAGE_SUFFIXES
 from captioner.domain import CaptionResult, Outcome
 from captioner.edges.cli.common import EXIT_FAILED, EXIT_OK, parse_target, summary
-from captioner.errors import BadRequestError, ConfigurationError
+from captioner.errors import BadRequestError, ConfigurationError, UnreachableError
 from captioner.runtime import Runtime
 from captioner.safe_text import for_terminal, json_line
 from captioner.settings import Settings
@@ -93,6 +93,7 @@ async def _report(
     progress: bool,
 ) -> None:
     bar = _progress_bar(total) if progress else None
+    unreachable = 0
     try:
         # aclosing: on an early stop, the images still in flight are cancelled here,
         # before the clients they use are closed.
@@ -102,6 +103,15 @@ async def _report(
                     # A bad key, a missing role, a used-up daily quota: every other image
                     # would get the same answer, so stop here (exit 2) rather than list them.
                     raise ConfigurationError(result.message or result.reason)
+                if result.reason == UnreachableError.reason and result.outcome is Outcome.RETRY:
+                    unreachable += 1
+                    done = totals.counts[Outcome.CAPTIONED.value] + totals.failed
+                    if unreachable >= _UNREACHABLE_STOP and unreachable == done:
+                        # Nothing got through and every call failed the same way: a wrong
+                        # address or a stack that is not running, not a bad moment.
+                        raise ConfigurationError(f"{result.message}: {_CHECK_ADDRESS}")
+                    if unreachable > 1:  # said once
+                        result = replace(result, message=None)
                 _print_result(result, as_json, bar)
                 if bar is not None:
                     bar.update(1)
@@ -114,6 +124,13 @@ async def _report(
 
 
 _STOPS_THE_RUN = frozenset({ConfigurationError.reason, "daily-quota"})
+# Images whose every attempt found Gemini unreachable, with nothing done between them,
+# before the run stops (exit 2) rather than listing the rest.
+_UNREACHABLE_STOP = 3
+_CHECK_ADDRESS = (
+    "check GOOGLE_GEMINI_BASE_URL (unset it for Google's own endpoint), or start the "
+    "local stack (make stack)"
+)
 
 
 def _shows_progress(args: argparse.Namespace) -> bool:
