@@ -31,6 +31,7 @@ CSV_FIELDS = (
     "created",
     "rule",
     "translations",
+    "written_by",
 )
 
 
@@ -49,11 +50,16 @@ class CaptionRecord:
     created: str | None = None
     rule: str | None = None
     translations: Mapping[str, str] = field(default_factory=dict)
+    # Who wrote ``caption``: "captioner" (its status key is there too), "owner" (the
+    # owner's own key, which captioner never touches), None when there is no caption.
+    written_by: str | None = None
 
 
 def record_of(info: ObjectInfo, keys: MetadataKeys) -> CaptionRecord:
     meta = info.metadata
     status = meta.get(keys.status) or "none"
+    caption = meta.get(keys.caption)
+    written_by = None if caption is None else "owner" if status == "none" else "captioner"
     written_for = meta.get(keys.generation)
     tags = tuple(t.strip() for t in (meta.get(keys.tags) or "").split(",") if t.strip())
     return CaptionRecord(
@@ -63,7 +69,7 @@ def record_of(info: ObjectInfo, keys: MetadataKeys) -> CaptionRecord:
         size=info.size,
         status=status,
         current=written_for == str(info.generation),
-        caption=meta.get(keys.caption),
+        caption=caption,
         alt=meta.get(keys.alt),
         tags=tags,
         model=meta.get(keys.model),
@@ -74,6 +80,7 @@ def record_of(info: ObjectInfo, keys: MetadataKeys) -> CaptionRecord:
             for code in keys.languages[1:]
             if (text := meta.get(keys.language(code))) is not None
         },
+        written_by=written_by,
     )
 
 
@@ -94,6 +101,7 @@ def as_json(record: CaptionRecord) -> dict[str, Any]:
         "created": record.created,
         "rule": record.rule,
         "translations": dict(record.translations),
+        "written_by": record.written_by,
     }
 
 
@@ -114,11 +122,16 @@ def csv_row(record: CaptionRecord) -> str:
 def as_text(record: CaptionRecord) -> str:
     """What `captioner show` prints for one object."""
     lines = [f"{record.source}  (generation {record.generation})"]
-    lines.append(
-        f"  status:  {record.status}" + ("" if record.current else " (for an older upload)")
-    )
+    if record.status == "none":
+        never = "never captioned" if record.written_by is None else "not captioned by captioner"
+        lines.append(f"  status:  none ({never})")
+    else:
+        lines.append(
+            f"  status:  {record.status}" + ("" if record.current else " (for an older upload)")
+        )
+    owners = record.written_by == "owner"
     for label, value in (
-        ("caption", record.caption),
+        ("caption", f"{record.caption}  (the owner's own key)" if owners else record.caption),
         ("alt", record.alt),
         ("tags", ", ".join(record.tags) or None),
         ("model", record.model),

@@ -21,7 +21,8 @@ figure img { display: block; width: 100%; height: 180px; object-fit: contain; ba
 .missing { height: 180px; display: flex; align-items: center; justify-content: center;
   background: #eee; color: #777; }
 figcaption { margin-top: .5rem; }
-.name { font: 12px ui-monospace, monospace; color: #555; word-break: break-all; }
+.name { font: 12px ui-monospace, monospace; color: #555; overflow-wrap: anywhere; }
+h2 { font-size: 1rem; margin: 1.2rem 0 .5rem; grid-column: 1 / -1; overflow-wrap: anywhere; }
 .tags { color: #555; font-size: 13px; }
 .status { font-size: 12px; padding: 0 .3rem; border-radius: 3px; background: #e4f2e4; }
 .status.other { background: #f6e3e3; }
@@ -44,19 +45,35 @@ def card(record: CaptionRecord, thumbnail: bytes | None, mime_type: str = "image
     else:
         picture = "<div class=missing>no preview</div>"
     status_class = "status" if record.status == "ok" and record.current else "status other"
-    status = record.status if record.current else f"{record.status} (older upload)"
-    parts = [
-        f"<figure>{picture}<figcaption>",
-        f"<div>{escape(record.caption or '(no caption)')}</div>",
-    ]
+    if record.status == "none":
+        status = "not captioned"
+    else:
+        status = record.status if record.current else f"{record.status} (older upload)"
+    caption = escape(record.caption or "(no caption)")
+    if record.written_by == "owner":
+        caption += " <span class=tags>(the owner's own caption)</span>"
+    parts = [f"<figure>{picture}<figcaption>", f"<div>{caption}</div>"]
     if record.tags:
         parts.append(f"<div class=tags>{escape(', '.join(record.tags))}</div>")
     parts.append(
-        f"<div class=name>{escape(record.source)} "
+        f"<div class=name>{_breakable(record.source)} "
         f"<span class='{status_class}'>{escape(status)}</span></div>"
     )
     parts.append("</figcaption></figure>\n")
     return "".join(parts)
+
+
+def folder_heading(folder: str) -> str:
+    return f"<h2>{_breakable(folder + '/') if folder else '(top level)'}</h2>\n"
+
+
+def _breakable(name: str) -> str:
+    """Escaped, with a line break allowed after each '/', '-', '_' and '.': a long
+    name wraps between its parts, and mid-word only where a part is wider than a card."""
+    text = escape(name)
+    for mark in ("/", "-", "_", "."):
+        text = text.replace(mark, mark + "<wbr>")
+    return text
 
 
 def page_end(count: int) -> str:

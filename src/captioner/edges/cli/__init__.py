@@ -89,6 +89,8 @@ def _main(argv: list[str] | None) -> int:
                     out = files.enter_context(open(args.output, "w", encoding="utf-8", newline=""))
                 if getattr(args, "html", None):
                     page = files.enter_context(open(args.html, "w", encoding="utf-8"))
+                    if not args.output:  # the page was asked for, not rows on the terminal
+                        out = files.enter_context(open(os.devnull, "w", encoding="utf-8"))
                 return asyncio.run(stored.run(args, settings, out, page))
         if args.command == "batch":
             return asyncio.run(batch.run(args, settings))

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any, TextIO
 
 from captioner import readback
-from captioner.concurrency import bounded_as_completed
+from captioner.concurrency import bounded_in_order
 from captioner.decisions import looks_like_image
 from captioner.domain import ObjectInfo
 from captioner.edges import html_page
@@ -64,7 +64,7 @@ async def _export(
     page: TextIO | None,
 ) -> int:
     bucket, prefix = parse_target(args.target)
-    count = 0
+    count = written = 0
     if args.format == "csv":
         out.write(readback.csv_header())
     if page is not None:
@@ -89,17 +89,32 @@ async def _export(
         async for _ in listed():
             pass
     else:
-        async for card in bounded_as_completed(
+        folder: str | None = None
+        # In the listing's order, as the JSON Lines and CSV are, a heading per folder.
+        async for info, card in bounded_in_order(
             listed(), lambda info: _card(storage, keys, info, settings), 8
         ):
+            here = info.name.rpartition("/")[0]
+            if here != folder:
+                page.write(html_page.folder_heading(here))
+                folder = here
             page.write(card)
+            written += len(card)
         page.write(html_page.page_end(count))
     out.flush()
     print(f"exported {count} images", file=sys.stderr)
+    if written > _LARGE_PAGE:
+        print(
+            f"the page holds {count} thumbnails ({written / 1e6:.0f} MB) and opens slowly: "
+            "--limit, or a narrower prefix, makes it smaller",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
-async def _card(storage: Any, keys: MetadataKeys, info: ObjectInfo, settings: Settings) -> str:
+async def _card(
+    storage: Any, keys: MetadataKeys, info: ObjectInfo, settings: Settings
+) -> tuple[ObjectInfo, str]:
     """One thumbnail and its caption; an image that cannot be shown still gets its card."""
     from captioner.adapters.images import prepare
 
@@ -112,10 +127,12 @@ async def _card(storage: Any, keys: MetadataKeys, info: ObjectInfo, settings: Se
             prepare, data, max_edge=_THUMBNAIL_EDGE, max_pixels=settings.max_pixels
         )
     except (ObjectGoneError, PermanentError, TransientError):
-        return html_page.card(record, None)
-    return html_page.card(record, thumb.data, thumb.mime_type)
+        return info, html_page.card(record, None)
+    return info, html_page.card(record, thumb.data, thumb.mime_type)
 
 
 # Thumbnails for the HTML page: 240 px is sharp in a 240 px grid cell and keeps a
 # page of a thousand images near 15 MB.
 _THUMBNAIL_EDGE = 240
+# Past this, a browser takes seconds to open the page (about 16 KB a thumbnail).
+_LARGE_PAGE = 16_000_000
