@@ -74,8 +74,19 @@ def decide(
         rule = rules.rule_for(info.name)
         return Skip("excluded-by-rule", f"rule {rule.name if rule else '?'!r} excludes it")
     if not overwrite and has_final_word(info, keys, spec=spec, model=model, if_stale=if_stale):
-        return Skip("already-captioned")
+        return final_word_skip(info, keys)
     return Wanted(spec)
+
+
+def final_word_skip(info: ObjectInfo, keys: MetadataKeys) -> Skip:
+    """How an object whose generation has our final word is counted: captioned, or a
+    verdict that is not a caption (a failure, a block), said as what it is."""
+    status = info.metadata.get(keys.status, "")
+    if status.startswith("error:"):
+        return Skip("failed-before", f"{status} recorded for this upload; --overwrite tries again")
+    if status == "blocked":
+        return Skip("blocked-before", "Gemini declined it; --overwrite asks again")
+    return Skip("already-captioned")
 
 
 def has_final_word(

@@ -201,7 +201,7 @@ async def test_a_permanent_failure_is_not_repeated_on_redelivery(
     for _ in range(5):  # a day of redeliveries
         again = await runtime.captioner().caption_object(ref)
         assert again.outcome is Outcome.SKIPPED
-        assert again.reason == "already-captioned"
+        assert again.reason == "failed-before"  # said as what it is, not as captioned
     assert gemini.calls == downloads_before == 0
 
 

@@ -32,7 +32,7 @@ from captioner.batch_jobs.outputs import (
 from captioner.batch_jobs.ports import Blobs, ReadAnswer, ReadStatus
 from captioner.batch_jobs.reports import JobReport
 from captioner.concurrency import bounded_as_completed
-from captioner.decisions import Skip, decide, has_final_word
+from captioner.decisions import Skip, decide, final_word_skip, has_final_word
 from captioner.domain import CaptionResult, ObjectInfo, Outcome
 from captioner.metadata import is_done
 from captioner.recording import Recorder, Verdict, result_for
@@ -270,7 +270,7 @@ class JobApplier:
         if has_final_word(info, self._keys, spec=spec, model=m.model, if_stale=m.if_stale) and (
             not m.overwrite or self._recorded_since_submit(info)
         ):
-            return Skip("already-captioned")
+            return final_word_skip(info, self._keys)
         return None
 
     def _recorded_since_submit(self, info: ObjectInfo) -> bool:
