@@ -71,5 +71,9 @@ class ObjectGoneError(CaptionerError):
     """The object, or the generation we were asked about, no longer exists."""
 
 
+class NoSuchBucketError(ObjectGoneError):
+    """The bucket itself is not there (a listing answered 404)."""
+
+
 class PreconditionFailedError(CaptionerError):
     """A write's ``ifGenerationMatch`` / ``ifMetagenerationMatch`` did not hold (HTTP 412)."""

@@ -34,6 +34,7 @@ from captioner.adapters.bodies import read_capped
 from captioner.domain import ObjectInfo, first_unencodable
 from captioner.errors import (
     ConfigurationError,
+    NoSuchBucketError,
     ObjectGoneError,
     PermanentError,
     PreconditionFailedError,
@@ -138,6 +139,7 @@ class StorageClient:
         self._session = session
         self._api = endpoint.rstrip("/") + "/storage/v1"
         self._credentials = None if emulator else _Credentials()
+        self._emulator = emulator
         self._attempts = attempts
         self._timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=10)
 
@@ -290,7 +292,11 @@ class StorageClient:
                     page: dict[str, Any] = await response.json(content_type=None)
                     return page
 
-            page: dict[str, Any] = await self._retry(once)
+            try:
+                page: dict[str, Any] = await self._retry(once)
+            except ObjectGoneError:
+                # A listing answers 404 only when the bucket is not there.
+                raise NoSuchBucketError(_no_such_bucket(bucket, self._emulator)) from None
             if not isinstance(page, dict) or not isinstance(page.get("items", []), list):
                 raise TransientError(f"Cloud Storage sent an unreadable listing of gs://{bucket}")
             for item in page.get("items", []):
@@ -440,6 +446,21 @@ def _gunzip(body: bytes, max_bytes: int) -> bytes:
             "too-large", f"more than CAPTION_MAX_BYTES={max_bytes} bytes once decompressed"
         )
     return data
+
+
+def _no_such_bucket(bucket: str, emulator: bool) -> str:
+    where = " in the emulator at STORAGE_EMULATOR_HOST" if emulator else ""
+    return f"no such bucket: gs://{bucket}/{where} (check its name)"
+
+
+async def bucket_exists(storage: StorageClient, bucket: str) -> bool:
+    """Whether ``bucket`` is there (an object's 404 does not say which is missing)."""
+    try:
+        async for _ in storage.list_objects(bucket, "", page_size=1):
+            break
+    except NoSuchBucketError:
+        return False
+    return True
 
 
 async def _raise_for_status(

@@ -13,6 +13,7 @@ a command ended by SIGPIPE.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -20,8 +21,8 @@ import sys
 from contextlib import ExitStack
 
 from captioner.edges.cli import batch, captioning, stored
-from captioner.edges.cli.common import EXIT_INTERRUPTED, EXIT_PIPE, EXIT_USAGE
-from captioner.edges.cli.parser import build_parser
+from captioner.edges.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_PIPE, EXIT_USAGE
+from captioner.edges.cli.parser import build_parser, parse
 from captioner.errors import BadRequestError, CaptionerError, ObjectGoneError, SettingsError
 from captioner.safe_text import for_terminal
 from captioner.settings import Settings
@@ -57,8 +58,27 @@ def _log_to_the_terminal() -> None:
         logger.propagate = False
 
 
+def _what_a_second_run_does(args: argparse.Namespace) -> str:
+    if args.command == "backfill" and args.dry_run:
+        return ""
+    if args.command == "backfill" and args.overwrite:
+        return (
+            "; a second run with --overwrite starts over (without it, it captions only "
+            "what was never captioned)"
+        )
+    if args.command == "backfill":
+        return "; a second run resumes where this one stopped"
+    if args.command == "batch" and args.batch_action == "apply":
+        return "; apply again to go on from its checkpoint"
+    return ""  # describe writes nothing; show, export and the rest just start again
+
+
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    if not arguments:  # bare `captioner`: where to start
+        build_parser().print_help()
+        return EXIT_OK
+    args = parse(arguments)
     # stamina logs each scheduled retry as a warning; with no logging configured,
     # Python prints it bare ("stamina.retry_scheduled") among the captions. A retry
     # that ends badly shows in the image's own line and the summary.
@@ -96,10 +116,10 @@ def _main(argv: list[str] | None) -> int:
             return asyncio.run(batch.run(args, settings))
         return asyncio.run(captioning.run(args, settings))
     except KeyboardInterrupt:
-        print("interrupted; a second run resumes where this one stopped", file=sys.stderr)
+        print(f"interrupted{_what_a_second_run_does(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except ObjectGoneError as exc:  # listing or reading a bucket that is not there
-        print(f"error: {for_terminal(str(exc))} (does the bucket exist?)", file=sys.stderr)
+    except ObjectGoneError as exc:  # listing a bucket that is not there
+        print(f"error: {for_terminal(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except (BadRequestError, CaptionerError) as exc:
         # Bad arguments, and what stops a whole run: no key, no credentials, a key

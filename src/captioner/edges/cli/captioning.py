@@ -61,6 +61,11 @@ def _sources(arguments: list[str]) -> tuple[str, ...]:
         if source == STDIN:
             if STDIN in sources:
                 raise BadRequestError("standard input (-) can be given once")
+            if sys.stdin.isatty():
+                raise BadRequestError(
+                    "`-` reads one image from standard input, which is a terminal here: "
+                    "pipe an image in (captioner describe - < photo.jpg)"
+                )
             sources.append(source)
         elif source.startswith("gs://"):
             raise BadRequestError(

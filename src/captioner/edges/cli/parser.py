@@ -1,4 +1,4 @@
-"""The command line's grammar: commands, options and their help."""
+"""The command line's grammar: commands, options, and help a person can start from."""
 
 from __future__ import annotations
 
@@ -6,6 +6,27 @@ import argparse
 from typing import Any
 
 from captioner import __version__
+
+README = "README.md"
+EXIT_CODES = """exit codes:
+  0    every image done (captioned, skipped or blocked)
+  1    some images failed or are left to retry: run again to resume
+  2    usage or configuration (bad arguments, no key, no credentials, no such bucket)
+  130  interrupted (Ctrl-C)
+  141  the output was closed early (| head)"""
+GEMINI_ENV = """environment:
+  GEMINI_API_KEY            a Gemini API key (https://aistudio.google.com/apikey), or
+  GOOGLE_GENAI_USE_VERTEXAI=true with GOOGLE_CLOUD_PROJECT and GOOGLE_CLOUD_LOCATION
+                            for Vertex AI (Application Default Credentials)
+  GOOGLE_GEMINI_BASE_URL    another Gemini endpoint (the local stand-in: make stack)
+  CAPTION_*                 settings (README, "Configuration")"""
+STORAGE_ENV = """  STORAGE_EMULATOR_HOST     a local Cloud Storage emulator (make stack); otherwise
+                            Application Default Credentials (gcloud auth
+                            application-default login)"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions and epilogs as written (examples keep their lines); defaults shown."""
 
 
 def _positive(text: str) -> int:
@@ -20,27 +41,85 @@ def _positive(text: str) -> int:
     return value
 
 
+def _command(sub: Any, name: str, help: str, description: str, examples: str, env: str) -> Any:
+    return _knows_itself(
+        sub.add_parser(
+            name,
+            help=help,
+            description=description,
+            epilog=f"examples:\n{examples}\n\n{env}\n\n{EXIT_CODES}\n\nmore: {README}",
+            formatter_class=_Formatter,
+        )
+    )
+
+
+def _knows_itself(parser: Any) -> Any:
+    """The (sub)command's parser, on the arguments it parsed: its usage for its errors."""
+    parser.set_defaults(command_parser=parser)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="captioner",
-        description="Caption images with Gemini. Settings come from CAPTION_* variables.",
+        description=(
+            "Caption images with Gemini: print captions for local files and URLs, or "
+            "write them onto images in a Cloud Storage bucket as object metadata."
+        ),
+        epilog=(
+            "start here:\n"
+            "  captioner describe photo.jpg            a caption, nothing written\n"
+            "  captioner backfill gs://b/ --dry-run    what a backfill would caption\n"
+            "  captioner COMMAND --help                a command's options and examples\n\n"
+            f"{GEMINI_ENV}\n{STORAGE_ENV}\n\n{EXIT_CODES}\n\nmore: {README}"
+        ),
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_captioning(sub)
+    _add_reading(sub)
+    _add_batch(sub)
+    return parser
 
-    describe = sub.add_parser(
-        "describe", help="print captions for local files, folders and URLs (writes nothing)"
+
+def _add_captioning(sub: Any) -> None:
+    describe = _command(
+        sub,
+        "describe",
+        "print captions for local files, folders and URLs (writes nothing)",
+        "Print a caption for each image, as it completes. Folders are searched "
+        "recursively; `-` reads one image from standard input. Nothing is written anywhere.",
+        "  captioner describe photo.jpg\n"
+        "  captioner describe ~/Pictures/holiday/ --json > captions.jsonl\n"
+        "  captioner describe https://example.com/dog.png\n"
+        "  curl -s https://example.com/dog.png | captioner describe -",
+        GEMINI_ENV,
     )
     describe.add_argument(
-        "sources", nargs="+", help="image files, folders (searched recursively) or http(s) URLs"
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="image files, folders (searched recursively), http(s) URLs, or - for stdin",
     )
-
-    backfill = sub.add_parser(
-        "backfill", help="caption every image under gs://bucket/prefix in place (resumable)"
+    backfill = _command(
+        sub,
+        "backfill",
+        "caption every image under gs://bucket/prefix in place (resumable)",
+        "Caption every image under a bucket prefix and write the captions onto the images "
+        "as metadata. Done images are skipped, so a second run resumes where one stopped. "
+        "Start with --dry-run: it lists what would be captioned and needs read access to "
+        "the bucket only (no Gemini key).",
+        "  captioner backfill gs://my-photos/2019/ --dry-run\n"
+        "  captioner backfill gs://my-photos/2019/\n"
+        "  captioner backfill gs://my-photos/ --if-stale --model gemini-3-flash-preview",
+        f"{GEMINI_ENV}\n{STORAGE_ENV}",
     )
     backfill.add_argument("target", help="gs://bucket or gs://bucket/prefix")
     backfill.add_argument("--overwrite", action="store_true", help="caption again even if done")
-    backfill.add_argument("--dry-run", action="store_true", help="list what would be captioned")
+    backfill.add_argument(
+        "--dry-run", action="store_true", help="list what would be captioned; write nothing"
+    )
     backfill.add_argument(
         "--if-stale",
         action="store_true",
@@ -49,41 +128,75 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument(
         "--limit", type=_positive, default=1_000_000, help="at most this many images"
     )
-
     for command in (describe, backfill):
         command.add_argument("--json", action="store_true", help="one JSON object per line")
         command.add_argument(
-            "--concurrency", type=int, help="Gemini calls in flight (CAPTION_MAX_CONCURRENCY)"
+            "--concurrency",
+            type=int,
+            help="Gemini calls in flight (default: CAPTION_MAX_CONCURRENCY)",
         )
-        command.add_argument("--model", help="Gemini model for this run (CAPTION_MODEL)")
-        command.add_argument("--prompt", help="instruction for this run (CAPTION_PROMPT)")
+        command.add_argument("--model", help="Gemini model (default: CAPTION_MODEL)")
+        command.add_argument("--prompt", help="instruction (default: CAPTION_PROMPT)")
         command.add_argument("--no-progress", action="store_true", help="never show a progress bar")
 
-    show = sub.add_parser("show", help="print the captions stored on objects")
+
+def _add_reading(sub: Any) -> None:
+    show = _command(
+        sub,
+        "show",
+        "print the captions stored on objects",
+        "Print the caption, alt text, tags and status stored on each object (no Gemini).",
+        "  captioner show gs://my-photos/2019/cat.jpg\n"
+        "  captioner show gs://my-photos/a.jpg gs://my-photos/b.jpg --json",
+        STORAGE_ENV.replace("  STORAGE", "environment:\n  STORAGE", 1),
+    )
     show.add_argument("objects", nargs="+", metavar="gs://bucket/name")
     show.add_argument("--json", action="store_true", help="one JSON object per line")
-
-    export = sub.add_parser(
-        "export", help="write every image under gs://bucket/prefix with its caption"
+    export = _command(
+        sub,
+        "export",
+        "write every image under gs://bucket/prefix with its caption",
+        "Write one row per image under a prefix with its caption (JSON Lines or CSV), and "
+        "optionally one HTML page of thumbnails to look through (no Gemini).",
+        "  captioner export gs://my-photos/2019/ -o captions.jsonl\n"
+        "  captioner export gs://my-photos/ --format csv -o captions.csv\n"
+        "  captioner export gs://my-photos/2019/ --html captions.html --limit 500",
+        STORAGE_ENV.replace("  STORAGE", "environment:\n  STORAGE", 1),
     )
     export.add_argument("target", help="gs://bucket or gs://bucket/prefix")
     export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
-    export.add_argument("--output", "-o", help="write to this file instead of standard output")
     export.add_argument(
-        "--html", metavar="FILE", help="also write one page of thumbnails with their captions"
+        "--output", "-o", help="write the rows to this file (default: standard output)"
+    )
+    export.add_argument(
+        "--html",
+        metavar="FILE",
+        help="also write one page of thumbnails with their captions (rows then only with -o)",
     )
     export.add_argument("--limit", type=_positive, help="at most this many images")
-    _add_batch(sub)
-    return parser
 
 
 def _add_batch(sub: Any) -> None:
-    batch = sub.add_parser(
-        "batch", help="backfill with Vertex AI batch prediction: half price, within 24 h"
+    batch = _command(
+        sub,
+        "batch",
+        "backfill with Vertex AI batch prediction: half price, within 24 h",
+        "Caption a large prefix with Vertex AI batch prediction: submit writes the requests "
+        "next to the images and submits jobs; status follows them; apply writes the answers "
+        "of finished jobs onto the images (only answers to what was asked); cancel stops "
+        "jobs; prune deletes the files of old runs. Needs Vertex AI, not an API key.",
+        "  captioner batch submit gs://my-photos/ --dry-run\n"
+        "  captioner batch submit gs://my-photos/\n"
+        "  captioner batch status gs://my-photos/\n"
+        "  captioner batch apply gs://my-photos/\n"
+        "  captioner batch prune gs://my-photos/ --older-than 30d",
+        f"{GEMINI_ENV}\n{STORAGE_ENV}",
     )
     actions = batch.add_subparsers(dest="batch_action", required=True, metavar="ACTION")
     submit = actions.add_parser(
-        "submit", help="write requests for every image under gs://bucket/prefix, submit jobs"
+        "submit",
+        help="write requests for every image under gs://bucket/prefix, submit jobs",
+        formatter_class=_Formatter,
     )
     submit.add_argument("target", help="gs://bucket or gs://bucket/prefix")
     submit.add_argument("--overwrite", action="store_true", help="caption again even if done")
@@ -98,16 +211,21 @@ def _add_batch(sub: Any) -> None:
         ("apply", "write the captions of finished jobs (resumable; twice writes nothing)"),
         ("cancel", "stop jobs still running (apply writes what they answered before)"),
     ):
-        follow = actions.add_parser(name, help=text)
+        follow = actions.add_parser(name, help=text, description=text, formatter_class=_Formatter)
         follow.add_argument(
             "items",
             nargs="+",
             metavar="JOB|gs://bucket/prefix",
-            help="job names, or a bucket prefix whose stored runs to follow",
+            help="job names (projects/…/batchPredictionJobs/ID, or the ID), or a bucket "
+            "prefix whose stored runs to follow",
         )
         follow.add_argument("--run", help="only this run of the bucket (its id, from submit)")
     prune = actions.add_parser(
-        "prune", help="delete the request and answer files of old runs under gs://bucket/"
+        "prune",
+        help="delete the request and answer files of old runs under gs://bucket/",
+        description="Delete the request and answer files of old runs (captions stay). A "
+        "run with a job still running or answers not yet applied is kept unless --force.",
+        formatter_class=_Formatter,
     )
     prune.add_argument("target", metavar="gs://bucket/", help="the bucket whose runs to prune")
     prune.add_argument(
@@ -124,3 +242,13 @@ def _add_batch(sub: Any) -> None:
     prune.add_argument("--dry-run", action="store_true", help="list the runs; delete nothing")
     for parser in actions.choices.values():
         parser.add_argument("--json", action="store_true", help="one JSON object per line")
+        _knows_itself(parser)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments; a mistake is reported with the usage of the command it was made in
+    (argparse would show the top level's for an option it does not know)."""
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args

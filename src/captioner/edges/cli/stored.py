@@ -14,7 +14,13 @@ from captioner.decisions import looks_like_image
 from captioner.domain import ObjectInfo
 from captioner.edges import html_page
 from captioner.edges.cli.common import EXIT_FAILED, EXIT_OK, parse_target
-from captioner.errors import BadRequestError, ObjectGoneError, PermanentError, TransientError
+from captioner.errors import (
+    BadRequestError,
+    NoSuchBucketError,
+    ObjectGoneError,
+    PermanentError,
+    TransientError,
+)
 from captioner.metadata import MetadataKeys
 from captioner.safe_text import for_terminal, json_line
 from captioner.settings import Settings
@@ -37,13 +43,18 @@ async def _show(storage: Any, keys: MetadataKeys, targets: list[str], *, as_json
     missing = 0
     for target in targets:
         bucket, name = parse_target(target)
-        if not name:
+        if not name or name.endswith("/"):
             raise BadRequestError(
-                f"{target!r} names no object; `captioner export {target}` lists a prefix"
+                f"{target!r} names a folder, not an object: "
+                f"`captioner export {target}` lists what is under it"
             )
         try:
             info = await storage.get_object(bucket, name)
         except ObjectGoneError:
+            from captioner.adapters.storage import bucket_exists
+
+            if not await bucket_exists(storage, bucket):
+                raise NoSuchBucketError(f"no such bucket: gs://{bucket}/") from None
             print(f"{for_terminal(target)}\tno such object", file=sys.stderr)
             missing += 1
             continue
