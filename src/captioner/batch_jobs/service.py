@@ -141,6 +141,8 @@ class BatchJobs:  # long: one method per step of a run, each short
                 shard.abandon()
             raise
         estimate = times(self._estimate, planner.total)
+        if planner.total == 0:
+            run = None  # nothing was written: no run to follow
         return SubmitReport(
             run,
             planner.total,

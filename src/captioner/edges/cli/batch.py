@@ -87,12 +87,17 @@ def _print_submit(report: SubmitReport, *, as_json: bool) -> None:
             print(job.name, flush=True)
     why = ", ".join(f"{n} {reason}" for reason, n in report.totals.skipped.most_common())
     cost = "" if report.cost is None else f", about ${report.cost:,.2f} at the batch price"
-    verb = "would submit" if report.run is None else "submitted"
+    if report.run:
+        head = (
+            f"submitted {report.images} images in {report.shards} jobs "
+            f"(run {report.run}, manifest {report.manifest})"
+        )
+    elif report.images:
+        head = f"would submit {report.images} images in {report.shards} jobs"
+    else:
+        head = "nothing to submit: 0 images"
     print(
-        f"{verb} {report.images} images in {report.shards} jobs"
-        + (f" (run {report.run}, manifest {report.manifest})" if report.run else "")
-        + (f"; skipped {why}" if why else "")
-        + cost,
+        head + (f"; skipped {why}" if why else "") + (cost if report.images else ""),
         # A dry run's count is its answer (standard output); a submit's is the job names.
         file=sys.stdout if report.run is None and not as_json else sys.stderr,
     )
