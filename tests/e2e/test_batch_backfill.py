@@ -260,9 +260,9 @@ def test_overwrite_submits_captioned_images_again_and_apply_rewrites_them(
     time.sleep(1.1)  # a caption made in the second the run is stamped counts as newer
 
     plain = run_cli(vertex_env, "batch", "submit", target, "--dry-run")
-    assert "would submit 0 images" in plain.stdout  # done: without the flag, nothing
+    assert "nothing to submit: 0 images" in plain.stdout  # done: without the flag, nothing
     stale = run_cli(vertex_env, "batch", "submit", target, "--dry-run", "--if-stale")
-    assert "would submit 0 images" in stale.stdout  # same model and prompt: not stale
+    assert "nothing to submit: 0 images" in stale.stdout  # same model and prompt: not stale
     second = submit_json(vertex_env, target, "--overwrite")
     assert second["images"] == 3
     assert sum(j["requests"] for j in second["jobs"]) == 3
