@@ -48,6 +48,7 @@ CLOUD_ONLY = (
     "read -rs GEMINI_API_KEY",
     "printf '%s' \"$GEMINI_API_KEY\"",
     "unset GEMINI_API_KEY",
+    "gcloud auth application-default login",
     # Vertex AI batch jobs: tests/e2e/test_batch_backfill.py runs these against the
     # stand-in's batch emulator (this sandbox uses an API key, which has no batch mode).
     "captioner batch submit gs://",
@@ -61,6 +62,7 @@ RUN_ELSEWHERE = {
     "pipx install .": "tests/e2e/test_install.py (pip install into a fresh venv)",
     "make demo": "tests/e2e/test_demo.py (the module `make demo` runs)",
     "make test": ".ci/run",
+    "make stack": "tests/e2e/test_first_hour.py (the module `make stack` runs)",
 }
 BUCKETS = ("my-photos", "bucket")
 
@@ -70,7 +72,8 @@ def readme_blocks() -> list[list[str]]:
     blocks: list[list[str]] = []
     fence: str | None = None
     pending = ""
-    for line in README.read_text().splitlines():
+    for raw in README.read_text().splitlines():
+        line = raw.strip()  # fences inside a numbered list are indented
         if line.startswith("```"):
             fence = line[3:].strip() if fence is None else None
             if fence == "sh":
@@ -141,9 +144,10 @@ def sandbox(
     buckets: list[Any],
 ) -> tuple[Path, dict[str, str]]:
     home = tmp_path / "home"
-    (home / "Pictures" / "trip").mkdir(parents=True)
-    for name in ("chelsea.jpg", "coffee.jpg"):
-        shutil.copy(images.PHOTOS / name, home / "Pictures" / "trip" / name)
+    for folder in ("trip", "some-folder"):
+        (home / "Pictures" / folder).mkdir(parents=True)
+        for name in ("chelsea.jpg", "coffee.jpg"):
+            shutil.copy(images.PHOTOS / name, home / "Pictures" / folder / name)
     work = tmp_path / "work"
     (work / "photos").mkdir(parents=True)
     shutil.copy(images.PHOTOS / "rocket.jpg", work / "photos")
