@@ -42,10 +42,12 @@ def _deliver(function_url: str, resource: dict[str, Any]) -> tuple[int, float]:
 
 WHAT_NEXT = """
 What next:
+  make stack                                     this local stack, left running, with the
+                                                 export lines to try every command by hand
   captioner describe ~/Pictures/some-folder/     your own photos (pipx install . first;
                                                  GEMINI_API_KEY for real captions)
   captioner backfill gs://your-bucket/ --dry-run what a backfill of a bucket would do
-  README.md, "HTTP function"                     caption by HTTP: objects, a prefix or URLs
+  README.md, "Your own photos"                   from here to your bucket in five commands
   make test                                      every test against this same local stack
 """
 

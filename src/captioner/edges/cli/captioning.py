@@ -98,7 +98,12 @@ async def _report(
     progress: bool,
 ) -> None:
     bar = _progress_bar(total) if progress else None
-    unreachable = 0
+    unreachable: list[CaptionResult] = []
+
+    def nothing_got_through() -> bool:
+        done = totals.counts[Outcome.CAPTIONED.value] + totals.failed
+        return bool(unreachable) and len(unreachable) == done
+
     try:
         # aclosing: on an early stop, the images still in flight are cancelled here,
         # before the clients they use are closed.
@@ -109,13 +114,12 @@ async def _report(
                     # would get the same answer, so stop here (exit 2) rather than list them.
                     raise ConfigurationError(result.message or result.reason)
                 if result.reason == UnreachableError.reason and result.outcome is Outcome.RETRY:
-                    unreachable += 1
-                    done = totals.counts[Outcome.CAPTIONED.value] + totals.failed
-                    if unreachable >= _UNREACHABLE_STOP and unreachable == done:
-                        # Nothing got through and every call failed the same way: a wrong
-                        # address or a stack that is not running, not a bad moment.
+                    unreachable.append(result)
+                    if len(unreachable) >= _UNREACHABLE_STOP and nothing_got_through():
+                        # Every call failed the same way: a wrong address or a stack
+                        # that is not running, not a bad moment.
                         raise ConfigurationError(f"{result.message}: {_CHECK_ADDRESS}")
-                    if unreachable > 1:  # said once
+                    if len(unreachable) > 1:  # said once
                         result = replace(result, message=None)
                 _print_result(result, as_json, bar)
                 if bar is not None:
@@ -124,6 +128,8 @@ async def _report(
     finally:
         if bar is not None:
             bar.close()
+    if nothing_got_through():
+        raise ConfigurationError(f"{unreachable[0].message}: {_CHECK_ADDRESS}")
     if as_json:
         print(json_line({"totals": totals.as_dict()}), flush=True)
 
