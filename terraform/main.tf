@@ -224,6 +224,7 @@ data "archive_file" "source" {
     "Makefile",
     "pyproject.toml",
     "requirements-dev.txt",
+    "requirements-stack.txt",
     "README.md",
     ".gitignore",
   ]

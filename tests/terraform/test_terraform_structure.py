@@ -1037,6 +1037,7 @@ def test_archive_excludes_everything_but_the_function(config: Config) -> None:
         ".hypothesis/examples/x",
         "Makefile",
         "requirements-dev.txt",
+        "requirements-stack.txt",
     ):
         assert _excluded_path(patterns, path), f"{path} would be deployed"
     for path in (

@@ -206,6 +206,10 @@ def _add_batch(sub: Any) -> None:
     submit.add_argument(
         "--dry-run", action="store_true", help="count images, jobs and the cost; submit nothing"
     )
+    _add_batch_following(actions)
+
+
+def _add_batch_following(actions: Any) -> None:
     for name, text in (
         ("status", "show the state of batch jobs"),
         ("apply", "write the captions of finished jobs (resumable; twice writes nothing)"),
