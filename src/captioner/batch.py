@@ -17,6 +17,7 @@ from captioner.concurrency import bounded_as_completed
 from captioner.decisions import Skip
 from captioner.domain import CaptionResult, ObjectInfo, ObjectRef, Outcome, Usage
 from captioner.pipeline import Captioner
+from captioner.pricing import Rate
 
 
 # The three forms of a request, whether they come from the HTTP function or the
@@ -69,6 +70,8 @@ class Totals:
     estimated: Usage = field(default_factory=Usage)
     # Why objects were skipped: already-captioned, not-an-image, excluded-by-rule, …
     skipped: Counter[str] = field(default_factory=Counter)
+    # What the tokens are paid at (captioner.pricing); None: not priced.
+    rate: Rate | None = None
 
     def add(
         self, outcome: Outcome, n: int = 1, usage: Usage | None = None, reason: str | None = None
@@ -97,8 +100,20 @@ class Totals:
             "images_per_second": round(described / seconds, 2) if seconds > 0 else 0.0,
             "skipped_by_reason": dict(self.skipped.most_common()),
             "tokens": self.usage.as_fields(),
-            **({"estimated_tokens": self.estimated.as_fields()} if self.estimated.calls else {}),
+            "cost_usd": self._dollars(self.usage),
+            **(
+                {
+                    "estimated_tokens": self.estimated.as_fields(),
+                    "estimated_cost_usd": self._dollars(self.estimated),
+                }
+                if self.estimated.calls
+                else {}
+            ),
         }
+
+    def _dollars(self, usage: Usage) -> float | None:
+        cost = None if self.rate is None else self.rate.cost(usage)
+        return None if cost is None else round(cost, 6)
 
 
 def result_json(result: CaptionResult) -> dict[str, Any]:
@@ -135,9 +150,10 @@ class BatchRun:
         concurrency: int,
         estimate: Usage | None = None,
         read_local: Fetch | None = None,
+        rate: Rate | None = None,
     ) -> None:
         self.request = request
-        self.totals = Totals()
+        self.totals = Totals(rate=rate)
         self._captioner = captioner
         self._lister = lister
         self._fetch = fetch

@@ -18,6 +18,7 @@ from captioner.captions import CaptionSpec
 from captioner.domain import Description, PreparedImage, Usage
 from captioner.models import estimated_tokens
 from captioner.pipeline import Captioner, Describer, PipelineConfig
+from captioner.pricing import Rate
 from captioner.settings import Settings
 
 if TYPE_CHECKING:
@@ -104,7 +105,13 @@ class Runtime:
             estimate=self.estimated_usage(),
             # Only the command line's describe reads local files; HTTP never does.
             read_local=self._read_local if isinstance(request, FilesRequest) else None,
+            rate=self.rate(),
         )
+
+    def rate(self) -> Rate:
+        """What this configuration's tokens cost (its price None: not known)."""
+        s = self.settings
+        return Rate(s.model, s.service_tier, s.price_book().price(s.model, s.service_tier))
 
     async def _read_local(self, source: str) -> bytes:
         from captioner.adapters.files import read_local

@@ -471,4 +471,5 @@ def _batch_jobs(
         estimate=runtime.estimated_usage(),
         concurrency=s.batch_apply_concurrency,
         checkpoint_every=s.batch_checkpoint_seconds,
+        prices=s.price_book(),
     )

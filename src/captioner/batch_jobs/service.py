@@ -51,6 +51,7 @@ from captioner.decisions import Skip, decide
 from captioner.domain import ObjectInfo, Outcome, Usage
 from captioner.errors import BadRequestError, PermanentError
 from captioner.metadata import MetadataKeys
+from captioner.pricing import PriceBook
 from captioner.recording import Recorder
 from captioner.rules import RuleBook
 
@@ -80,7 +81,9 @@ class BatchJobs:  # long: one method per step of a run, each short
         estimate: Usage,
         concurrency: int = 64,
         checkpoint_every: float = 5.0,
+        prices: PriceBook | None = None,
     ) -> None:
+        self._prices = prices or PriceBook()
         self._lister = lister
         self._recorder_for = recorder_for
         self._blobs = blobs
@@ -149,7 +152,7 @@ class BatchJobs:  # long: one method per step of a run, each short
             manifest.jobs,
             totals,
             estimate,
-            batch_cost(self.model, estimate),
+            batch_cost(self.model, estimate, self._prices),
             None if run is None else f"gs://{paths.bucket}/{paths.manifest}",
             planner.shards,
         )
