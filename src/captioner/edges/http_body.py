@@ -41,9 +41,14 @@ class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
+# US dollars a request may spend (captioner.spending), strictly more than 0.
+MaxCost = Annotated[float | None, Field(gt=0, le=1_000_000, allow_inf_nan=False)]
+
+
 class _ObjectsBody(_Body):
     objects: Annotated[list[str], Field(min_length=1, max_length=MAX_OBJECTS)]
     overwrite: bool = False
+    max_cost: MaxCost = None
 
 
 class _PrefixBody(_Body):
@@ -53,10 +58,12 @@ class _PrefixBody(_Body):
     overwrite: bool = False
     dry_run: bool = False
     if_stale: bool = False
+    max_cost: MaxCost = None
 
 
 class _UrlsBody(_Body):
     urls: Annotated[list[str], Field(min_length=1, max_length=MAX_URLS)]
+    max_cost: MaxCost = None
 
 
 class _BatchSubmitBody(_Body):
@@ -98,6 +105,7 @@ _FIELD_RULES = {
     "overwrite": "'overwrite' must be true or false",
     "dry_run": "'dry_run' must be true or false",
     "if_stale": "'if_stale' must be true or false",
+    "max_cost": "'max_cost' must be a number of US dollars above 0, e.g. 2.50",
     "batch": '\'batch\' must be "submit", "status", "apply", "cancel" or "prune"',
     "older_than": "'older_than' must be an age in days or hours, such as \"30d\"",
     "force": "'force' must be true or false",
@@ -149,9 +157,9 @@ def parse_request(body: Any) -> CaptionRequest | BatchRequest:
         raise BadRequestError(_sentence(exc, form)) from None
     if isinstance(parsed, _ObjectsBody):
         refs = tuple(parse_gs_uri(item) for item in parsed.objects)
-        return ObjectsRequest(refs, overwrite=parsed.overwrite)
+        return ObjectsRequest(refs, overwrite=parsed.overwrite, max_cost=parsed.max_cost)
     if isinstance(parsed, _UrlsBody):
-        return UrlsRequest(tuple(_check_url(url) for url in parsed.urls))
+        return UrlsRequest(tuple(_check_url(url) for url in parsed.urls), parsed.max_cost)
     assert isinstance(parsed, _PrefixBody)
     if len(parsed.prefix.encode("utf-8")) > MAX_OBJECT_NAME_BYTES:
         raise BadRequestError(_FIELD_RULES["prefix"])
@@ -162,6 +170,7 @@ def parse_request(body: Any) -> CaptionRequest | BatchRequest:
         overwrite=parsed.overwrite,
         dry_run=parsed.dry_run,
         if_stale=parsed.if_stale,
+        max_cost=parsed.max_cost,
     )
 
 

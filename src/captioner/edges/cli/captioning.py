@@ -14,7 +14,7 @@ from captioner.adapters.files import STDIN
 from captioner.batch import FilesRequest, PrefixRequest, Totals, result_json
 from captioner.decisions import IMAGE_SUFFIXES
 from captioner.domain import CaptionResult, Outcome
-from captioner.edges.cli.common import EXIT_FAILED, EXIT_OK, parse_target, summary
+from captioner.edges.cli.common import EXIT_FAILED, EXIT_OK, EXIT_SPENT, parse_target, summary
 from captioner.errors import BadRequestError, ConfigurationError, UnreachableError
 from captioner.runtime import Runtime
 from captioner.safe_text import for_terminal, json_line
@@ -33,6 +33,9 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await runtime.aclose()
     summary(totals, sys.stderr)
+    if totals.stopped:
+        print(f"stopped: {for_terminal(totals.stopped)}", file=sys.stderr)
+        return EXIT_SPENT
     return EXIT_FAILED if totals.failed else EXIT_OK
 
 
@@ -43,9 +46,11 @@ async def _request(
     when that is known (for the progress bar's ETA)."""
     if args.command == "describe":
         sources = _sources(args.sources)
-        return FilesRequest(sources), len(sources)
+        return FilesRequest(sources, max_cost=args.max_cost), len(sources)
     bucket, prefix = parse_target(args.target)
-    request = PrefixRequest(bucket, prefix, args.limit, args.overwrite, args.dry_run, args.if_stale)
+    request = PrefixRequest(
+        bucket, prefix, args.limit, args.overwrite, args.dry_run, args.if_stale, args.max_cost
+    )
     if not _shows_progress(args) or args.dry_run:
         return request, None
     # A listing pass first, so the bar can show an ETA: listing costs milliseconds per

@@ -9,6 +9,21 @@ from captioner.errors import BadRequestError
 from captioner.pricing import dollars, unknown_price
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
+EXIT_SPENT = 3  # stopped at the run's --max-cost, or the day's budget: run again to go on
+
+
+def positive_dollars(text: str) -> float:
+    """An argparse type: an amount of US dollars above 0 (``--max-cost 5``, ``0.50``)."""
+    import argparse
+    import math
+
+    try:
+        value = float(text.removeprefix("$"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount of dollars") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 dollars, not {text}")
+    return value
 
 
 def parse_target(target: str) -> tuple[str, str]:

@@ -6,12 +6,14 @@ import argparse
 from typing import Any
 
 from captioner import __version__
+from captioner.edges.cli.common import positive_dollars
 
 README = "README.md"
 EXIT_CODES = """exit codes:
   0    every image done (captioned, skipped or blocked)
   1    some images failed or are left to retry: run again to resume
   2    usage or configuration (bad arguments, no key, no credentials, no such bucket)
+  3    stopped at --max-cost or the day's budget: run again (later) to go on
   130  interrupted (Ctrl-C)
   141  the output was closed early (| head)"""
 GEMINI_ENV = """environment:
@@ -129,15 +131,31 @@ def _add_captioning(sub: Any) -> None:
         "--limit", type=_positive, default=1_000_000, help="at most this many images"
     )
     for command in (describe, backfill):
-        command.add_argument("--json", action="store_true", help="one JSON object per line")
-        command.add_argument(
-            "--concurrency",
-            type=int,
-            help="Gemini calls in flight (default: CAPTION_MAX_CONCURRENCY)",
-        )
-        command.add_argument("--model", help="Gemini model (default: CAPTION_MODEL)")
-        command.add_argument("--prompt", help="instruction (default: CAPTION_PROMPT)")
-        command.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+        _add_run_options(command)
+
+
+def _add_run_options(command: Any) -> None:
+    """What describe and backfill both take: output, pace, model, prompt, money."""
+    command.add_argument("--json", action="store_true", help="one JSON object per line")
+    command.add_argument(
+        "--concurrency",
+        type=int,
+        help="Gemini calls in flight (default: CAPTION_MAX_CONCURRENCY)",
+    )
+    command.add_argument("--model", help="Gemini model (default: CAPTION_MODEL)")
+    command.add_argument("--prompt", help="instruction (default: CAPTION_PROMPT)")
+    command.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    command.add_argument(
+        "--max-cost",
+        type=positive_dollars,
+        metavar="USD",
+        help="stop starting images before this run would spend more (exit 3; resumable)",
+    )
+    command.add_argument(
+        "--tier",
+        choices=("standard", "flex", "priority"),
+        help="Gemini's service tier, and the price paid (default: CAPTION_SERVICE_TIER)",
+    )
 
 
 def _add_reading(sub: Any) -> None:
