@@ -158,15 +158,20 @@ class DailyBudget:
     async def admit(self, each: float) -> float:
         today = self._day()
         async with self._lock:
-            if today.granted - today.used - today.in_flight < each and not today.exhausted:
+            if self._room(today) < each and not today.exhausted:
                 await self._reserve(today, each)
-            if today.granted - today.used - today.in_flight < each:
+            if self._room(today) < each:
                 spent = (
                     f"the daily budget of {dollars(self.budget)} for gs://{self.bucket} is spent"
                 )
                 raise Refused("budget-exhausted", today.exhausted or spent)
             today.in_flight += each
         return each
+
+    @staticmethod
+    def _room(today: _Day) -> float:
+        # Sums of cents in binary floating point: a millionth of a cent is no room.
+        return round(today.granted - today.used - today.in_flight, 12)
 
     def settle(self, reserved: float, cost: float) -> None:
         today = self._day()
@@ -191,7 +196,7 @@ class DailyBudget:
                     return self._spent(today, f"the budget ledger gs://{self.bucket}/{name} "
                                        "cannot be read")  # fmt: skip
                 reserved = reserved_or_none
-            grant = min(max(self.block, each), self.budget - reserved)
+            grant = round(min(max(self.block, each), self.budget - reserved), 12)
             if grant < each:
                 today.exhausted = (
                     f"the daily budget of {dollars(self.budget)} for gs://{self.bucket} is spent "
