@@ -204,8 +204,6 @@ class BatchRun:
             async with aclosing(stream):  # type: ignore[type-var]
                 async for result in stream:
                     self.totals.add(result.outcome, usage=result.usage, reason=result.reason)
-                    if result.reason == "cost-cap" and self._cap is not None:
-                        self.totals.stopped = str(result.message)
                     yield result
                     if result.reason == "budget-exhausted":
                         # The day's budget is spent: every other image would say so too.
@@ -213,8 +211,9 @@ class BatchRun:
                             f"{result.message}; a backfill after midnight (UTC) goes on"
                         )
                         return
-        if self._cap is not None and self._cap.stopped and self.totals.stopped is None:
-            self.totals.stopped = _stopped_at(self._cap)
+        cap = self._cap
+        if cap is not None and (cap.stopped or self.totals.skipped["cost-cap"]):
+            self.totals.stopped = _stopped_at(cap)
 
     def _run(self) -> AsyncIterator[CaptionResult]:
         request = self.request

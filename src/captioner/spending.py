@@ -53,33 +53,49 @@ class Refused(Exception):
 
 @dataclass
 class CostCap:
-    """``--max-cost``: one run's spending, admitted image by image."""
+    """``--max-cost``: one run's spending, admitted image by image. An image waits while
+    what is in flight might still leave room for it (its estimate is a bound, and real
+    costs come in lower); it is refused, and the run stops taking images, once even
+    what was spent leaves no room."""
 
     limit: float
-    each: float  # the estimated cost of one image
+    each: float  # the estimated cost of one image, with a margin
     spent: float = 0.0
     in_flight: float = 0.0
     stopped: bool = False
+    _settled: asyncio.Condition | None = None
 
     def full(self) -> bool:
-        """Would one more image pass the cap? (Once so, the run stops taking images.)"""
-        if self.spent + self.in_flight + self.each > self.limit + 1e-12:
+        """Is there no room for one more image, whatever the images in flight cost?"""
+        if self.spent + self.each > self.limit + 1e-12:
             self.stopped = True
         return self.stopped
 
-    def admit(self) -> float:
-        if self.full():
-            raise Refused(
-                "cost-cap",
-                f"the next image would take this run past its cap of {dollars(self.limit)} "
-                f"({dollars(self.spent)} spent, {dollars(self.in_flight)} in flight)",
-            )
-        self.in_flight += self.each
+    async def admit(self) -> float:
+        if self._settled is None:
+            self._settled = asyncio.Condition()
+        async with self._settled:
+            while not self.full() and self.spent + self.in_flight + self.each > self.limit:
+                await self._settled.wait()  # an image in flight will say what it cost
+            if self.stopped:
+                raise Refused(
+                    "cost-cap",
+                    f"the next image would take this run past its cap of {dollars(self.limit)} "
+                    f"({dollars(self.spent)} spent)",
+                )
+            self.in_flight += self.each
         return self.each
 
     def settle(self, reserved: float, cost: float) -> None:
         self.in_flight -= reserved
         self.spent += cost
+        if self._settled is not None:
+            asyncio.get_running_loop().create_task(self._wake())
+
+    async def _wake(self) -> None:
+        assert self._settled is not None
+        async with self._settled:
+            self._settled.notify_all()
 
 
 # The cap of the run being carried out: set by BatchRun for its images (tasks inherit it).
@@ -260,7 +276,7 @@ class Spending:
         """A reason not to start an image now, known without waiting (None: go on)."""
         cap = CURRENT_CAP.get()
         if cap is not None and cap.full():
-            return Refused("cost-cap", "this run reached its --max-cost cap")
+            return Refused("cost-cap", f"this run reached its cap of {dollars(cap.limit)}")
         if bucket is not None and self.budgets is not None:
             why = self.budgets(bucket).known_exhausted()
             if why is not None:
@@ -271,7 +287,7 @@ class Spending:
         cap = CURRENT_CAP.get()
         ticket = Ticket(self)
         if cap is not None:
-            ticket.cap, ticket.cap_reserved = cap, cap.admit()
+            ticket.cap, ticket.cap_reserved = cap, await cap.admit()
         if bucket is not None and self.budgets is not None:
             budget = self.budgets(bucket)
             try:

@@ -138,13 +138,19 @@ def test_bad_tier_budget_and_prefix_values_name_their_variable(name: str, value:
 # ---------------------------------------------------------------- a cap per run
 
 
-def test_a_cap_admits_while_spent_plus_in_flight_plus_one_fits() -> None:
+async def test_a_cap_waits_for_images_in_flight_then_refuses_once_nothing_fits() -> None:
     cap = CostCap(limit=1.0, each=0.3)
-    reserved = [cap.admit() for _ in range(3)]  # 0.9 in flight
-    with pytest.raises(Refused, match=r"past its cap of \$1\.00 \(\$0\.0000 spent, \$0\.9000"):
-        cap.admit()
-    assert cap.stopped
-    cap.settle(reserved[0], 0.1)  # cheaper than estimated: room again, but the run stopped
+    reserved = [await cap.admit() for _ in range(3)]  # 0.9 in flight: a fourth must wait
+    fourth = asyncio.ensure_future(cap.admit())
+    await asyncio.sleep(0.01)
+    assert not fourth.done()
+    cap.settle(reserved[0], 0.1)  # cheaper than estimated: room for the fourth
+    assert await fourth == 0.3
+    for r in reserved[1:]:
+        cap.settle(r, 0.3)
+    cap.settle(0.3, 0.3)  # spent 1.0 - 0.3... = 0.1 + 0.3 * 3 = 1.0
+    with pytest.raises(Refused, match=r"past its cap of \$1\.00 \(\$1\.00 spent\)"):
+        await cap.admit()
     assert cap.full()
 
 
@@ -152,15 +158,18 @@ def test_a_cap_admits_while_spent_plus_in_flight_plus_one_fits() -> None:
 def test_whatever_the_captions_cost_the_admitted_estimates_never_pass_the_cap(
     costs: list[float], limit: float
 ) -> None:
-    cap = CostCap(limit=limit, each=0.25)
-    for cost in costs:
-        try:
-            reserved = cap.admit()
-        except Refused:
-            break
-        assert cap.spent + cap.in_flight <= limit + 1e-9
-        cap.settle(reserved, min(cost, reserved))  # a cost within the estimate's margin
-    assert cap.spent <= limit + 1e-9
+    async def run() -> CostCap:
+        cap = CostCap(limit=limit, each=0.25)
+        for cost in costs:
+            try:
+                reserved = await cap.admit()
+            except Refused:
+                break
+            assert cap.spent + cap.in_flight <= limit + 1e-9
+            cap.settle(reserved, min(cost, reserved))  # within the estimate's margin
+        return cap
+
+    assert asyncio.run(run()).spent <= limit + 1e-9
 
 
 async def test_spending_reads_the_run_cap_of_the_context_it_runs_in() -> None:
@@ -169,8 +178,9 @@ async def test_spending_reads_the_run_cap_of_the_context_it_runs_in() -> None:
     assert spending.refusal(None) is None
     with capped(CostCap(limit=spending.each * 1.5, each=spending.each)):
         ticket = await spending.admit(None)
-        assert spending.refusal(None) is not None  # one more would pass it
+        assert spending.refusal(None) is None  # in flight: it may still cost less
         ticket.settle(Usage(600, 80, 0, 258, 1))
+        assert spending.refusal(None) is not None  # spent: one more would pass the cap
     assert spending.refusal(None) is None  # another run: no cap
 
 
