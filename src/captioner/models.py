@@ -169,6 +169,20 @@ _IMAGE_TOKENS_3 = {
 }
 
 
+def image_tokens_2x(width: int, height: int) -> int:
+    """What Gemini 2.x bills for an image sent at this size, with no media resolution set:
+    258 for both sides at most 384 px, else 258 per 768 x 768 tile
+    (https://ai.google.dev/gemini-api/docs/tokens)."""
+    if width <= 384 and height <= 384:
+        return 258
+    return -(-width // 768) * -(-height // 768) * 258
+
+
+def counts_pixels(model: str, resolution: MediaResolution) -> bool:
+    """Does ``model`` bill an image by its pixels (2.x with no media resolution sent)?"""
+    return family_of(model).major < 3 and media_resolution(model, resolution) is None
+
+
 def estimated_tokens(
     model: str, thinking: Thinking, resolution: MediaResolution, prompt: str
 ) -> tuple[int, int, int, int]:
