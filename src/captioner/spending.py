@@ -67,15 +67,19 @@ class CostCap:
 
     def full(self) -> bool:
         """Is there no room for one more image, whatever the images in flight cost?"""
-        if self.spent + self.each > self.limit + 1e-12:
+        if not self._fits(self.spent):
             self.stopped = True
         return self.stopped
+
+    def _fits(self, committed: float) -> bool:
+        # Sums of cents in binary floating point: a millionth of a cent is not over.
+        return committed + self.each <= self.limit + 1e-12
 
     async def admit(self) -> float:
         if self._settled is None:
             self._settled = asyncio.Condition()
         async with self._settled:
-            while not self.full() and self.spent + self.in_flight + self.each > self.limit:
+            while not self.full() and not self._fits(self.spent + self.in_flight):
                 await self._settled.wait()  # an image in flight will say what it cost
             if self.stopped:
                 raise Refused(

@@ -304,3 +304,12 @@ def test_whatever_races_and_lost_writes_the_sum_granted_never_passes_the_budget(
     spent, reserved = asyncio.run(scenario())
     assert spent <= 0.05 + 1e-9
     assert reserved <= 0.05 + 1e-9 + 0.02 * 20 * 12  # planted races add others' reservations
+
+
+async def test_a_cap_within_a_rounding_error_of_the_next_image_never_waits_forever() -> None:
+    """full() and the wait agree on what fits: a limit a trillionth below two images
+    admits both, and nothing waits with nothing in flight."""
+    cap = CostCap(limit=0.5 - 5e-13, each=0.25)
+    first = await asyncio.wait_for(cap.admit(), 1)
+    cap.settle(first, 0.25)
+    assert await asyncio.wait_for(cap.admit(), 1) == 0.25

@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Final, Self
+from typing import Any, Final, Self
 
 from aiohttp import web
 
@@ -194,29 +194,13 @@ class GeminiStub(StubState):
                 record.fault = "bad_key"
             return Outcome(400, bad_key_error().body())
         try:
-            try:
-                raw = await request.read()
-            except web.HTTPRequestEntityTooLarge as exc:
-                raise ApiError(
-                    400, f"Request payload size exceeds the limit: {CLIENT_MAX_SIZE} bytes."
-                ) from exc
-            try:
-                body = json.loads(raw)
-            except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
-                raise ApiError(
-                    400, f"Invalid JSON payload received. {exc.__class__.__name__}: {exc}"
-                ) from exc
+            body = await _read_json(request)
             parsed = parse_generate_request(body)
         except ApiError as error:
             return Outcome(error.code, error.body())
         record.service_tier = tier_of(body, request.headers)
-        if record.service_tier == "flex":
-            # Best effort: a shed request is refused at once; the others wait their minutes.
-            if self.flex.sheds():
-                record.fault = "flex-shed"
-                return Outcome(503, ApiError(503, SHED_MESSAGE).body())
-            if await self._sleep(self.flex.delay()):
-                return Outcome(503, ApiError(503, "The stub is shutting down.").body())
+        if record.service_tier == "flex" and (refused := await self._flex_wait(record)):
+            return refused
         with self._lock:
             record.images = [image.record for image in parsed.images]
             record.file_uris = list(parsed.file_uris)
@@ -251,6 +235,15 @@ class GeminiStub(StubState):
             return await self._answerer.success(parsed, model, response_id, thoughts)
         except ApiError as error:
             return Outcome(error.code, error.body())
+
+    async def _flex_wait(self, record: RequestRecord) -> Outcome | None:
+        """Best effort: a shed request is refused at once; the others wait their minutes."""
+        if self.flex.sheds():
+            record.fault = "flex-shed"
+            return Outcome(503, ApiError(503, SHED_MESSAGE).body())
+        if await self._sleep(self.flex.delay()):
+            return Outcome(503, ApiError(503, "The stub is shutting down.").body())
+        return None
 
     async def _http_health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "calls": self.calls})
@@ -310,3 +303,19 @@ class GeminiStubThread(ThreadedServer):
     @property
     def calls(self) -> int:
         return self.stub.calls
+
+
+async def _read_json(request: web.Request) -> Any:
+    """The request's JSON body, or the 400 the real front end gives."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise ApiError(
+            400, f"Request payload size exceeds the limit: {CLIENT_MAX_SIZE} bytes."
+        ) from exc
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        raise ApiError(
+            400, f"Invalid JSON payload received. {exc.__class__.__name__}: {exc}"
+        ) from exc
