@@ -17,6 +17,13 @@ aspect ratio over 50:1 (``bad-aspect-ratio``). The shrink then never makes a
 second full-size copy: the image is converted to RGB and reduced one band of
 rows at a time, so a 49 MP RGBA PNG peaks at its own 196 MB, not at the 640 MB
 the whole-image conversions used to take.
+
+The estimate is a price, not a wall: the decode itself runs in a worker process
+whose address space and CPU time the kernel limits (captioner.workers,
+captioner.preparing), so a header that lies about what its decode needs ends in a
+refusal, not in an instance out of memory. Anything a decoder raises on bytes we
+did not make is the image's fault: ``decoder_failures`` turns it into a
+PermanentError, so ``prepare`` raises nothing else.
 """
 
 from __future__ import annotations
@@ -26,19 +33,27 @@ import io
 import math
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pillow_heif
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import AvifImagePlugin, Image, ImageFile, UnidentifiedImageError
 
+from captioner.adapters.stripping import strip_metadata
 from captioner.domain import PreparedImage
-from captioner.errors import PermanentError
+from captioner.errors import CaptionerError, PermanentError
 
 # HEIC/HEIF (every iPhone photo since 2017) through pillow-heif, the libheif binding
 # Pillow's own docs point to: BSD-licensed, wheels for CPython 3.11-3.13 on
 # manylinux_2_28 x86_64 (what the python312 Cloud Run runtime, Ubuntu 22.04, runs),
 # decode-only use. AVIF, TIFF and BMP are Pillow's own (AVIF since Pillow 11.2).
 pillow_heif.register_heif_opener()
+# One codec thread per decode. Images are decoded side by side in worker processes,
+# one per CPU (captioner.preparing); codec threads would only compete with them for
+# the same cores, and each costs an 8 MiB stack inside a worker's address-space limit.
+pillow_heif.options.DECODE_THREADS = 1
+AvifImagePlugin.DEFAULT_MAX_THREADS = 1
 
 # Formats we accept from a bucket. JPEG, PNG and WebP small enough are sent as they
 # are; everything else (a GIF's first frame, HEIC, AVIF, a TIFF's first page, BMP)
@@ -108,6 +123,16 @@ _GIF_COPIES = 2
 # HEIC photos up to ~33 MP (a 24 MP iPhone photo costs ~190 MB); a 48 MP one is
 # refused as too-large-to-decode.
 _CODEC_BYTES_PER_PIXEL = {"HEIF": 8, "AVIF": 10}
+# TIFF through libtiff (any compression) reads a whole strip or tile into a buffer
+# of its declared size before unpacking it: a 64x64 image declaring one 16384x16384
+# tile asked for 805 MB. Pillow's own reader (uncompressed TIFFs) reads the file.
+# Beyond this many strips or tiles per page of the declared size, the list is not a
+# layout but a loop: Pillow wraps extra offsets around as further passes over the
+# image, and 640,000 one-byte strips of a 64x64 image took minutes of CPU.
+_TIFF_EXTRA_OFFSETS = 1
+_TIFF_STRIP_OFFSETS, _TIFF_TILE_OFFSETS = 273, 324
+_TIFF_ROWS_PER_STRIP, _TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH = 278, 322, 323
+_TIFF_BITS_PER_SAMPLE, _TIFF_SAMPLES_PER_PIXEL, _TIFF_PLANAR = 258, 277, 284
 # libjpeg keeps every DCT coefficient (64 x 2 bytes per 8x8 block, per component)
 # of a progressive or multi-scan JPEG until the last scan, whatever the output scale.
 _COEFFICIENT_BYTES_PER_BLOCK = 128
@@ -158,6 +183,8 @@ class Header:
     # Bytes of the file: Pillow reads chunks it skips (and WebP its whole file) with
     # BytesIO.read, which copies, so up to this much more is allocated while decoding.
     file_bytes: int = 0
+    # TIFF only: the largest strip or tile buffer libtiff allocates, of its declared size.
+    buffer_bytes: int = 0
 
 
 def decode_estimate(header: Header, max_edge: int) -> int:
@@ -189,7 +216,8 @@ def decode_estimate(header: Header, max_edge: int) -> int:
         # PNG: the image, and the decoder's current and previous raw rows (8 bytes a
         # pixel at most, 16-bit RGBA).
         decoded = _image_bytes(header.mode, width, height) + 2 * 8 * width
-    return decoded + header.file_bytes + _shrink_bytes(width, height, max_edge)
+    extra = header.file_bytes + header.buffer_bytes
+    return decoded + extra + _shrink_bytes(width, height, max_edge)
 
 
 def check_header(
@@ -233,24 +261,14 @@ def decode_cost(
     """Bytes ``prepare(data)`` will allocate at its peak, from the header; never raises.
 
     Something ``prepare`` refuses before decoding costs next to nothing, and so does
-    something that is not an image. Cheap: 0.2-0.3 ms for a photo, as only the header
-    is read; but Pillow copies any PNG chunk before IDAT that it skips, so a PNG
-    padded with a 19 MiB private chunk took 14 ms.
+    something that is not an image. Cheap for a photo (0.2-0.3 ms, only the header is
+    read), but it parses hostile bytes: the decode workers run it, not the event loop.
     """
     try:
-        image = _open(data)
+        with decoder_failures(), opened(data) as image:
+            return check(image, data, max_edge, max_pixels, max_decode_bytes)
     except PermanentError:
         return 0
-    with image:
-        try:
-            return check_header(
-                _header(image, data),
-                max_edge=max_edge,
-                max_pixels=max_pixels,
-                max_decode_bytes=max_decode_bytes,
-            )
-        except PermanentError:
-            return 0
 
 
 def prepare(
@@ -262,46 +280,98 @@ def prepare(
 ) -> PreparedImage:
     """Verify ``data`` is an image and return what to send to Gemini.
 
-    Raises PermanentError with a reason slug for anything that will never work.
+    Raises PermanentError with a reason slug for anything that will never work, and
+    nothing else, whatever the bytes (decoder_failures).
     """
+    with decoder_failures(), opened(data) as image:
+        check(image, data, max_edge, max_pixels, max_decode_bytes)
+        return prepare_opened(image, data, max_edge)
+
+
+@contextmanager
+def opened(data: bytes) -> Iterator[ImageFile.ImageFile]:
+    """The image Pillow opens from ``data`` (its header read, no pixel decoded)."""
     image = _open(data)
     with image:
-        # Hand the decoder all the bytes at once. Pillow feeds it 64 KiB at a time by
-        # default and takes the GIL back between blocks; in a worker thread next to a
-        # busy event loop each retake can wait out the 5 ms switch interval, which made
-        # a 1 MB JPEG's decode take 110 ms of wall time instead of 20 and stalled the loop.
-        image.decodermaxblock = max(image.decodermaxblock, len(data))
-        source_format = image.format or "unknown"
-        width, height = image.size
-        check_header(
-            _header(image, data),
-            max_edge=max_edge,
-            max_pixels=max_pixels,
-            max_decode_bytes=max_decode_bytes,
-        )
-        orientation = _orientation(image)
-        if (
-            source_format in _SENDABLE_AS_IS
-            and image.mode in _SENDABLE_MODES[source_format]
-            and max(width, height) <= max_edge
-            and orientation in (0, 1)
-            and len(data) <= _AS_IS_MAX_BYTES
-        ):
-            _load(image)  # proves the data decodes before we spend a Gemini call on it
-            stripped = strip_metadata(source_format, data)
-            if stripped is not None:
-                return PreparedImage(
-                    data=stripped,
-                    mime_type=_SENDABLE_AS_IS[source_format],
-                    width=width,
-                    height=height,
-                    source_format=source_format,
-                    source_width=width,
-                    source_height=height,
-                    reencoded=False,
-                )
-            # A structure we cannot walk safely: re-encoding drops the metadata too.
-        return _reencoded(image, source_format, orientation, max_edge)
+        yield image
+
+
+def check(
+    image: ImageFile.ImageFile, data: bytes, max_edge: int, max_pixels: int, max_decode_bytes: int
+) -> int:
+    """The estimated cost of decoding an opened image; PermanentError if it is refused."""
+    return check_header(
+        _header(image, data),
+        max_edge=max_edge,
+        max_pixels=max_pixels,
+        max_decode_bytes=max_decode_bytes,
+    )
+
+
+def prepare_opened(image: ImageFile.ImageFile, data: bytes, max_edge: int) -> PreparedImage:
+    """Decode an opened and checked image and make what is sent to Gemini."""
+    # Hand the decoder all the bytes at once. Pillow feeds it 64 KiB at a time by
+    # default and takes the GIL back between blocks; next to another busy thread each
+    # retake can wait out the 5 ms switch interval (a 1 MB JPEG took 110 ms, not 20).
+    image.decodermaxblock = max(image.decodermaxblock, len(data))
+    source_format = image.format or "unknown"
+    width, height = image.size
+    orientation = _orientation(image)
+    if (
+        source_format in _SENDABLE_AS_IS
+        and image.mode in _SENDABLE_MODES[source_format]
+        and max(width, height) <= max_edge
+        and orientation in (0, 1)
+        and len(data) <= _AS_IS_MAX_BYTES
+    ):
+        _load(image)  # proves the data decodes before we spend a Gemini call on it
+        stripped = strip_metadata(source_format, data)
+        if stripped is not None:
+            return PreparedImage(
+                data=stripped,
+                mime_type=_SENDABLE_AS_IS[source_format],
+                width=width,
+                height=height,
+                source_format=source_format,
+                source_width=width,
+                source_height=height,
+                reencoded=False,
+            )
+        # A structure we cannot walk safely: re-encoding drops the metadata too.
+    return _reencoded(image, source_format, orientation, max_edge)
+
+
+# Pillow's decoders report a failed allocation as error -9 (IMAGING_CODEC_MEMORY), which
+# ImageFile names "out of memory error" and the libtiff path "decoder error -9";
+# libheif names its own size limits "Security limit exceeded".
+_MEMORY_MESSAGES = ("decoder error -9", "out of memory", "security limit exceeded")
+
+
+@contextmanager
+def decoder_failures() -> Iterator[None]:
+    """Whatever a decoder raises on bytes we did not make is the image's fault.
+
+    Pillow's plugins and the codecs under them raise what they like on hostile input:
+    RuntimeError and ZeroDivisionError (AVIF), RuntimeError (libheif), OverflowError
+    (TIFF set-up), and our own header parsing can fail the same way. Each becomes a
+    PermanentError (recorded once, answered 2xx), never a 500 that Eventarc
+    redelivers for 24 hours. Our own errors pass through as they are.
+    """
+    try:
+        yield
+    except CaptionerError:
+        raise
+    except MemoryError:
+        raise PermanentError(
+            "too-large-to-decode", "decoding this image ran out of the memory it may use"
+        ) from None
+    except Exception as exc:
+        text = f"{type(exc).__name__}: {exc}"[:200]
+        if any(marker in text.lower() for marker in _MEMORY_MESSAGES):
+            raise PermanentError(
+                "too-large-to-decode", f"the decoder ran out of the memory it may use ({text})"
+            ) from None
+        raise PermanentError("corrupt-image", f"cannot decode the image ({text})") from None
 
 
 def _reencoded(
@@ -381,12 +451,50 @@ def _open(data: bytes) -> ImageFile.ImageFile:
 def _header(image: Image.Image, data: bytes) -> Header:
     fmt = image.format or "unknown"
     width, height = image.size
+    if fmt == "TIFF":
+        return Header(
+            fmt, image.mode, width, height, file_bytes=len(data), buffer_bytes=_tiff_buffer(image)
+        )
     if fmt != "JPEG":
         return Header(fmt, image.mode, width, height, file_bytes=len(data))
     layers = getattr(image, "layer", None) or []
     sampling = tuple((int(h), int(v)) for _, h, v, _ in layers) or ((1, 1),)
+    if not all(1 <= h <= 4 and 1 <= v <= 4 for h, v in sampling):
+        # ITU T.81 B.2.2: sampling factors are 1 to 4 (0 made the estimate divide by zero).
+        raise PermanentError("corrupt-image", f"JPEG sampling factors {sampling} are not 1 to 4")
     buffered = bool(image.info.get("progressive")) or _first_scan_components(data) < len(sampling)
     return Header(fmt, image.mode, width, height, sampling, buffered, len(data))
+
+
+def _tiff_buffer(image: Image.Image) -> int:
+    """The largest strip or tile buffer libtiff allocates for this page, by its tags;
+    PermanentError for a strip or tile list longer than the page's size needs."""
+    tags = getattr(image, "tag_v2", {})
+    width, height = image.size
+    bits = tags.get(_TIFF_BITS_PER_SAMPLE, (8,))
+    bits_per_pixel = sum(bits) if isinstance(bits, tuple) else int(bits)
+    if _TIFF_TILE_OFFSETS in tags:
+        across = int(tags.get(_TIFF_TILE_WIDTH) or width)
+        down = int(tags.get(_TIFF_TILE_LENGTH) or height)
+        offsets = tags[_TIFF_TILE_OFFSETS]
+    else:
+        across = width
+        down = min(int(tags.get(_TIFF_ROWS_PER_STRIP) or height), height)
+        offsets = tags.get(_TIFF_STRIP_OFFSETS, ())
+    if across < 1 or down < 1:
+        raise PermanentError("corrupt-image", f"TIFF strips or tiles of {across}x{down}")
+    planes = 1
+    if tags.get(_TIFF_PLANAR) == 2:  # one sample per strip or tile, each plane in turn
+        planes = int(tags.get(_TIFF_SAMPLES_PER_PIXEL, 1))
+        bits_per_pixel = max(bits) if isinstance(bits, tuple) else int(bits)
+    needed = -(-width // across) * -(-height // down) * planes
+    count = len(offsets) if isinstance(offsets, tuple) else 1
+    if count > needed + _TIFF_EXTRA_OFFSETS:
+        raise PermanentError(
+            "corrupt-image",
+            f"the TIFF lists {count} strips or tiles where its {width}x{height} page has {needed}",
+        )
+    return -(-across * down * bits_per_pixel // 8)
 
 
 def _first_scan_components(data: bytes) -> int:
@@ -537,124 +645,3 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGB")
     except ValueError as exc:  # a mode Pillow cannot turn into RGB (e.g. some TIFFs)
         raise PermanentError("unsupported-image", f"cannot read {mode} pixels: {exc}") from None
-
-
-# Metadata. A small image is sent as it came, less what Gemini does not need and the
-# owner may not want sent: EXIF (GPS position, camera serial numbers), XMP, IPTC,
-# comments, text chunks and ICC profiles. Colour profiles are dropped rather than
-# applied: the re-encoded path never kept them either, and a Display P3 photo read
-# as sRGB is a few percent less saturated, which changes no caption. Only what
-# decoding needs stays: for JPEG the tables, frame, scans, JFIF (APP0) and Adobe
-# (APP14, which says whether the channels are YCbCr); for PNG the critical chunks
-# and tRNS; for WebP everything but EXIF, XMP and ICCP.
-_JPEG_DROPPED = frozenset({*range(0xE1, 0xEE), 0xEF, 0xFE})  # APP1..APP13, APP15, COM
-_PNG_KEPT = frozenset({b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND"})
-_WEBP_DROPPED = frozenset({b"EXIF", b"XMP ", b"ICCP"})
-_VP8X_METADATA_FLAGS = 0x20 | 0x08 | 0x04  # ICC, EXIF, XMP
-
-
-def strip_metadata(fmt: str, data: bytes) -> bytes | None:
-    """``data`` without metadata (the same object when it had none), or None when its
-    structure cannot be walked (the caller then re-encodes)."""
-    if fmt == "JPEG":
-        return _strip_jpeg(data)
-    if fmt == "PNG":
-        return _strip_png(data)
-    if fmt == "WEBP":
-        return _strip_webp(data)
-    return None
-
-
-def _strip_jpeg(data: bytes) -> bytes | None:
-    size = len(data)
-    if data[:2] != b"\xff\xd8":
-        return None
-    kept, pos, dropped = [data[:2]], 2, False
-    while pos + 1 < size:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0xD9:  # end of image; anything after it is dropped
-            kept.append(data[pos : pos + 2])
-            dropped = dropped or pos + 2 < size
-            return b"".join(kept) if dropped else data
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
-            kept.append(data[pos : pos + 2])
-            pos += 2
-            continue
-        if pos + 4 > size:
-            return None
-        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if end > size or end < pos + 4:
-            return None
-        if marker in _JPEG_DROPPED:
-            dropped = True
-        else:
-            kept.append(data[pos:end])
-        pos = end
-        if marker == 0xDA:  # entropy-coded data up to the next real marker
-            scan = pos
-            while True:
-                scan = data.find(b"\xff", scan)
-                if scan < 0 or scan + 1 >= size:
-                    return None
-                following = data[scan + 1]
-                if following == 0x00 or 0xD0 <= following <= 0xD7 or following == 0xFF:
-                    scan += 1
-                    continue
-                break
-            kept.append(data[pos:scan])
-            pos = scan
-    return None
-
-
-def _strip_png(data: bytes) -> bytes | None:
-    size = len(data)
-    kept, pos, dropped = [data[:8]], 8, False
-    while pos + 12 <= size:
-        length = int.from_bytes(data[pos : pos + 4], "big")
-        kind = data[pos + 4 : pos + 8]
-        end = pos + 12 + length
-        if end > size:
-            return None
-        if kind in _PNG_KEPT:
-            kept.append(data[pos:end])
-        else:
-            dropped = True
-        pos = end
-        if kind == b"IEND":
-            dropped = dropped or pos < size
-            return b"".join(kept) if dropped else data
-    return None
-
-
-def _strip_webp(data: bytes) -> bytes | None:
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
-        return None
-    end = min(len(data), 8 + int.from_bytes(data[4:8], "little"))
-    chunks: list[bytes] = []
-    pos, dropped = 12, end < len(data)
-    while pos + 8 <= end:
-        kind = data[pos : pos + 4]
-        length = int.from_bytes(data[pos + 4 : pos + 8], "little")
-        stop = pos + 8 + length + (length & 1)
-        if pos + 8 + length > end:
-            return None
-        if kind in _WEBP_DROPPED:
-            dropped = True
-        else:
-            chunks.append(data[pos:stop])
-        pos = stop
-    if pos != end and pos != end + 1:
-        return None
-    if not dropped:
-        return data
-    if chunks and chunks[0][:4] == b"VP8X":
-        vp8x = bytearray(chunks[0])
-        vp8x[8] &= ~_VP8X_METADATA_FLAGS & 0xFF
-        chunks[0] = bytes(vp8x)
-    body = b"WEBP" + b"".join(chunks)
-    return b"RIFF" + len(body).to_bytes(4, "little") + body
