@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import weakref
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING
 
 from captioner.batch import BatchRun, CaptionRequest, FilesRequest
@@ -58,7 +57,9 @@ class Runtime:
         """
         import aiohttp  # noqa: F401
 
-        from captioner.adapters import images, storage, urls  # noqa: F401
+        # Not the images adapter (Pillow): this process decodes nothing, its decode
+        # workers do (captioner.preparing), and they start on the first image.
+        from captioner.adapters import storage, urls  # noqa: F401
         from captioner.adapters.gemini import make_client
         from captioner.errors import ConfigurationError
 
@@ -111,10 +112,10 @@ class Runtime:
         import aiohttp
 
         from captioner.adapters.gemini import GeminiDescriber, make_client
-        from captioner.adapters.images import decode_cost, prepare
         from captioner.adapters.storage import StorageClient
         from captioner.adapters.urls import UrlFetcher
         from captioner.limiter import AdaptiveLimiter, slow_start_initial
+        from captioner.preparing import ProcessDecoder
 
         s = self.settings
         # The Gemini client first: it refuses a missing key (ConfigurationError)
@@ -139,9 +140,9 @@ class Runtime:
         captioner = Captioner(
             storage=storage,
             describer=describer,
-            prepare=partial(prepare, max_edge=s.max_edge, max_pixels=s.max_pixels),
-            # What each decode costs in memory, so the pipeline's budget can bound it.
-            decode_cost=partial(decode_cost, max_edge=s.max_edge, max_pixels=s.max_pixels),
+            # Decoded in worker processes, each held by the kernel to the memory its
+            # header's price was allowed (captioner.preparing).
+            prepare=ProcessDecoder(max_edge=s.max_edge, max_pixels=s.max_pixels),
             config=PipelineConfig(
                 max_bytes=s.max_bytes,
                 max_concurrency=s.max_concurrency,

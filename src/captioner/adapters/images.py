@@ -32,6 +32,7 @@ import ctypes
 import io
 import math
 import os
+import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -361,7 +362,10 @@ def decoder_failures() -> Iterator[None]:
         yield
     except CaptionerError:
         raise
-    except MemoryError:
+    except MemoryError as exc:
+        # The failed decode's objects live on in the traceback's frames; let them go
+        # first, or even making the error below can fail under a memory limit.
+        traceback.clear_frames(exc.__traceback__)
         raise PermanentError(
             "too-large-to-decode", "decoding this image ran out of the memory it may use"
         ) from None
@@ -645,3 +649,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGB")
     except ValueError as exc:  # a mode Pillow cannot turn into RGB (e.g. some TIFFs)
         raise PermanentError("unsupported-image", f"cannot read {mode} pixels: {exc}") from None
+
+
+def warm() -> None:
+    """Load Pillow's plugins and run the JPEG and PNG codecs once (a decode worker
+    calls this before it measures what it has mapped)."""
+    Image.init()
+    for fmt in ("JPEG", "PNG"):
+        out = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(out, fmt)
+        prepare(out.getvalue(), max_edge=8)

@@ -43,6 +43,7 @@ from captioner.errors import (
     TransientError,
 )
 from captioner.metadata import MetadataKeys
+from captioner.preparing import PreparePool, thumbnail_pool
 from captioner.runtime import Runtime
 from captioner.settings import Settings
 
@@ -426,8 +427,9 @@ async def _export(
         async for _ in listed():
             pass
     else:
+        thumbnails = thumbnail_pool(_THUMBNAIL_EDGE, settings.max_pixels)
         async for card in bounded_as_completed(
-            listed(), lambda info: _card(storage, keys, info, settings), 8
+            listed(), lambda info: _card(storage, keys, info, settings, thumbnails), 8
         ):
             page.write(card)
         page.write(html_page.page_end(count))
@@ -436,18 +438,18 @@ async def _export(
     return EXIT_OK
 
 
-async def _card(storage: Any, keys: MetadataKeys, info: ObjectInfo, settings: Settings) -> str:
-    """One thumbnail and its caption; an image that cannot be shown still gets its card."""
-    from captioner.adapters.images import prepare
-
+async def _card(
+    storage: Any, keys: MetadataKeys, info: ObjectInfo, settings: Settings, pool: PreparePool
+) -> str:
+    """One thumbnail and its caption; an image that cannot be shown still gets its card.
+    Thumbnails are made as captions are: in the decode workers, within the budgets."""
     record = readback.record_of(info, keys)
     try:
-        data = await storage.download(
-            info.bucket, info.name, generation=info.generation, max_bytes=settings.max_bytes
-        )
-        thumb = await asyncio.to_thread(
-            prepare, data, max_edge=_THUMBNAIL_EDGE, max_pixels=settings.max_pixels
-        )
+        async with pool.hold(info.size):
+            data = await storage.download(
+                info.bucket, info.name, generation=info.generation, max_bytes=settings.max_bytes
+            )
+            thumb = await pool.prepared(data)
     except (ObjectGoneError, PermanentError, TransientError):
         return html_page.card(record, None)
     return html_page.card(record, thumb.data, thumb.mime_type)
