@@ -76,6 +76,7 @@ class Reply:
     header: Header
     data: bytes
     cpu_seconds: float  # what the task used in the worker
+    peak_rss: int  # the worker's peak resident bytes during the task
 
 
 class WorkerDied(Exception):
@@ -119,6 +120,7 @@ def serve(fd: int, module_name: str, slack: int) -> None:
         if request is None:
             return  # the parent is gone or closed us
         header, size = request
+        _reset_peak_rss()
         started = _cpu_seconds()
         _limit(
             baseline + slack + int(header.pop("memory")), started, int(header.pop("cpu_seconds"))
@@ -141,6 +143,7 @@ def serve(fd: int, module_name: str, slack: int) -> None:
         reply, out = _reply(outcome)
         del outcome
         reply["cpu_seconds"] = _cpu_seconds() - started
+        reply["peak_rss"] = _peak_rss()
         reply["retire"] = not _room_left(baseline + slack)
         _send(sock, reply, out)
         if reply["retire"]:
@@ -179,6 +182,22 @@ def address_space() -> int:
     """Bytes of address space this process has mapped (what RLIMIT_AS limits)."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> None:
+    """Start this task's peak resident size from now (Linux 4.0+; else the peak is the
+    worker's life's)."""
+    with suppress(OSError), open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
+def _peak_rss() -> int:
+    """Peak resident bytes since the task began (VmHWM), 0 if unknown."""
+    with suppress(OSError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _cpu_seconds() -> float:
@@ -304,7 +323,8 @@ class Worker:
         if frame is None or data is None:
             raise self._ended()
         reply, _ = frame
-        return Reply(reply, data, float(reply.pop("cpu_seconds", 0.0)))
+        cpu_seconds = float(reply.pop("cpu_seconds", 0.0))
+        return Reply(reply, data, cpu_seconds, int(reply.pop("peak_rss", 0)))
 
     def _ended(self) -> WorkerDied:
         self._sock.close()
@@ -347,7 +367,7 @@ class WorkerPool:
         self._spares: queue.SimpleQueue[Worker] = queue.SimpleQueue()
         for _ in range(workers):
             self._spares.put(self._start())
-        self.replaced = 0  # workers that died or retired and were replaced (for tests)
+        self.replaced = 0  # workers that ended during or after a task (for tests)
 
     def submit(
         self, task: Task, then: Callable[[Reply], T], died: Callable[[WorkerDied], T]
@@ -388,22 +408,27 @@ class WorkerPool:
         try:
             reply = worker.run(task, self.wall_seconds)
         except WorkerDied:
-            self._forget(worker)
-            self._owned.worker = None
+            self._retire(worker)
             raise
         if reply.header.get("retire"):
-            worker.stop()
-            self._forget(worker)
-            self._owned.worker = None
+            self._retire(worker)
         return reply
 
+    def _retire(self, worker: Worker) -> None:
+        self._forget(worker)
+        self._owned.worker = None
+        with self._lock:
+            self.replaced += 1
+
     def _take(self) -> Worker:
-        try:
-            return self._spares.get_nowait()
-        except queue.Empty:
-            with self._lock:
-                self.replaced += 1
-            return self._start()
+        while True:
+            try:
+                spare = self._spares.get_nowait()
+            except queue.Empty:
+                return self._start()
+            if spare.alive():
+                return spare
+            self._forget(spare)
 
     def _start(self) -> Worker:
         worker = Worker(self.module_name, self.slack)

@@ -373,7 +373,8 @@ def decoder_failures() -> Iterator[None]:
         text = f"{type(exc).__name__}: {exc}"[:200]
         if any(marker in text.lower() for marker in _MEMORY_MESSAGES):
             raise PermanentError(
-                "too-large-to-decode", f"the decoder ran out of the memory it may use ({text})"
+                "too-large-to-decode",
+                f"the decoder could not have the memory it asked for ({text})",
             ) from None
         raise PermanentError("corrupt-image", f"cannot decode the image ({text})") from None
 
