@@ -132,6 +132,14 @@ class ProcessDecoder:
         return OPENING_ALLOWANCE + 2 * len(data)
 
     def start(self, data: bytes, allowance: int, largest: int) -> Future[Attempt]:
+        return self.pool.submit(
+            self.task(data, allowance, largest),
+            partial(self._attempt, allowance=allowance, largest=largest),
+            self._verdict,
+        )
+
+    def task(self, data: bytes, allowance: int, largest: int) -> Task:
+        """What a worker is sent to prepare ``data`` within ``allowance`` bytes."""
         request = {
             "max_edge": self._max_edge,
             "max_pixels": self._max_pixels,
@@ -141,10 +149,7 @@ class ProcessDecoder:
             "largest": largest,
             "floor": ALLOWANCE_FLOOR,
         }
-        task = Task(request, data, memory=allowance, cpu_seconds=self._cpu_seconds)
-        return self.pool.submit(
-            task, partial(self._attempt, allowance=allowance, largest=largest), self._verdict
-        )
+        return Task(request, data, memory=allowance, cpu_seconds=self._cpu_seconds)
 
     def close(self) -> None:
         """Nothing to do: the workers are the process's, reused by the next decoder."""
