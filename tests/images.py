@@ -22,6 +22,10 @@ def photo(name: str = "chelsea.jpg") -> bytes:
     return (PHOTOS / name).read_bytes()
 
 
+def photo_path(name: str = "chelsea.jpg") -> Path:
+    return PHOTOS / name
+
+
 def all_photos() -> list[Path]:
     return sorted(PHOTOS.glob("*.jpg"))
 

@@ -118,9 +118,9 @@ class ProcessDecoder:
         self._max_pixels = max_pixels
         self._pool = pool
         self._cpu_seconds = cpu_seconds
-        # Called in a pool thread with each prepared image and the CPU seconds its
-        # worker spent (benchmarks).
-        self.observe: Callable[[PreparedImage, float], None] | None = None
+        # Called in a pool thread with each worker's reply and the allowance it was
+        # given (tests of the limits, benchmarks of the CPU and memory per image).
+        self.on_reply: Callable[[Reply, int], None] | None = None
 
     @property
     def pool(self) -> WorkerPool:
@@ -155,10 +155,12 @@ class ProcessDecoder:
         """Nothing to do: the workers are the process's, reused by the next decoder."""
 
     def _attempt(self, reply: Reply, *, allowance: int, largest: int) -> Attempt:
+        if self.on_reply is not None:
+            self.on_reply(reply, allowance)
         header = reply.header
         status = header.get("status")
         if status == "ok":
-            prepared = PreparedImage(
+            return PreparedImage(
                 data=reply.data,
                 mime_type=str(header["mime_type"]),
                 width=int(header["width"]),
@@ -168,9 +170,6 @@ class ProcessDecoder:
                 source_height=int(header["source_height"]),
                 reencoded=bool(header["reencoded"]),
             )
-            if self.observe is not None:
-                self.observe(prepared, reply.cpu_seconds)
-            return prepared
         if status == "more":
             return int(header["allowance"])
         if status == "refused":
