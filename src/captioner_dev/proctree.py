@@ -1,6 +1,6 @@
 """A process and its descendants (the decode workers): resident memory and CPU, from /proc.
 
-Since issue 22 images are decoded in worker processes, so one process's VmHWM is no
+Since issue 22, images are decoded in worker processes: one process's VmHWM is no
 longer the instance's peak. ``TreeSampler`` sums the resident size (VmRSS) of the
 process and every descendant every few milliseconds and keeps the highest sum: what
 Cloud Run's memory limit sees, up to pages shared between processes (counted once
