@@ -14,6 +14,7 @@ from captioner.adapters.images import (
     DECODE_BUDGET,
     Header,
     _shrink,
+    _webp_size,
     check_header,
     decode_cost,
     decode_estimate,
@@ -406,3 +407,21 @@ def test_a_tiffs_declared_tile_is_priced_from_its_header() -> None:
         prepare(data)
     assert info.value.reason == "too-large-to-decode"
     assert "64x64 TIFF (RGB) would take ~" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "size"),
+    [
+        (images.solid_webp((7000, 7000)), (7000, 7000)),  # VP8L
+        (images.solid_webp((300, 200), frames=2), (300, 200)),  # VP8X
+        (images.encode(images.solid((300, 200)), "WEBP"), (300, 200)),  # VP8
+        (images.webp_canvas(16384, 16384), (16384, 16384)),  # VP8X, no image
+    ],
+    ids=["VP8L", "VP8X-animated", "VP8", "VP8X-canvas-only"],
+)
+def test_a_webps_size_is_read_before_pillow_opens_it(data: bytes, size: tuple[int, int]) -> None:
+    # Pillow's WebP plugin makes libwebp's canvases when it opens a file (392 MB for
+    # 7000x7000), so the size is read from the bytes first.
+    assert _webp_size(data) == size
+    if max(size) < 1000:
+        assert Image.open(io.BytesIO(data)).size == size

@@ -46,14 +46,15 @@ def warm() -> None:
 def handle(request: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
     """Prepare ``data`` as ``request`` says; never raises (every failure is a reply)."""
     max_edge = int(request["max_edge"])
+    limits = (max_edge, int(request["max_pixels"]), int(request["max_decode_bytes"]))
     allowance, largest = int(request["allowance"]), int(request["largest"])
     header_read = False
     try:
+        with images.decoder_failures():
+            images.precheck(data, *limits)
         with images.decoder_failures(), images.opened(data) as image:
             header_read = True
-            cost = images.check(
-                image, data, max_edge, int(request["max_pixels"]), int(request["max_decode_bytes"])
-            )
+            cost = images.check(image, data, *limits)
             needed = allowance_for(cost, len(data), floor=int(request["floor"]), largest=largest)
             if needed > allowance:
                 return {"status": "more", "allowance": needed}, b""
