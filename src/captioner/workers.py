@@ -288,7 +288,10 @@ class Worker:
                     json.dumps([p for p in sys.path if isinstance(p, str)]),
                 ],
                 pass_fds=[theirs.fileno()],
+                # Nothing to read or say there; holding the parent's stdout open would
+                # keep a reader (`captioner … | head`) waiting on a busy worker.
                 stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
             )
         finally:
             theirs.close()
