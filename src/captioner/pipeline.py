@@ -65,7 +65,7 @@ class PipelineConfig:
     # Memory, for an instance of 1 GiB and a target peak of 600 MB for the process and
     # its decode workers (the arithmetic is in captioner.preparing). The memory the
     # decodes running at once are allowed sums to this much at most, and it is also
-    # the most one image may be allowed (images.DECODE_BUDGET is the same figure).
+    # the most one image may be allowed (decode_price.DECODE_BUDGET is the same figure).
     decode_budget: int = 256 * 1024 * 1024
     # Downloaded objects held in memory at once, from the start of their download to the
     # end of their prepare. Without it 20 objects in flight of CAPTION_MAX_BYTES (20 MiB)

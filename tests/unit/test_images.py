@@ -10,14 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from captioner.adapters.images import (
+from captioner.adapters.decode_price import (
     DECODE_BUDGET,
     Header,
-    _shrink,
-    _webp_size,
     check_header,
-    decode_cost,
     decode_estimate,
+    webp_size,
+)
+from captioner.adapters.images import (
+    _shrink,
+    decode_cost,
     decoder_failures,
     prepare,
     sniff_format,
@@ -422,6 +424,6 @@ def test_a_tiffs_declared_tile_is_priced_from_its_header() -> None:
 def test_a_webps_size_is_read_before_pillow_opens_it(data: bytes, size: tuple[int, int]) -> None:
     # Pillow's WebP plugin makes libwebp's canvases when it opens a file (392 MB for
     # 7000x7000), so the size is read from the bytes first.
-    assert _webp_size(data) == size
+    assert webp_size(data) == size
     if max(size) < 1000:
         assert Image.open(io.BytesIO(data)).size == size
