@@ -387,7 +387,11 @@ def _tree_sampler() -> Iterator[Any]:
     except ImportError:  # a checkout from before the decode workers: one process
         yield None
         return
-    with TreeSampler(period=0.01) as sampler:
+    if os.environ.get("BENCH_DECODE_WORKERS"):  # to compare worker counts; not a setting
+        import captioner.preparing
+
+        captioner.preparing.DECODE_WORKERS = int(os.environ["BENCH_DECODE_WORKERS"])
+    with TreeSampler(period=0.02, pss=True) as sampler:
         yield sampler
 
 
@@ -404,6 +408,7 @@ def main() -> int:
     result["rss_peak_main_mib"] = own
     result["rss_peak_mib"] = max(own, tree.peak_mb if tree is not None else 0.0)
     result["processes"] = tree.processes if tree is not None else 1
+    result["pss_peak_mib"] = tree.peak_pss_mb if tree is not None else None
     result["process_cpu"] = _cpu_seconds()
     print("RESULT " + json.dumps(result), flush=True)
     return 0

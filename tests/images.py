@@ -224,7 +224,9 @@ def other_formats() -> dict[str, tuple[bytes, str]]:
     """A real photo as each format beyond JPEG/PNG/WebP/GIF that captioner takes,
     with its content type: HEIC (as iPhones save), AVIF, TIFF (several pages; CMYK;
     16-bit grey) and BMP."""
-    import captioner.adapters.images  # noqa: F401 - registers the HEIF opener
+    from captioner.adapters.images import register_heif
+
+    register_heif()  # to save HEIC
 
     picture = Image.open(io.BytesIO(photo("chelsea.jpg"))).convert("RGB")
     second = Image.new("RGB", picture.size, (0, 0, 255))

@@ -2,9 +2,12 @@
 
 Since issue 22, images are decoded in worker processes: one process's VmHWM is no
 longer the instance's peak. ``TreeSampler`` sums the resident size (VmRSS) of the
-process and every descendant every few milliseconds and keeps the highest sum: what
-Cloud Run's memory limit sees, up to pages shared between processes (counted once
-per process here, so this errs high). ``tree_cpu_seconds`` adds the descendants' CPU.
+process and every descendant every few milliseconds and keeps the highest sum. That
+counts a page shared between processes (libpython, Pillow's libraries) once per
+process, so it errs high; with ``pss=True`` it also keeps the highest sum of their
+proportional set sizes (each shared page split between its sharers: closer to what
+Cloud Run's memory limit charges, but reading it costs the kernel a page-table walk,
+so sample less often). ``tree_cpu_seconds`` adds the descendants' CPU.
 """
 
 from __future__ import annotations
@@ -52,6 +55,17 @@ def _process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def tree_rss_mb(pid: int | None = None) -> float:
     """Resident MB of ``pid`` (default: this process) and its descendants, now."""
     root = os.getpid() if pid is None else pid
@@ -69,10 +83,12 @@ def tree_cpu_seconds() -> float:
 class TreeSampler:
     """The highest summed VmRSS of a process tree, sampled every ``period`` seconds."""
 
-    def __init__(self, pid: int | None = None, period: float = 0.005) -> None:
+    def __init__(self, pid: int | None = None, period: float = 0.005, *, pss: bool = False) -> None:
         self.pid = os.getpid() if pid is None else pid
         self.period = period
+        self.pss = pss
         self.peak_mb = 0.0
+        self.peak_pss_mb = 0.0
         self.processes = 1
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="tree-sampler")
@@ -92,6 +108,8 @@ class TreeSampler:
         self.processes = max(self.processes, len(pids))
         now = sum(_status_kib(p, "VmRSS") for p in pids) / 1024
         self.peak_mb = max(self.peak_mb, now)
+        if self.pss:
+            self.peak_pss_mb = max(self.peak_pss_mb, sum(_pss_kib(p) for p in pids) / 1024)
         return now
 
     def _run(self) -> None:

@@ -74,7 +74,9 @@ def watched() -> Watched:
 @functools.cache
 def seeds() -> dict[str, bytes]:
     """A small image of every accepted format (and a few layouts of some)."""
-    import captioner.adapters.images  # noqa: F401 - registers HEIF, for saving one
+    from captioner.adapters.images import register_heif
+
+    register_heif()  # to save HEIC
 
     picture = Image.open(images.photo_path("chelsea.jpg")).convert("RGB").resize((64, 48))
     rgba = picture.convert("RGBA")

@@ -32,7 +32,6 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import pillow_heif
 from PIL import AvifImagePlugin, Image, ImageFile, UnidentifiedImageError
 
 from captioner.adapters.decode_price import (
@@ -50,16 +49,29 @@ from captioner.adapters.stripping import strip_metadata
 from captioner.domain import PreparedImage
 from captioner.errors import CaptionerError, PermanentError
 
-# HEIC/HEIF (every iPhone photo since 2017) through pillow-heif, the libheif binding
-# Pillow's own docs point to: BSD-licensed, wheels for CPython 3.11-3.13 on
-# manylinux_2_28 x86_64 (what the python312 Cloud Run runtime, Ubuntu 22.04, runs),
-# decode-only use. AVIF, TIFF and BMP are Pillow's own (AVIF since Pillow 11.2).
-pillow_heif.register_heif_opener()
 # One codec thread per decode. Images are decoded side by side in worker processes,
 # one per CPU (captioner.preparing); codec threads would only compete with them for
 # the same cores, and each costs an 8 MiB stack inside a worker's address-space limit.
-pillow_heif.options.DECODE_THREADS = 1
 AvifImagePlugin.DEFAULT_MAX_THREADS = 1
+
+
+def register_heif() -> None:
+    """Let Pillow open HEIC/HEIF (every iPhone photo since 2017) through pillow-heif,
+    the libheif binding Pillow's own docs point to: BSD-licensed, wheels for CPython
+    3.11-3.13 on manylinux_2_28 x86_64 (what the python312 Cloud Run runtime, Ubuntu
+    22.04, runs), decode-only use. AVIF, TIFF and BMP are Pillow's own (AVIF since
+    Pillow 11.2). Loaded on the first file that could be one (an ISO-BMFF ``ftyp``
+    box): libheif and its codecs are ~8 MB more resident in each decode worker."""
+    global _heif_registered
+    if not _heif_registered:
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+        pillow_heif.options.DECODE_THREADS = 1  # as for AVIF, above
+        _heif_registered = True
+
+
+_heif_registered = False
 
 # Formats we accept from a bucket. JPEG, PNG and WebP small enough are sent as they
 # are; everything else (a GIF's first frame, HEIC, AVIF, a TIFF's first page, BMP)
@@ -318,6 +330,8 @@ def sniff_format(data: bytes) -> str | None:
 def _open(data: bytes) -> ImageFile.ImageFile:
     if not data:
         raise PermanentError("empty", "the object has no bytes")
+    if data[4:8] == b"ftyp":
+        register_heif()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
