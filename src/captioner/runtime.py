@@ -137,12 +137,16 @@ class Runtime:
                 max_pause=s.retry_max_wait,
             ),
         )
+        # Images are decoded in worker processes, each held by the kernel to the memory
+        # its header's price was allowed (captioner.preparing). The first starts now,
+        # on the first request: not before the server listens, and not after the
+        # first image is downloaded.
+        decoder = ProcessDecoder(max_edge=s.max_edge, max_pixels=s.max_pixels)
+        decoder.start_workers()
         captioner = Captioner(
             storage=storage,
             describer=describer,
-            # Decoded in worker processes, each held by the kernel to the memory its
-            # header's price was allowed (captioner.preparing).
-            prepare=ProcessDecoder(max_edge=s.max_edge, max_pixels=s.max_pixels),
+            prepare=decoder,
             config=PipelineConfig(
                 max_bytes=s.max_bytes,
                 max_concurrency=s.max_concurrency,

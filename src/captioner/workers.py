@@ -370,11 +370,12 @@ class WorkerPool:
         self._owned = threading.local()
         self._lock = threading.Lock()
         self._live: set[Worker] = set()
-        # Started as soon as the pool is made, so the first tasks do not wait for an
-        # interpreter to start; the thread that first needs one takes one.
+        # One is started as soon as the pool is made, so the first task does not wait
+        # for an interpreter to start; the others when a second task is in flight (an
+        # instance that sees one upload at a time never starts them, and two starting
+        # at once would slow the first image's on a busy core).
         self._spares: queue.SimpleQueue[Worker] = queue.SimpleQueue()
-        for _ in range(workers):
-            self._spares.put(self._start())
+        self._spares.put(self._start())
         self.replaced = 0  # workers that ended during or after a task (for tests)
 
     def submit(

@@ -130,7 +130,8 @@ def test_a_worker_killed_while_idle_is_replaced_without_failing_the_next_task(
 
 def test_closing_the_pool_ends_its_workers() -> None:
     pool = WorkerPool(HANDLER, workers=2, slack=16 * MiB, wall_seconds=30)
-    run(pool, "echo")
+    together = [submit(pool, "spin", seconds=0.3) for _ in range(2)]
+    assert all(isinstance(f.result(timeout=60), Reply) for f in together)
     pids = pool.pids()
     assert len(pids) == 2
     pool.close()

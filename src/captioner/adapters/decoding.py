@@ -35,8 +35,8 @@ def allowance_for(cost: int, size: int, *, floor: int, largest: int) -> int:
 
 
 def warm() -> None:
-    """Before the worker measures its baseline: load Pillow's plugins and run the
-    common decoders once, so what they map on first use is not charged to a task."""
+    """Before the worker measures its baseline: run the common codecs once, so what
+    they map on first use is not charged to a task."""
     # Pillow warns (to stderr) about odd EXIF and the like in hostile files; what
     # matters is already in the verdict.
     warnings.simplefilter("ignore")

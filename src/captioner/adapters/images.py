@@ -32,7 +32,14 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from PIL import AvifImagePlugin, Image, ImageFile, UnidentifiedImageError
+from PIL import (
+    AvifImagePlugin,
+    Image,
+    ImageFile,
+    TiffImagePlugin,
+    UnidentifiedImageError,
+    WebPImagePlugin,
+)
 
 from captioner.adapters.decode_price import (
     DECODE_BUDGET,
@@ -49,6 +56,8 @@ from captioner.adapters.stripping import strip_metadata
 from captioner.domain import PreparedImage
 from captioner.errors import CaptionerError, PermanentError
 
+# Imported to register their formats with Pillow (see _FORMATS_WITHOUT_HEIF).
+_PLUGINS = (AvifImagePlugin, TiffImagePlugin, WebPImagePlugin)
 # One codec thread per decode. Images are decoded side by side in worker processes,
 # one per CPU (captioner.preparing); codec threads would only compete with them for
 # the same cores, and each costs an 8 MiB stack inside a worker's address-space limit.
@@ -77,6 +86,10 @@ _heif_registered = False
 # are; everything else (a GIF's first frame, HEIC, AVIF, a TIFF's first page, BMP)
 # is re-encoded as JPEG, which every Gemini model takes.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "HEIF", "AVIF", "TIFF", "BMP")
+# Until pillow-heif is loaded (register_heif). Naming a format Pillow has not
+# registered makes it import all ~40 of its plugins (Image.init): ~40 ms and ~3 MB
+# more for each decode worker to start.
+_FORMATS_WITHOUT_HEIF = tuple(fmt for fmt in ACCEPTED_FORMATS if fmt != "HEIF")
 _SENDABLE_AS_IS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 _SENDABLE_MODES = {
     "JPEG": {"RGB", "L"},
@@ -335,7 +348,8 @@ def _open(data: bytes) -> ImageFile.ImageFile:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            formats = ACCEPTED_FORMATS if _heif_registered else _FORMATS_WITHOUT_HEIF
+            image = Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError as exc:
         raise PermanentError("too-many-pixels", str(exc)) from None
     except Image.DecompressionBombWarning as exc:
@@ -450,9 +464,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def warm() -> None:
-    """Load Pillow's plugins and run the JPEG and PNG codecs once (a decode worker
-    calls this before it measures what it has mapped)."""
-    Image.init()
+    """Run the JPEG and PNG codecs once (a decode worker calls this before it measures
+    what it has mapped)."""
     for fmt in ("JPEG", "PNG"):
         out = io.BytesIO()
         Image.new("RGB", (16, 16)).save(out, fmt)
