@@ -10,23 +10,27 @@ image whose decode needs more than its header said gets a failed allocation in i
 own worker: a permanent verdict for the image, never an instance out of memory.
 
 The arithmetic, for the deployed instance (1 GiB) and a target of 600 MB for
-everything in it, the function's process and its workers together (measured in
+everything in it, the function's process and its workers together (resident sizes,
+each process counted whole, so shared library pages count twice; measured in
 bench/RESULTS.md, "Decode workers"):
 
-    function's process   ~85 MB interpreter, google-genai, aiohttp (no Pillow: it
-                         decodes nothing) + 128 MiB (134 MB) of downloaded objects
-                         held (PipelineConfig.held_bytes_budget)           ~219 MB
-    DECODE_WORKERS = 2   each ~25 MB of interpreter and Pillow, + WORKER_SLACK
-                         (16 MiB) of address space it may keep between tasks ~84 MB
+    function's process   ~75 MB once ready (interpreter, google-genai, aiohttp;
+                         no image adapter: it decodes nothing) + 128 MiB (134 MB)
+                         of downloaded objects held (PipelineConfig.held_bytes_budget)
+                         + the prepared images in flight (~10 MB)         ~220 MB
+    DECODE_WORKERS = 2   each ~21 MB idle (25 once it has met a HEIC), + at most
+                         WORKER_SLACK (24 MiB) kept between tasks: a worker over
+                         it retires after its task                        ~100 MB
     decodes at once      allowances sum to at most the decode budget, 256 MiB
-                         (PipelineConfig.decode_budget), each held to its own
-                         by its worker's RLIMIT_AS                          268 MB
-    total                                                                  ~571 MB
+                         (PipelineConfig.decode_budget); RLIMIT_AS holds each
+                         worker to baseline + slack + its own allowance     268 MB
+    total                                                                 ~588 MB
 
-Two workers: one per core of a 2-core machine (the benchmarks'); a third would
-cost ~40 MB more for no more throughput, and Cloud Run's default of 1 CPU leaves
-one worker (usable_cpus). A decode may use DECODE_CPU_SECONDS of CPU: the costliest
-accepted images take under 2 s here (a 49 MP 16-bit RGBA PNG: 1.0-1.7 s).
+Two workers: one per core of a 2-core machine, so that one image stuck at its CPU
+limit does not stop the others; a third would cost ~45 MB of the 600 for no more
+throughput here. A process that may run on one CPU only (usable_cpus) gets one. A
+decode may use DECODE_CPU_SECONDS of CPU: the costliest accepted images take under
+2 s here (a 49 MP 16-bit RGBA PNG: 0.8-1.7 s).
 """
 
 from __future__ import annotations
