@@ -104,11 +104,10 @@ def serve(fd: int, module_name: str, slack: int) -> None:
     whose address space grew by more than ``slack`` over that baseline retires after
     its reply, so each task starts from close to the same place.
     """
-    # Ctrl-C is for the parent, which then closes the socket; a core file of a worker
-    # ended at its CPU limit would be hundreds of MB.
+    # Ctrl-C is for the parent, which then closes the socket.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGXCPU, signal.SIG_DFL)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    limits = _settable_limits()
     module = import_module(module_name)
     warm: Callable[[], None] | None = getattr(module, "warm", None)
     if warm is not None:
@@ -124,7 +123,10 @@ def serve(fd: int, module_name: str, slack: int) -> None:
         _reset_peak_rss()
         started = _cpu_seconds()
         _limit(
-            baseline + slack + int(header.pop("memory")), started, int(header.pop("cpu_seconds"))
+            limits,
+            baseline + slack + int(header.pop("memory")),
+            started,
+            int(header.pop("cpu_seconds")),
         )
         try:
             data = _recv_exact(sock, size)
@@ -139,7 +141,7 @@ def serve(fd: int, module_name: str, slack: int) -> None:
             outcome = exc
         # The task is over: its reply must not fail for want of memory (an exception
         # raised under the limit still holds the failed decode's objects).
-        _unlimit()
+        _unlimit(limits)
         del data
         reply, out = _reply(outcome)
         del outcome
@@ -206,19 +208,47 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _limit(address_space_bytes: int, cpu_used: float, cpu_seconds: int) -> None:
+def _settable_limits() -> frozenset[int]:
+    """The limits this kernel lets the worker set (all of them on Linux). A sandbox
+    that refuses one (not seen here: Cloud Run's gVisor documents which it supports)
+    leaves the decodes without it, says so once on stderr, and still serves: the
+    header checks and the budget keep working, a worker that cannot start would not."""
+    settable = set()
+    for limit, name in ((resource.RLIMIT_AS, "RLIMIT_AS"), (resource.RLIMIT_CPU, "RLIMIT_CPU")):
+        try:
+            resource.setrlimit(limit, resource.getrlimit(limit))
+        except (OSError, ValueError) as exc:
+            print(f"captioner decode worker: cannot set {name} ({exc})", file=sys.stderr)
+        else:
+            settable.add(limit)
+    with suppress(OSError, ValueError):  # no core file of a worker ended at its CPU limit
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    return frozenset(settable)
+
+
+def _limit(
+    limits: frozenset[int], address_space_bytes: int, cpu_used: float, cpu_seconds: int
+) -> None:
     # Soft limits only: a process cannot raise its hard limit again, and the next task
     # needs other values. RLIMIT_CPU counts the process's whole life, so this task's
     # limit is what it has used so far plus the task's budget.
     unlimited = resource.RLIM_INFINITY
-    resource.setrlimit(resource.RLIMIT_AS, (address_space_bytes, unlimited))
-    resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(cpu_used) + cpu_seconds, unlimited))
+    if resource.RLIMIT_AS in limits:
+        resource.setrlimit(resource.RLIMIT_AS, (address_space_bytes, unlimited))
+    if resource.RLIMIT_CPU in limits:
+        resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(cpu_used) + cpu_seconds, unlimited))
 
 
-def _unlimit() -> None:
-    unlimited = resource.RLIM_INFINITY
-    resource.setrlimit(resource.RLIMIT_AS, (unlimited, unlimited))
-    resource.setrlimit(resource.RLIMIT_CPU, (unlimited, unlimited))
+_UNLIMITED = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+
+
+def _unlimit(limits: frozenset[int]) -> None:
+    # Allocates nothing (no loop, no new tuple): it runs while a failed decode's objects
+    # may still hold every byte the task was allowed. The address space first.
+    if resource.RLIMIT_AS in limits:
+        resource.setrlimit(resource.RLIMIT_AS, _UNLIMITED)
+    if resource.RLIMIT_CPU in limits:
+        resource.setrlimit(resource.RLIMIT_CPU, _UNLIMITED)
 
 
 # Frames, both sides.
