@@ -243,6 +243,10 @@ class Measured:
             "requests": self.requests,
             "quota_rejections": self.quota_rejections,
             "peak_rss_mib": self.peak_rss_mib,
+            # The process and its decode workers (issue 22): their summed proportional
+            # set sizes, and how many processes there were.
+            "peak_pss_mib": self.worker.get("pss_peak_mib"),
+            "processes": self.worker.get("processes", 1),
             "rss_before_mib": self.worker["rss_before_mib"],
             "client_cpu_ms_per_image": self.client_cpu_ms_per_image,
             "prepare_ms_per_image": self.prepare_ms_per_image,

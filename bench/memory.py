@@ -1,10 +1,13 @@
-"""Decode memory: the peak RSS of a process preparing hostile images.
+"""Decode memory: the peak RSS of an instance preparing hostile images.
 
-Each case is prepared in a fresh child process, which reports its own peak
-(``VmHWM``), its CPU time and what prepare said. ``--old REV`` runs the same
-cases with ``src/captioner/adapters/images.py`` as it was at a git revision, for a
-before/after table; ``--together`` also sends 16 cases at once through the real
-``Captioner`` (its budgets, thread pool and ``images.decode_cost``), as an
+Each case is prepared in a fresh child process through the decode workers (issue 22:
+``PreparePool`` with the ``ProcessDecoder``), and the child reports the peak of the
+summed resident size of itself and its workers (sampled every 2 ms), their CPU time
+and what prepare said. ``--old REV`` runs the same cases in the child's own process
+with ``src/captioner/adapters/images.py`` as it was at a git revision (the design
+before the workers: its own ``VmHWM`` is the instance's peak), for a before/after
+table; ``--together`` also sends 16 cases at once through the real ``Captioner`` (its
+budgets and decode workers; threads and ``images.decode_cost`` for ``--old``), as an
 instance with CAPTION_MAX_CONCURRENCY=16 would see them.
 
     python -m bench.memory [--old REV] [--together]
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-CACHE = Path(tempfile.gettempdir()) / "captioner-hostile-images-v2"
+CACHE = Path(tempfile.gettempdir()) / "captioner-hostile-images-v3"
 # Every case stays under CAPTION_MAX_PIXELS (50,000,000): 7070 x 7070 = 49,984,900.
 SIDE = 7070
 # A private PNG chunk that makes an object as large as CAPTION_MAX_BYTES allows, so
@@ -90,7 +93,24 @@ def _cases() -> list[Case]:
             lambda: i.big_jpeg((8000, 6000), progressive=True, mode="CMYK"),
             "too-large-to-decode",
         ),
+        # Issue 22: what the per-format model did not price, or could not stop.
+        Case("tiff-64-of-one-16384-tile", i.tiff_declaring_tile, "too-large-to-decode"),
+        Case("tiff-64-of-640000-strips", i.tiff_of_strips, "corrupt-image"),
+        Case("tiff-rgba16-7000-one-strip", i.tiff_rgba16_one_strip, "too-large-to-decode"),
+        Case("avif-64x48-coding-10000", i.avif_declaring, "corrupt-image"),
+        Case("avif-64x48-coding-2000", _avif_2000_declaring_64x48, "ok"),
+        Case("heic-declaring-1x1", lambda: i.heic_declaring(1, 1), "too-large-to-decode"),
+        Case("jpeg-4000-of-15000-scans", lambda: i.jpeg_of_scans(4000, 15000), "decode-timeout"),
     ]
+
+
+def _avif_2000_declaring_64x48() -> bytes:
+    """A declared size that lies by less: its 2000x2000 frame fits the opening allowance."""
+    from PIL import Image
+    from tests import images as i
+
+    frame = i.encode(Image.new("RGB", (2000, 2000), (9, 99, 199)), "AVIF", quality=0, speed=10)
+    return i.with_declared_size(frame, 64, 48)
 
 
 CASES = {case.name: case for case in _cases()}
@@ -142,17 +162,46 @@ def _outcome(run: Callable[[], object]) -> str:
 
 
 def _child_one(path: str, images_path: str | None) -> dict[str, Any]:
-    images = _images_module(images_path)
     data = Path(path).read_bytes()
-    before = _peak_mb()
-    started = time.process_time()
-    outcome = _outcome(lambda: images.prepare(data))
+    if images_path is not None:  # the design before the workers: this process decodes
+        images = _images_module(images_path)
+        before = _peak_mb()
+        started = time.process_time()
+        outcome = _outcome(lambda: images.prepare(data))
+        return {
+            "outcome": outcome,
+            "baseline_mb": round(before, 1),
+            "peak_mb": round(_peak_mb(), 1),
+            "cpu_s": round(time.process_time() - started, 2),
+        }
+    from captioner.preparing import PreparePool, ProcessDecoder
+    from captioner_dev.proctree import TreeSampler, tree_cpu_seconds, tree_rss_mb
+
+    decoder = ProcessDecoder(max_edge=768, max_pixels=50_000_000)
+
+    def prepared(image: bytes) -> object:
+        pool = PreparePool(decoder, decode_budget=256 * 2**20, held_bytes_budget=128 * 2**20)
+        return asyncio.run(pool.prepared(image))
+
+    prepared(_TINY_PNG)  # the workers started and warm: part of the baseline
+    time.sleep(0.2)
+    before = tree_rss_mb()
+    started = tree_cpu_seconds()
+    with TreeSampler(period=0.002) as tree:
+        outcome = _outcome(lambda: prepared(data))
     return {
         "outcome": outcome,
         "baseline_mb": round(before, 1),
-        "peak_mb": round(_peak_mb(), 1),
-        "cpu_s": round(time.process_time() - started, 2),
+        "peak_mb": round(tree.peak_mb, 1),
+        "cpu_s": round(tree_cpu_seconds() - started, 2),
     }
+
+
+# An 8x8 PNG, to start the workers before a measurement.
+_TINY_PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000008000000080800000000e164e1"
+    "570000000c49444154789c6360a00e0000004800012eb83c7e0000000049454e44ae426082"
+)
 
 
 class _FileStorage:
@@ -193,16 +242,23 @@ class _Describer:
 def _child_together(paths: list[str], images_path: str | None = None) -> dict[str, Any]:
     from captioner.domain import ObjectRef
     from captioner.pipeline import Captioner, PipelineConfig
+    from captioner_dev.proctree import TreeSampler
 
-    images = _images_module(images_path)
-    # An old images.py has no cost function: its decodes are gated by nothing.
-    decode_cost = getattr(images, "decode_cost", None)
     named = {f"{index}-{Path(path).name}": Path(path) for index, path in enumerate(paths)}
     storage = _FileStorage(named)
+    if images_path is not None:
+        images = _images_module(images_path)
+        # Before the workers: prepare in threads; an old images.py without a cost
+        # function has its decodes gated by nothing.
+        prepare, decode_cost = images.prepare, getattr(images, "decode_cost", None)
+    else:
+        from captioner.preparing import ProcessDecoder
+
+        prepare, decode_cost = ProcessDecoder(max_edge=768, max_pixels=50_000_000), None
     captioner = Captioner(
         storage=storage,
         describer=_Describer(),
-        prepare=images.prepare,
+        prepare=prepare,
         decode_cost=decode_cost,
         config=PipelineConfig(max_bytes=20 * 1024 * 1024, max_concurrency=16),
     )
@@ -214,12 +270,14 @@ def _child_together(paths: list[str], images_path: str | None = None) -> dict[st
         results = await asyncio.gather(*(captioner.caption_object(ref) for ref in refs))
         return [result.reason or result.outcome.value for result in results]
 
-    outcomes = asyncio.run(run())
+    with TreeSampler(period=0.002) as tree:
+        outcomes = asyncio.run(run())
     captioner.close()
     return {
         "outcomes": outcomes,
         "baseline_mb": round(before, 1),
-        "peak_mb": round(_peak_mb(), 1),
+        "peak_mb": round(max(tree.peak_mb, _peak_mb()), 1),
+        "processes": tree.processes,
         "cpu_s": round(time.process_time() - started, 2),
         "decode_budget_peak_mb": round(captioner.decode_budget.peak / 2**20, 1),
         "held_bytes_peak_mb": round(captioner.held_bytes.peak / 2**20, 1),

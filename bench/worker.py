@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -47,8 +47,13 @@ def _status_kib(key: str) -> float:
 
 
 def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    """This process's CPU and its decode workers' (issue 22), alive or reaped."""
+    try:
+        from captioner_dev.proctree import tree_cpu_seconds
+    except ImportError:  # a checkout from before the decode workers
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    return tree_cpu_seconds()
 
 
 def _process_cpu(pid: int) -> float:
@@ -168,14 +173,24 @@ class PrepareLog:
         def timed(data: bytes, **options: Any) -> PreparedImage:
             started = time.thread_time()
             image = prepare(data, **options)
-            spent = time.thread_time() - started
-            kind = _kind(image)
-            self.cpu.setdefault(kind, []).append(spent)
-            self.sent.setdefault(kind, []).append(len(image.data))
-            self.tokens.setdefault(kind, []).append(image_tokens(image.width, image.height))
+            self.add(image, time.thread_time() - started)
             return image
 
         return timed
+
+    def on_reply(self, reply: Any, allowance: int) -> None:
+        """A decode worker's reply (issue 22): its image and the worker's CPU for it."""
+        header = reply.header
+        if header.get("status") != "ok":
+            return
+        fields = {key: header[key] for key in PreparedImage.__dataclass_fields__ if key != "data"}
+        self.add(PreparedImage(data=reply.data, **fields), reply.cpu_seconds)
+
+    def add(self, image: PreparedImage, spent: float) -> None:
+        kind = _kind(image)
+        self.cpu.setdefault(kind, []).append(spent)
+        self.sent.setdefault(kind, []).append(len(image.data))
+        self.tokens.setdefault(kind, []).append(image_tokens(image.width, image.height))
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -201,12 +216,16 @@ async def run_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
     import captioner.adapters.images
 
     log = PrepareLog()
-    # Runtime imports images.prepare when it builds, so this wrapper is what it uses.
+    # Runtime imports images.prepare when it builds, so this wrapper is what it uses
+    # (before the decode workers of issue 22; since, their replies are watched below).
     captioner.adapters.images.prepare = log.wrap(captioner.adapters.images.prepare)
     from captioner.runtime import Runtime
 
     runtime = Runtime(Settings.from_env(os.environ))
     captioner_ = runtime.captioner()  # clients made (and google-genai imported) before the clock
+    decoder = getattr(getattr(captioner_, "_pool", None), "_decoder", None)
+    if hasattr(decoder, "on_reply"):
+        decoder.on_reply = log.on_reply  # type: ignore[union-attr]
     refs = [ObjectRef(spec["bucket"], name) for name in spec["names"]]
     outcomes: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
@@ -361,13 +380,35 @@ async def run_naive(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _tree_sampler() -> Iterator[Any]:
+    try:
+        from captioner_dev.proctree import TreeSampler
+    except ImportError:  # a checkout from before the decode workers: one process
+        yield None
+        return
+    if os.environ.get("BENCH_DECODE_WORKERS"):  # to compare worker counts; not a setting
+        import captioner.preparing
+
+        captioner.preparing.DECODE_WORKERS = int(os.environ["BENCH_DECODE_WORKERS"])
+    with TreeSampler(period=0.02, pss=True) as sampler:
+        yield sampler
+
+
 _APPROACHES = {"sequential": run_sequential, "naive": run_naive, "pipeline": run_pipeline}
 
 
 def main() -> int:
     spec = json.load(sys.stdin)
-    result = asyncio.run(_APPROACHES[spec["approach"]](spec))
-    result["rss_peak_mib"] = _status_kib("VmHWM") / 1024
+    # The instance's peak: this process and its decode workers (issue 22), their summed
+    # resident size sampled every 10 ms; this process's own VmHWM is a floor of it.
+    with _tree_sampler() as tree:
+        result = asyncio.run(_APPROACHES[spec["approach"]](spec))
+    own = _status_kib("VmHWM") / 1024
+    result["rss_peak_main_mib"] = own
+    result["rss_peak_mib"] = max(own, tree.peak_mb if tree is not None else 0.0)
+    result["processes"] = tree.processes if tree is not None else 1
+    result["pss_peak_mib"] = tree.peak_pss_mb if tree is not None else None
     result["process_cpu"] = _cpu_seconds()
     print("RESULT " + json.dumps(result), flush=True)
     return 0

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import io
+import os
 import random
 import struct
+import subprocess
+import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -15,6 +20,10 @@ from captioner_dev import PHOTOS  # the sample photos, shipped in the repository
 
 def photo(name: str = "chelsea.jpg") -> bytes:
     return (PHOTOS / name).read_bytes()
+
+
+def photo_path(name: str = "chelsea.jpg") -> Path:
+    return PHOTOS / name
 
 
 def all_photos() -> list[Path]:
@@ -215,7 +224,9 @@ def other_formats() -> dict[str, tuple[bytes, str]]:
     """A real photo as each format beyond JPEG/PNG/WebP/GIF that captioner takes,
     with its content type: HEIC (as iPhones save), AVIF, TIFF (several pages; CMYK;
     16-bit grey) and BMP."""
-    import captioner.adapters.images  # noqa: F401 - registers the HEIF opener
+    from captioner.adapters.images import register_heif
+
+    register_heif()  # to save HEIC
 
     picture = Image.open(io.BytesIO(photo("chelsea.jpg"))).convert("RGB")
     second = Image.new("RGB", picture.size, (0, 0, 255))
@@ -251,3 +262,175 @@ def tiff_claiming(width: int, height: int) -> bytes:
             size = 2 if kind == 3 else 4
             data[at + 8 : at + 8 + size] = value.to_bytes(size, "little")
     return bytes(data)
+
+
+# Decoders that could take the instance down (issue 22): TIFFs whose strips or tiles
+# say more than their size, AVIF and HEIC whose declared size is not what they code,
+# and a JPEG header our own parsing divided by. Built with struct; the large ones are
+# cached for the session (deflating 805 MB of zeros takes ~2 s).
+
+# TIFF field types: SHORT and LONG.
+_TIFF_TYPES = {3: "H", 4: "I"}
+# A field value that means "where the payload starts".
+PAYLOAD = -1
+
+
+def tiff_file(fields: dict[int, tuple[int, list[int]]], payload: bytes = b"") -> bytes:
+    """A little-endian TIFF: the ``payload`` right after the 8-byte header, then one IFD
+    of ``fields`` (tag: (type, values)); a value of PAYLOAD is the payload's offset."""
+    out = bytearray(b"II*\x00\x00\x00\x00\x00" + payload)
+    if len(out) % 2:
+        out += b"\x00"
+    ifd = len(out)
+    spill_at = ifd + 2 + 12 * len(fields) + 4
+    entries, spill = [], bytearray()
+    for tag in sorted(fields):
+        kind, values = fields[tag]
+        code = _TIFF_TYPES[kind]
+        raw = struct.pack(f"<{len(values)}{code}", *(8 if v == PAYLOAD else v for v in values))
+        if len(raw) <= 4:
+            entries.append(struct.pack("<HHI", tag, kind, len(values)) + raw.ljust(4, b"\x00"))
+        else:
+            entries.append(struct.pack("<HHII", tag, kind, len(values), spill_at + len(spill)))
+            spill += raw + (b"\x00" if len(raw) % 2 else b"")
+    out[4:8] = struct.pack("<I", ifd)
+    out += struct.pack("<H", len(fields)) + b"".join(entries) + b"\x00" * 4 + spill
+    return bytes(out)
+
+
+def deflated_zeros(size: int) -> bytes:
+    compressor = zlib.compressobj(9)
+    block = bytes(4 << 20)
+    parts = [
+        compressor.compress(block[: min(len(block), size - at)])
+        for at in range(0, size, len(block))
+    ]
+    return b"".join(parts) + compressor.flush()
+
+
+@functools.cache
+def tiff_declaring_tile(side: int = 64, tile: int = 16384) -> bytes:
+    """A ``side``² RGB TIFF of one declared ``tile``² deflated tile (~780 KB): libtiff
+    reads a tile into a buffer of the tile's size, 805 MB for 16384²."""
+    body = deflated_zeros(tile * tile * 3)
+    return tiff_file(
+        {
+            256: (4, [side]), 257: (4, [side]), 258: (3, [8, 8, 8]), 259: (3, [8]),
+            262: (3, [2]), 277: (3, [3]), 284: (3, [1]),
+            322: (4, [tile]), 323: (4, [tile]), 324: (4, [PAYLOAD]), 325: (4, [len(body)]),
+        },
+        body,
+    )  # fmt: skip
+
+
+def tiff_of_strips(count: int = 640_000, side: int = 64) -> bytes:
+    """A ``side``² greyscale uncompressed TIFF listing ``count`` one-byte strips (2.5 MB):
+    Pillow wraps the strips past the page around as further passes over the image,
+    each a decoder call (minutes of CPU for 640,000)."""
+    return tiff_file(
+        {
+            256: (4, [side]), 257: (4, [side]), 258: (3, [8]), 259: (3, [1]),
+            262: (3, [1]), 277: (3, [1]), 278: (4, [1]),
+            273: (3, [8] * count), 279: (3, [1] * count),
+        },
+        b"\x00",
+    )  # fmt: skip
+
+
+@functools.cache
+def tiff_rgba16_one_strip(side: int = 7000) -> bytes:
+    """A 16-bit RGBA ``side``² TIFF in one deflated strip (~380 KB for 7000²): libtiff's
+    strip buffer of 392 MB, then Pillow's 196 MB image."""
+    body = deflated_zeros(side * side * 8)
+    return tiff_file(
+        {
+            256: (4, [side]), 257: (4, [side]), 258: (3, [16, 16, 16, 16]), 259: (3, [8]),
+            262: (3, [2]), 277: (3, [4]), 278: (4, [side]), 284: (3, [1]), 338: (3, [2]),
+            273: (4, [PAYLOAD]), 279: (4, [len(body)]),
+        },
+        body,
+    )  # fmt: skip
+
+
+def tiff_of_wide_tiles(side: int = 64, tile: int = 0xFFFFFF00) -> bytes:
+    """An uncompressed TIFF whose one tile is ``tile`` pixels wide: Pillow's set-up of
+    its decoder overflowed (OverflowError)."""
+    return tiff_file(
+        {
+            256: (4, [side]), 257: (4, [side]), 258: (3, [8]), 259: (3, [1]),
+            262: (3, [1]), 277: (3, [1]),
+            322: (4, [tile]), 323: (4, [16]), 324: (4, [PAYLOAD] * 4), 325: (4, [16] * 4),
+        },
+        bytes(16),
+    )  # fmt: skip
+
+
+def with_declared_size(data: bytes, width: int, height: int) -> bytes:
+    """An AVIF or HEIC whose ``ispe`` box (the size its header declares) says
+    ``width`` x ``height``, whatever its coded frame is."""
+    at = data.index(b"ispe")
+    return data[: at + 8] + struct.pack(">II", width, height) + data[at + 16 :]
+
+
+def avif_without_image_item() -> bytes:
+    """An AVIF whose item is no longer of type av01: Pillow's plugin raised RuntimeError."""
+    data = other_formats()["avif"][0]
+    return data.replace(b"av01", b"xv01", 1)
+
+
+def heic_declaring(width: int, height: int) -> bytes:
+    """A HEIC photo (451x300 coded) declaring another size: libheif refused it with a
+    RuntimeError ("Security limit exceeded")."""
+    return with_declared_size(other_formats()["heic"][0], width, height)
+
+
+# Built in a child process: encoding 10000² takes ~7 s and 2 GB, which the test
+# process's own peak (test_bad_inputs checks it) should not carry. Cached on disk.
+_CACHE = Path(tempfile.gettempdir()) / "captioner-test-images-v1"
+
+
+def avif_declaring(width: int = 64, height: int = 48, coded: int = 10000) -> bytes:
+    """An AVIF (~1.9 KB) whose ``ispe`` says ``width`` x ``height`` and whose frame is
+    ``coded``² (twice CAPTION_MAX_PIXELS for 10000): Pillow's AVIF writer, then a
+    byte patch of the declared size."""
+    path = _CACHE / f"avif-coded-{coded}.avif"
+    if not path.exists():
+        _CACHE.mkdir(parents=True, exist_ok=True)
+        code = (
+            "import io, sys; from PIL import Image; out = io.BytesIO(); "
+            f"Image.new('RGB', ({coded}, {coded}), (20, 40, 60)).save("
+            "out, 'AVIF', quality=0, speed=10); sys.stdout.buffer.write(out.getvalue())"
+        )
+        made = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
+        part = path.with_suffix(f".{os.getpid()}.part")
+        part.write_bytes(made.stdout)
+        part.replace(path)
+    return with_declared_size(path.read_bytes(), width, height)
+
+
+def progressive_jpeg_with_sampling(h: int, v: int) -> bytes:
+    """A progressive JPEG whose first component's sampling factors are ``h`` x ``v``
+    (0 made our own header parsing divide by zero)."""
+    data = bytearray(big_jpeg((64, 48), progressive=True, subsampling=2))
+    at = data.index(b"\xff\xc2")
+    data[at + 11] = (h << 4) | v  # SOF2: marker, length, precision, size, count, then id, hv
+    return bytes(data)
+
+
+def jpeg_of_scans(side: int = 4000, repeats: int = 4000) -> bytes:
+    """A progressive greyscale JPEG whose first AC scan is repeated ``repeats`` times
+    (~31 bytes each for 4000²): every header check passes, and each scan is a pass over
+    every block (4000 repeats of 4000²: ~4 s of CPU; 15000: ~16 s)."""
+    data = encode(Image.new("L", (side, side), 128), "JPEG", progressive=True, quality=50)
+    scans = []
+    pos = 2
+    while data[pos + 1] != 0xD9:
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if data[pos + 1] == 0xDA:  # entropy-coded data runs to the next real marker
+            end = data.index(b"\xff", end)
+            while data[end + 1] == 0 or 0xD0 <= data[end + 1] <= 0xD7:
+                end = data.index(b"\xff", end + 1)
+            scans.append((pos, end))
+        pos = end
+    start, end = scans[1]
+    return data[:end] + data[start:end] * repeats + data[end:]

@@ -32,7 +32,7 @@ from captioner.domain import (
 )
 from captioner.errors import ObjectGoneError, PermanentError, TransientError
 from captioner.metadata import MetadataKeys, clean_caption
-from captioner.preparing import DecodeCost, PreparePool, Preparer
+from captioner.preparing import DecodeCost, Decoder, PreparePool, Preparer, as_decoder
 from captioner.recording import MetadataStore, Recorder, result_for, verdict
 from captioner.rules import RuleBook
 from captioner.spending import Refused, Spending, Ticket
@@ -62,11 +62,13 @@ class PipelineConfig:
     max_concurrency: int
     metadata_prefix: str = "caption"
     rules: RuleBook = RuleBook(CaptionSpec(DEFAULT_PROMPT, structured=False))  # noqa: RUF009 - frozen
-    # Threads that decode and shrink images; None: one per CPU this process may use.
+    # Threads for a plain ``prepare`` callable (tests); None: one per CPU this process
+    # may use. The decode workers (preparing.ProcessDecoder) have their own count.
     prepare_threads: int | None = None
-    # Memory, for an instance of 1 GiB and a target peak of 600 MB (~70 MB of it the
-    # interpreter and libraries). Decodes running at once may sum to this much by their
-    # estimated cost (images.DECODE_BUDGET is the same figure: what one image may cost).
+    # Memory, for an instance of 1 GiB and a target peak of 600 MB for the process and
+    # its decode workers (the arithmetic is in captioner.preparing). The memory the
+    # decodes running at once are allowed sums to this much at most, and it is also
+    # the most one image may be allowed (decode_price.DECODE_BUDGET is the same figure).
     decode_budget: int = 256 * 1024 * 1024
     # Downloaded objects held in memory at once, from the start of their download to the
     # end of their prepare. Without it 20 objects in flight of CAPTION_MAX_BYTES (20 MiB)
@@ -97,7 +99,7 @@ class Captioner:
         *,
         storage: Storage,
         describer: Describer,
-        prepare: Preparer,
+        prepare: Preparer | Decoder,
         config: PipelineConfig,
         decode_cost: DecodeCost | None = None,
         spending: Spending | None = None,
@@ -113,11 +115,9 @@ class Captioner:
         # instance (and so its memory), however many events arrive at once.
         self._in_flight = asyncio.Semaphore(config.images_in_flight)
         self._pool = PreparePool(
-            prepare,
-            threads=config.prepare_threads,
+            as_decoder(prepare, threads=config.prepare_threads, cost=decode_cost),
             decode_budget=config.decode_budget,
             held_bytes_budget=config.held_bytes_budget,
-            decode_cost=decode_cost,
         )
         # The two memory budgets, for tests and benchmarks.
         self.decode_budget = self._pool.decode_budget
@@ -125,7 +125,7 @@ class Captioner:
         self.calls_bytes = Budget(config.calls_bytes_budget)
 
     def close(self) -> None:
-        """Let the prepare threads go (they would also end with the process)."""
+        """Let the prepare threads go (decode workers stay, for the process's next use)."""
         self._pool.close()
 
     async def caption_object(
@@ -326,7 +326,7 @@ class Captioner:
                     generation=info.generation,
                     max_bytes=self._config.max_bytes,
                 )
-            # Pillow releases the GIL while decoding; a thread keeps the loop serving others.
+            # In a decode worker (preparing): the loop keeps serving others meanwhile.
             with stopwatch.measure("prepare"):
                 prepared = await self._pool.prepared(data)
             del data

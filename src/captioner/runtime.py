@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from dataclasses import dataclass
-from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from captioner.batch import BatchRun, CaptionRequest, FilesRequest
 from captioner.captions import CaptionSpec
@@ -78,7 +77,9 @@ class Runtime:
         """
         import aiohttp  # noqa: F401
 
-        from captioner.adapters import images, storage, urls  # noqa: F401
+        # Not the images adapter (Pillow): this process decodes nothing, its decode
+        # workers do (captioner.preparing), and they start on the first image.
+        from captioner.adapters import storage, urls  # noqa: F401
         from captioner.adapters.gemini import make_client
         from captioner.errors import ConfigurationError
 
@@ -164,47 +165,56 @@ class Runtime:
         estimate = self.estimated_usage()
         return Spending(self.rate(), estimate, of if budget is not None else None)
 
-    def _build(self) -> LoopResources:
-        # Imported here so a cold start pays for google-genai only when it is used.
-        import aiohttp
-
+    def _gemini(self) -> tuple[Any, Describer]:
+        """The Gemini client (None without a key) and the describer that uses it."""
         from captioner.adapters.gemini import GeminiDescriber, make_client
-        from captioner.adapters.images import decode_cost, prepare
-        from captioner.adapters.storage import StorageClient
-        from captioner.adapters.urls import UrlFetcher
         from captioner.limiter import AdaptiveLimiter, slow_start_initial
 
         s = self.settings
         client, self._ready_client = self._ready_client, None
-        describer: Describer
         try:
             if client is None:
                 client = make_client(s.call_timeout, tier=s.service_tier)
         except ConfigurationError as exc:
             # No key: what needs no Gemini (a dry run, reading back) still works; the
             # first image to describe reports it.
-            describer = NoGemini(s.model, exc)
-        else:
-            describer = GeminiDescriber.from_settings(
-                client,
-                s,
-                # A cold instance starts low and triples per round (slow start): the
-                # instances of a fleet start together against one quota.
-                limiter=AdaptiveLimiter(
-                    s.max_concurrency,
-                    initial=slow_start_initial(s.max_concurrency),
-                    max_pause=s.retry_max_wait,
-                ),
-            )
+            return None, NoGemini(s.model, exc)
+        describer = GeminiDescriber.from_settings(
+            client,
+            s,
+            # A cold instance starts low and triples per round (slow start): the
+            # instances of a fleet start together against one quota.
+            limiter=AdaptiveLimiter(
+                s.max_concurrency,
+                initial=slow_start_initial(s.max_concurrency),
+                max_pause=s.retry_max_wait,
+            ),
+        )
+        return client, describer
+
+    def _build(self) -> LoopResources:
+        # Imported here so a cold start pays for google-genai only when it is used.
+        import aiohttp
+
+        from captioner.adapters.storage import StorageClient
+        from captioner.adapters.urls import UrlFetcher
+        from captioner.preparing import ProcessDecoder
+
+        s = self.settings
+        client, describer = self._gemini()
         connector = aiohttp.TCPConnector(limit=max(2 * s.max_concurrency, 10))
         session = aiohttp.ClientSession(connector=connector)
         storage = StorageClient.from_env(session, attempts=s.storage_attempts)
+        # Images are decoded in worker processes, each held by the kernel to the memory
+        # its header's price was allowed (captioner.preparing). The first starts now,
+        # on the first request: not before the server listens, and not after the
+        # first image is downloaded.
+        decoder = ProcessDecoder(max_edge=s.max_edge, max_pixels=s.max_pixels)
+        decoder.start_workers()
         captioner = Captioner(
             storage=storage,
             describer=describer,
-            prepare=partial(prepare, max_edge=s.max_edge, max_pixels=s.max_pixels),
-            # What each decode costs in memory, so the pipeline's budget can bound it.
-            decode_cost=partial(decode_cost, max_edge=s.max_edge, max_pixels=s.max_pixels),
+            prepare=decoder,
             config=PipelineConfig(
                 max_bytes=s.max_bytes,
                 max_concurrency=s.max_concurrency,

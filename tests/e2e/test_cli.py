@@ -61,6 +61,21 @@ def test_describe_json_output_is_one_object_per_line(
     assert entries[-1]["totals"]["error"] == 1
 
 
+def test_describe_of_a_decoder_bomb_prints_one_line_and_no_traceback(
+    stack_env: dict[str, str], gemini: Any, tmp_path: Path
+) -> None:
+    # Pillow's TIFF set-up raised OverflowError on this one: a traceback (issue 22).
+    bomb = tmp_path / "bomb.tiff"
+    bomb.write_bytes(images.tiff_of_wide_tiles())
+    completed = run_cli(stack_env, "describe", str(bomb))
+    assert completed.returncode == 1
+    (line,) = completed.stdout.splitlines()
+    assert line.startswith(f"{bomb}\terror (too-large-to-decode): ")
+    assert "Traceback" not in completed.stderr
+    assert "done 0, skipped 0, blocked 0, failed 1" in completed.stderr
+    assert gemini.calls == 0
+
+
 def test_backfill_is_resumable_and_a_second_run_calls_gemini_never(
     stack_env: dict[str, str], gemini: Any, bucket: Any
 ) -> None:

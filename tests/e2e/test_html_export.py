@@ -11,12 +11,15 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
+from captioner_dev.functions import REPO
+from captioner_dev.proctree import TreeSampler
 from tests import images
 from tests.e2e.test_cli import run_cli
 
@@ -86,3 +89,28 @@ def test_exported_page_renders_thumbnails_with_their_captions(
     # background a few hundred (anti-aliasing).
     assert colours(shot) > 10 * colours(control)
     assert colours(shot) > 5000
+
+
+def test_thumbnails_of_eight_large_pngs_are_made_within_the_decode_budget(
+    stack_env: dict[str, str], bucket: Any, tmp_path: Path
+) -> None:
+    # Each a 7070x7070 RGBA PNG: ~200 MB decoded. Thumbnails skipped the decode budget,
+    # so eight at once took the command to 1,258 MiB (issue 22); now they are made in
+    # the decode workers, within the same budget as captions.
+    data = images.raw_png(7070, 7070, color_type=6)
+    for i in range(8):
+        bucket.blob(f"big/{i}.png").upload_from_string(data, content_type="image/png")
+    page = tmp_path / "page.html"
+    command = [sys.executable, "-m", "captioner", "export", f"gs://{bucket.name}/big/"]
+    command += ["-o", str(tmp_path / "x.jsonl"), "--html", str(page)]
+    env = {**os.environ, **stack_env, "PYTHONPATH": str(REPO / "src")}
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    with TreeSampler(process.pid, period=0.01) as command_and_workers:
+        _, stderr = process.communicate(timeout=180)
+    assert process.returncode == 0, stderr
+    assert "exported 8 images" in stderr
+    assert page.read_text().count('<img src="data:image/jpeg;base64,') == 8
+    assert command_and_workers.peak_mb < 600
+    assert command_and_workers.processes >= 2  # the command and at least one worker

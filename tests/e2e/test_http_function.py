@@ -74,6 +74,29 @@ def test_objects_mode_captions_named_objects(
     assert allowed_bucket.get_blob("o/cat #1.jpg").metadata["caption-status"] == "ok"
 
 
+def test_one_bad_avif_among_good_jpegs_answers_200_with_the_good_ones_captioned(
+    http_function: FunctionServer, allowed_bucket: Any, gemini: Any
+) -> None:
+    # Pillow's AVIF plugin raised RuntimeError on this one, which turned the whole
+    # answer into a 500 (issue 22).
+    names = [f"mixed/{i}.jpg" for i in range(4)]
+    for name, photo in zip(
+        names, ["chelsea.jpg", "coffee.jpg", "rocket.jpg", "camera.jpg"], strict=True
+    ):
+        upload(allowed_bucket, name, images.photo(photo))
+    upload(allowed_bucket, "mixed/bad.avif", images.avif_without_image_item(), "image/avif")
+    body = {"objects": [f"gs://{ALLOWED}/{name}" for name in [*names, "mixed/bad.avif"]]}
+    answer = post(http_function, body)
+    assert answer.status_code == 200, answer.text
+    by_source = {r["source"]: r for r in answer.json()["results"]}
+    assert [by_source[f"gs://{ALLOWED}/{name}"]["status"] for name in names] == ["ok"] * 4
+    assert by_source[f"gs://{ALLOWED}/mixed/bad.avif"]["reason"] == "corrupt-image"
+    assert allowed_bucket.get_blob("mixed/bad.avif").metadata["caption-status"] == (
+        "error:corrupt-image"
+    )
+    assert gemini.calls == 4
+
+
 def test_prefix_mode_backfills_then_skips_what_is_done(
     http_function: FunctionServer, allowed_bucket: Any, gemini: Any
 ) -> None:

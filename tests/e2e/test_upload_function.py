@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -16,6 +16,7 @@ import requests
 
 from captioner_dev.eventarc import binary_event, structured_event
 from captioner_dev.functions import REPO, FunctionServer
+from captioner_dev.proctree import TreeSampler
 from tests import images
 from tests.integration.test_storage_adapter import ODD_NAMES
 from tests.objects import upload
@@ -102,6 +103,58 @@ def test_bad_images_return_200_and_record_the_error(
     assert meta["caption-status"] == status
     assert meta["owner"] == "kept"
     assert gemini.calls == 0
+
+
+# Decoders that could take the instance down (issue 22), as uploads. Before: the TIFFs
+# and the AVIF were decoded in the function's process (up to 1,100 MiB), the strips
+# and scans ran the CPU until the deadline (a 503, redelivered for 24 hours), and the
+# rest raised past prepare (a 500, redelivered too).
+DECODER_BOMBS: list[tuple[str, Callable[[], bytes], str, str]] = [
+    ("tile.tif", images.tiff_declaring_tile, "image/tiff", "too-large-to-decode"),
+    ("strips.tif", images.tiff_of_strips, "image/tiff", "corrupt-image"),
+    ("rgba16-strip.tif", images.tiff_rgba16_one_strip, "image/tiff", "too-large-to-decode"),
+    ("wide-tile.tif", images.tiff_of_wide_tiles, "image/tiff", "too-large-to-decode"),
+    ("lying.avif", images.avif_declaring, "image/avif", "corrupt-image"),
+    ("no-item.avif", images.avif_without_image_item, "image/avif", "corrupt-image"),
+    ("lying.heic", lambda: images.heic_declaring(1, 1), "image/heic", "too-large-to-decode"),
+    ("sampling-0.jpg", lambda: images.progressive_jpeg_with_sampling(0, 1), "image/jpeg",
+     "corrupt-image"),
+    # ~16 s of CPU in libjpeg; a decode may use 10.
+    ("scans.jpg", lambda: images.jpeg_of_scans(4000, 15000), "image/jpeg", "decode-timeout"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "build", "content_type", "reason"),
+    DECODER_BOMBS,
+    ids=[bomb[0] for bomb in DECODER_BOMBS],
+)
+def test_a_decoder_bomb_is_acknowledged_recorded_and_the_instance_captions_the_next_image(
+    gcs: Any,
+    bucket: Any,
+    gemini: Any,
+    upload_function: FunctionServer,
+    name: str,
+    build: Callable[[], bytes],
+    content_type: str,
+    reason: str,
+) -> None:
+    upload(bucket, name, build(), content_type, metadata={"owner": "kept"})
+    with TreeSampler(upload_function.pid, period=0.01) as instance:
+        response = deliver(upload_function, *binary_event(resource(gcs, bucket.name, name)))
+    assert response.status_code == 200, response.text  # acknowledged: no redelivery
+    meta = bucket.get_blob(name).metadata
+    assert meta["caption-status"] == f"error:{reason}"
+    assert meta["owner"] == "kept"
+    assert gemini.calls == 0
+    # The whole instance (the function's process and its decode workers) stayed small.
+    assert instance.peak_mb < 600
+    # Still alive, and still captioning.
+    upload(bucket, f"after-{name}.jpg", images.photo("coffee.jpg"))
+    after = deliver(upload_function, *binary_event(resource(gcs, bucket.name, f"after-{name}.jpg")))
+    assert after.status_code == 200
+    assert bucket.get_blob(f"after-{name}.jpg").metadata["caption-status"] == "ok"
+    assert not upload_function.exited()
 
 
 def test_non_image_is_untouched(gcs: Any, bucket: Any, upload_function: FunctionServer) -> None:

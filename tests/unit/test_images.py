@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from captioner.adapters.images import (
+from captioner.adapters.decode_price import (
     DECODE_BUDGET,
     Header,
-    _shrink,
     check_header,
-    decode_cost,
     decode_estimate,
+    webp_size,
+)
+from captioner.adapters.images import (
+    _shrink,
+    decode_cost,
+    decoder_failures,
     prepare,
     sniff_format,
 )
@@ -334,3 +339,91 @@ def test_heic_and_avif_decode_cost_follows_the_codec(fmt: str, megapixels: int, 
     width = int((megapixels * 1_000_000 * 4 / 3) ** 0.5)
     header = Header(fmt, "RGB", width, width * 3 // 4)
     assert (decode_estimate(header, 768) <= DECODE_BUDGET) is fits
+
+
+# Decoders that raised past prepare (issue 22): whatever a decoder raises on bytes we
+# did not make is the image's fault, a PermanentError; prepare and decode_cost raise
+# nothing else. (In this process, without the workers' limits: small inputs only.)
+
+
+@pytest.mark.parametrize(
+    ("build", "reason"),
+    [
+        # ZeroDivisionError in our own _coefficient_bytes.
+        (lambda: images.progressive_jpeg_with_sampling(0, 1), "corrupt-image"),
+        (lambda: images.progressive_jpeg_with_sampling(5, 1), "corrupt-image"),
+        # OverflowError in Pillow's TIFF decoder set-up.
+        (images.tiff_of_wide_tiles, "too-large-to-decode"),
+        # RuntimeError from Pillow's AVIF plugin.
+        (images.avif_without_image_item, "corrupt-image"),
+        # RuntimeError "Security limit exceeded" from libheif.
+        (lambda: images.heic_declaring(1, 1), "too-large-to-decode"),
+        (lambda: images.heic_declaring(65536, 65536), "too-large-to-decode"),
+    ],
+    ids=["jpeg-sampling-0", "jpeg-sampling-5", "tiff-wide-tile", "avif-no-item", "heic-1x1",
+         "heic-65536"],
+)  # fmt: skip
+def test_a_decoder_exception_is_a_permanent_error_with_a_reason(
+    build: Callable[[], bytes], reason: str
+) -> None:
+    data = build()
+    with pytest.raises(PermanentError) as info:
+        prepare(data)
+    assert info.value.reason == reason, str(info.value)
+    assert decode_cost(data) >= 0  # never raises either
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("boom"), ZeroDivisionError(), OverflowError("x"), KeyError("k"), MemoryError()],
+)
+def test_decoder_failures_turns_any_exception_into_a_permanent_error(error: Exception) -> None:
+    with pytest.raises(PermanentError) as info, decoder_failures():
+        raise error
+    expected = "too-large-to-decode" if isinstance(error, MemoryError) else "corrupt-image"
+    assert info.value.reason == expected
+
+
+def test_pillows_out_of_memory_decoder_error_is_too_large_to_decode() -> None:
+    with pytest.raises(PermanentError) as info, decoder_failures():
+        raise OSError("decoder error -9")
+    assert info.value.reason == "too-large-to-decode"
+
+
+def test_a_tiff_listing_more_strips_than_its_page_has_is_refused_from_the_header() -> None:
+    with pytest.raises(PermanentError) as info:
+        prepare(images.tiff_of_strips(count=1000))
+    assert info.value.reason == "corrupt-image"
+    assert "1000 strips or tiles where its 64x64 page has 64" in str(info.value)
+
+
+def test_a_tiffs_declared_tile_is_priced_from_its_header() -> None:
+    # libtiff reads a tile into a buffer of the tile's declared size.
+    data = images.tiff_file(
+        {256: (4, [64]), 257: (4, [64]), 258: (3, [8, 8, 8]), 259: (3, [8]), 262: (3, [2]),
+         277: (3, [3]), 322: (4, [10000]), 323: (4, [10000]), 324: (4, [images.PAYLOAD]),
+         325: (4, [16])},
+        bytes(16),
+    )  # fmt: skip
+    with pytest.raises(PermanentError) as info:
+        prepare(data)
+    assert info.value.reason == "too-large-to-decode"
+    assert "64x64 TIFF (RGB) would take ~" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "size"),
+    [
+        (images.solid_webp((7000, 7000)), (7000, 7000)),  # VP8L
+        (images.solid_webp((300, 200), frames=2), (300, 200)),  # VP8X
+        (images.encode(images.solid((300, 200)), "WEBP"), (300, 200)),  # VP8
+        (images.webp_canvas(16384, 16384), (16384, 16384)),  # VP8X, no image
+    ],
+    ids=["VP8L", "VP8X-animated", "VP8", "VP8X-canvas-only"],
+)
+def test_a_webps_size_is_read_before_pillow_opens_it(data: bytes, size: tuple[int, int]) -> None:
+    # Pillow's WebP plugin makes libwebp's canvases when it opens a file (392 MB for
+    # 7000x7000), so the size is read from the bytes first.
+    assert webp_size(data) == size
+    if max(size) < 1000:
+        assert Image.open(io.BytesIO(data)).size == size

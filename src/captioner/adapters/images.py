@@ -7,43 +7,89 @@ cheap on purpose (see bench/RESULTS.md): a box-filter resample of that small
 image, and a plain JPEG save without ``optimize`` (an extra Huffman pass that
 saves ~1% of bytes for twice the encoding time).
 
-Memory is bounded before anything is decoded (see "Decode memory" in
-bench/RESULTS.md). ``decode_estimate`` prices a decode from the header alone: the
-one full-size copy in the image's own mode that PNG, GIF and WebP cannot avoid
-(plus libwebp's canvases, libjpeg's coefficient buffers for progressive JPEGs and
-Pillow's per-row pointers), and the small working set of the shrink. Anything
-priced over ``DECODE_BUDGET`` is refused (``too-large-to-decode``), as is an
-aspect ratio over 50:1 (``bad-aspect-ratio``). The shrink then never makes a
-second full-size copy: the image is converted to RGB and reduced one band of
-rows at a time, so a 49 MP RGBA PNG peaks at its own 196 MB, not at the 640 MB
-the whole-image conversions used to take.
+Memory is priced before anything is decoded (adapters/decode_price.py; see "Decode
+memory" in bench/RESULTS.md): anything priced over ``DECODE_BUDGET`` is refused
+(``too-large-to-decode``), as is an aspect ratio over 50:1 (``bad-aspect-ratio``).
+The shrink then never makes a second full-size copy: the image is converted to RGB
+and reduced one band of rows at a time, so a 49 MP RGBA PNG peaks at its own
+196 MB, not at the 640 MB the whole-image conversions used to take.
+
+The price is not the wall: the decode itself runs in a worker process whose
+address space and CPU time the kernel limits (captioner.workers,
+captioner.preparing), so a header that lies about what its decode needs ends in a
+refusal, not in an instance out of memory. Anything a decoder raises on bytes we
+did not make is the image's fault: ``decoder_failures`` turns it into a
+PermanentError, so ``prepare`` raises nothing else.
 """
 
 from __future__ import annotations
 
 import ctypes
 import io
-import math
 import os
+import traceback
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-import pillow_heif
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import (
+    AvifImagePlugin,
+    Image,
+    ImageFile,
+    TiffImagePlugin,
+    UnidentifiedImageError,
+    WebPImagePlugin,
+)
 
+from captioner.adapters.decode_price import (
+    DECODE_BUDGET,
+    Header,
+    band_rows,
+    check_header,
+    first_scan_components,
+    shrink_factors,
+    target_size,
+    tiff_buffer,
+    webp_size,
+)
+from captioner.adapters.stripping import strip_metadata
 from captioner.domain import PreparedImage
-from captioner.errors import PermanentError
+from captioner.errors import CaptionerError, PermanentError
 
-# HEIC/HEIF (every iPhone photo since 2017) through pillow-heif, the libheif binding
-# Pillow's own docs point to: BSD-licensed, wheels for CPython 3.11-3.13 on
-# manylinux_2_28 x86_64 (what the python312 Cloud Run runtime, Ubuntu 22.04, runs),
-# decode-only use. AVIF, TIFF and BMP are Pillow's own (AVIF since Pillow 11.2).
-pillow_heif.register_heif_opener()
+# Imported to register their formats with Pillow (see _FORMATS_WITHOUT_HEIF).
+_PLUGINS = (AvifImagePlugin, TiffImagePlugin, WebPImagePlugin)
+# One codec thread per decode. Images are decoded side by side in worker processes,
+# one per CPU (captioner.preparing); codec threads would only compete with them for
+# the same cores, and each costs an 8 MiB stack inside a worker's address-space limit.
+AvifImagePlugin.DEFAULT_MAX_THREADS = 1
+
+
+def register_heif() -> None:
+    """Let Pillow open HEIC/HEIF (every iPhone photo since 2017) through pillow-heif,
+    the libheif binding Pillow's own docs point to: BSD-licensed, wheels for CPython
+    3.11-3.13 on manylinux_2_28 x86_64 (what the python312 Cloud Run runtime, Ubuntu
+    22.04, runs), decode-only use. AVIF, TIFF and BMP are Pillow's own (AVIF since
+    Pillow 11.2). Loaded on the first file that could be one (an ISO-BMFF ``ftyp``
+    box): libheif and its codecs are ~8 MB more resident in each decode worker."""
+    global _heif_registered
+    if not _heif_registered:
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+        pillow_heif.options.DECODE_THREADS = 1  # as for AVIF, above
+        _heif_registered = True
+
+
+_heif_registered = False
 
 # Formats we accept from a bucket. JPEG, PNG and WebP small enough are sent as they
 # are; everything else (a GIF's first frame, HEIC, AVIF, a TIFF's first page, BMP)
 # is re-encoded as JPEG, which every Gemini model takes.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "HEIF", "AVIF", "TIFF", "BMP")
+# Until pillow-heif is loaded (register_heif). Naming a format Pillow has not
+# registered makes it import all ~40 of its plugins (Image.init): ~40 ms and ~3 MB
+# more for each decode worker to start.
+_FORMATS_WITHOUT_HEIF = tuple(fmt for fmt in ACCEPTED_FORMATS if fmt != "HEIF")
 _SENDABLE_AS_IS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 _SENDABLE_MODES = {
     "JPEG": {"RGB", "L"},
@@ -76,49 +122,6 @@ _RESAMPLE = Image.Resampling.BOX
 # Above this, even a small-enough image is re-encoded rather than sent as is.
 _AS_IS_MAX_BYTES = 400 * 1024
 
-# What one decode may cost, by our estimate. The deployed instance has 1 GiB; the
-# pipeline lets concurrent decodes sum to this much at most (captioner.budget), next
-# to ~70 MB of interpreter and libraries and the downloads it holds. 256 MiB takes
-# any PNG or GIF under the 50 MP pixel limit (an RGBA one costs 4 bytes a pixel:
-# 200 MB) and JPEGs of any size, but only WebPs up to ~16 MP (libwebp decodes the
-# whole canvas, twice, see _WEBP_BYTES_PER_PIXEL) and progressive 4:4:4 JPEGs up
-# to ~40 MP.
-DECODE_BUDGET = 256 * 1024 * 1024
-# Longest side over shortest. A full-page screenshot of a long web page (1280x40000)
-# is 31:1; at the default 768 px edge a 50:1 image is 15 px across, too thin to say
-# anything about. Beyond it the row count, not the pixel count, drives the cost:
-# Pillow keeps an 8-byte pointer per row, so a 1x49,000,000 PNG took 999 MB to
-# decode and convert, for a 1x768 result.
-MAX_ASPECT = 50
-
-# Bytes per pixel of a Pillow image in memory: 2- and 3-band modes are stored in
-# 4 bytes (RGB is RGBX, LA is L__A), 16-bit greyscale in 2.
-_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
-# Pillow's image is an array of row pointers (8 bytes each) into 16 MiB blocks.
-_ROW_BYTES = 8
-# Measured on Pillow 13 (bench/memory.py): a 7000x7000 lossless WebP peaked at
-# 769 MB, 15.7 bytes a pixel: libwebp's animation decoder keeps two RGBA canvases
-# (8), hands Pillow a bytes copy (4) that is copied into the image (4).
-_WEBP_BYTES_PER_PIXEL = 16
-# GIF: the first frame in P mode, and Pillow's copy of it for frame disposal.
-_GIF_COPIES = 2
-# HEIF and AVIF decode the whole picture in the codec (libheif, libavif), then
-# Pillow copies it. Measured on a 4000x3000 photo (bench/memory.py's method, a fresh
-# process): HEIF +92 MB (7.7 bytes a pixel), AVIF +112 MB (9.3). So 256 MiB takes
-# HEIC photos up to ~33 MP (a 24 MP iPhone photo costs ~190 MB); a 48 MP one is
-# refused as too-large-to-decode.
-_CODEC_BYTES_PER_PIXEL = {"HEIF": 8, "AVIF": 10}
-# libjpeg keeps every DCT coefficient (64 x 2 bytes per 8x8 block, per component)
-# of a progressive or multi-scan JPEG until the last scan, whatever the output scale.
-_COEFFICIENT_BYTES_PER_BLOCK = 128
-# The shrink converts and reduces this many bytes of RGB rows at a time (at least
-# one row group): small enough to vanish next to the decoded image, large enough
-# that the per-band overhead (a crop, a paste) is a few percent of the CPU time.
-_BAND_BYTES = 4 * 1024 * 1024
-# Copies of a band alive at once: the crop, the RGBA and the white background of
-# a flatten, the RGB result.
-_BAND_COPIES = 4
-
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 # glibc gives each thread that allocates under contention its own malloc arena, and
@@ -143,86 +146,6 @@ def _one_malloc_arena() -> None:
 _one_malloc_arena()
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
-    """What a decode will cost depends on: read from the header, before any pixel."""
-
-    format: str
-    mode: str
-    width: int
-    height: int
-    # JPEG only: (horizontal, vertical) sampling factor of each component, and
-    # whether the whole image's coefficients are buffered (progressive or multi-scan).
-    sampling: tuple[tuple[int, int], ...] = ()
-    buffered: bool = False
-    # Bytes of the file: Pillow reads chunks it skips (and WebP its whole file) with
-    # BytesIO.read, which copies, so up to this much more is allocated while decoding.
-    file_bytes: int = 0
-
-
-def decode_estimate(header: Header, max_edge: int) -> int:
-    """Peak bytes that preparing an image with this header allocates (pure).
-
-    The full-size decode in the image's own mode (for JPEG, at the DCT-scaled size),
-    the decoder's own buffers, the band working set of the shrink and the small
-    result, with its copies.
-    """
-    width, height = header.width, header.height
-    fmt = header.format
-    if fmt == "JPEG":
-        scale = _draft_scale(width, height, max_edge)
-        width, height = -(-width // scale), -(-height // scale)
-        mode = "L" if header.mode == "L" else "RGB"
-        decoded = _image_bytes(mode, width, height)
-        # libjpeg's row buffers: one MCU row (up to 16 rows) per component, scaled.
-        decoded += header.width * 16 * 4 * 2
-        if header.buffered:
-            decoded += _coefficient_bytes(header.width, header.height, header.sampling)
-    elif fmt == "WEBP":
-        decoded = _WEBP_BYTES_PER_PIXEL * width * height + _ROW_BYTES * height
-    elif fmt == "GIF":
-        decoded = _GIF_COPIES * _image_bytes(header.mode, width, height)
-    elif fmt in _CODEC_BYTES_PER_PIXEL:
-        deep = 2 if ";16" in header.mode or header.mode.startswith("I") else 1
-        decoded = deep * _CODEC_BYTES_PER_PIXEL[fmt] * width * height + _ROW_BYTES * height
-    else:
-        # PNG: the image, and the decoder's current and previous raw rows (8 bytes a
-        # pixel at most, 16-bit RGBA).
-        decoded = _image_bytes(header.mode, width, height) + 2 * 8 * width
-    return decoded + header.file_bytes + _shrink_bytes(width, height, max_edge)
-
-
-def check_header(
-    header: Header, *, max_edge: int, max_pixels: int, max_decode_bytes: int = DECODE_BUDGET
-) -> int:
-    """The estimated decode cost of an image we accept; PermanentError for one we refuse."""
-    width, height = header.width, header.height
-    if width <= 0 or height <= 0:
-        raise PermanentError("corrupt-image", f"image claims a size of {width}x{height}")
-    if width * height > max_pixels:
-        raise PermanentError(
-            "too-many-pixels",
-            f"{width}x{height} is over the limit of {max_pixels} pixels (CAPTION_MAX_PIXELS)",
-        )
-    long, short = max(width, height), min(width, height)
-    if long > MAX_ASPECT * short:
-        shrunk = short * min(1.0, max_edge / long)
-        raise PermanentError(
-            "bad-aspect-ratio",
-            f"{width}x{height} is more than {MAX_ASPECT}:1; shrunk to {max_edge} px"
-            f" it would be {shrunk:.2g} px across",
-        )
-    cost = decode_estimate(header, max_edge)
-    if cost > max_decode_bytes:
-        raise PermanentError(
-            "too-large-to-decode",
-            f"decoding this {width}x{height} {header.format} ({header.mode}) would take"
-            f" ~{cost / 2**20:.0f} MiB, over the {max_decode_bytes / 2**20:.0f} MiB"
-            " one image may use",
-        )
-    return cost
-
-
 def decode_cost(
     data: bytes,
     *,
@@ -233,24 +156,16 @@ def decode_cost(
     """Bytes ``prepare(data)`` will allocate at its peak, from the header; never raises.
 
     Something ``prepare`` refuses before decoding costs next to nothing, and so does
-    something that is not an image. Cheap: 0.2-0.3 ms for a photo, as only the header
-    is read; but Pillow copies any PNG chunk before IDAT that it skips, so a PNG
-    padded with a 19 MiB private chunk took 14 ms.
+    something that is not an image. Cheap for a photo (0.2-0.3 ms, only the header is
+    read), but it parses hostile bytes: the decode workers run it, not the event loop.
     """
     try:
-        image = _open(data)
+        with decoder_failures():
+            precheck(data, max_edge, max_pixels, max_decode_bytes)
+            with opened(data) as image:
+                return check(image, data, max_edge, max_pixels, max_decode_bytes)
     except PermanentError:
         return 0
-    with image:
-        try:
-            return check_header(
-                _header(image, data),
-                max_edge=max_edge,
-                max_pixels=max_pixels,
-                max_decode_bytes=max_decode_bytes,
-            )
-        except PermanentError:
-            return 0
 
 
 def prepare(
@@ -262,46 +177,116 @@ def prepare(
 ) -> PreparedImage:
     """Verify ``data`` is an image and return what to send to Gemini.
 
-    Raises PermanentError with a reason slug for anything that will never work.
+    Raises PermanentError with a reason slug for anything that will never work, and
+    nothing else, whatever the bytes (decoder_failures).
     """
+    with decoder_failures():
+        precheck(data, max_edge, max_pixels, max_decode_bytes)
+        with opened(data) as image:
+            check(image, data, max_edge, max_pixels, max_decode_bytes)
+            return prepare_opened(image, data, max_edge)
+
+
+def precheck(data: bytes, max_edge: int, max_pixels: int, max_decode_bytes: int) -> None:
+    """Refuse, before Pillow opens it, what Pillow's opening alone would cost too much:
+    its WebP plugin makes libwebp's two canvases when it opens a file (8 bytes a
+    declared pixel: 392 MB for 7000x7000), so a WebP's size is read here first."""
+    size = webp_size(data)
+    if size is not None:
+        header = Header("WEBP", "RGBA", *size, file_bytes=len(data))
+        check_header(
+            header, max_edge=max_edge, max_pixels=max_pixels, max_decode_bytes=max_decode_bytes
+        )
+
+
+@contextmanager
+def opened(data: bytes) -> Iterator[ImageFile.ImageFile]:
+    """The image Pillow opens from ``data`` (its header read, no pixel decoded)."""
     image = _open(data)
     with image:
-        # Hand the decoder all the bytes at once. Pillow feeds it 64 KiB at a time by
-        # default and takes the GIL back between blocks; in a worker thread next to a
-        # busy event loop each retake can wait out the 5 ms switch interval, which made
-        # a 1 MB JPEG's decode take 110 ms of wall time instead of 20 and stalled the loop.
-        image.decodermaxblock = max(image.decodermaxblock, len(data))
-        source_format = image.format or "unknown"
-        width, height = image.size
-        check_header(
-            _header(image, data),
-            max_edge=max_edge,
-            max_pixels=max_pixels,
-            max_decode_bytes=max_decode_bytes,
-        )
-        orientation = _orientation(image)
-        if (
-            source_format in _SENDABLE_AS_IS
-            and image.mode in _SENDABLE_MODES[source_format]
-            and max(width, height) <= max_edge
-            and orientation in (0, 1)
-            and len(data) <= _AS_IS_MAX_BYTES
-        ):
-            _load(image)  # proves the data decodes before we spend a Gemini call on it
-            stripped = strip_metadata(source_format, data)
-            if stripped is not None:
-                return PreparedImage(
-                    data=stripped,
-                    mime_type=_SENDABLE_AS_IS[source_format],
-                    width=width,
-                    height=height,
-                    source_format=source_format,
-                    source_width=width,
-                    source_height=height,
-                    reencoded=False,
-                )
-            # A structure we cannot walk safely: re-encoding drops the metadata too.
-        return _reencoded(image, source_format, orientation, max_edge)
+        yield image
+
+
+def check(
+    image: ImageFile.ImageFile, data: bytes, max_edge: int, max_pixels: int, max_decode_bytes: int
+) -> int:
+    """The estimated cost of decoding an opened image; PermanentError if it is refused."""
+    return check_header(
+        _header(image, data),
+        max_edge=max_edge,
+        max_pixels=max_pixels,
+        max_decode_bytes=max_decode_bytes,
+    )
+
+
+def prepare_opened(image: ImageFile.ImageFile, data: bytes, max_edge: int) -> PreparedImage:
+    """Decode an opened and checked image and make what is sent to Gemini."""
+    # Hand the decoder all the bytes at once. Pillow feeds it 64 KiB at a time by
+    # default and takes the GIL back between blocks; next to another busy thread each
+    # retake can wait out the 5 ms switch interval (a 1 MB JPEG took 110 ms, not 20).
+    image.decodermaxblock = max(image.decodermaxblock, len(data))
+    source_format = image.format or "unknown"
+    width, height = image.size
+    orientation = _orientation(image)
+    if (
+        source_format in _SENDABLE_AS_IS
+        and image.mode in _SENDABLE_MODES[source_format]
+        and max(width, height) <= max_edge
+        and orientation in (0, 1)
+        and len(data) <= _AS_IS_MAX_BYTES
+    ):
+        _load(image)  # proves the data decodes before we spend a Gemini call on it
+        stripped = strip_metadata(source_format, data)
+        if stripped is not None:
+            return PreparedImage(
+                data=stripped,
+                mime_type=_SENDABLE_AS_IS[source_format],
+                width=width,
+                height=height,
+                source_format=source_format,
+                source_width=width,
+                source_height=height,
+                reencoded=False,
+            )
+        # A structure we cannot walk safely: re-encoding drops the metadata too.
+    return _reencoded(image, source_format, orientation, max_edge)
+
+
+# Pillow's decoders report a failed allocation as error -9 (IMAGING_CODEC_MEMORY), which
+# ImageFile names "out of memory error" and the libtiff path "decoder error -9";
+# libheif names its own size limits "Security limit exceeded".
+_MEMORY_MESSAGES = ("decoder error -9", "out of memory", "security limit exceeded")
+
+
+@contextmanager
+def decoder_failures() -> Iterator[None]:
+    """Whatever a decoder raises on bytes we did not make is the image's fault.
+
+    Pillow's plugins and the codecs under them raise what they like on hostile input:
+    RuntimeError and ZeroDivisionError (AVIF), RuntimeError (libheif), OverflowError
+    (TIFF set-up), and our own header parsing can fail the same way. Each becomes a
+    PermanentError (recorded once, answered 2xx), never a 500 that Eventarc
+    redelivers for 24 hours. Our own errors pass through as they are.
+    """
+    try:
+        yield
+    except CaptionerError:
+        raise
+    except MemoryError as exc:
+        # The failed decode's objects live on in the traceback's frames; let them go
+        # first, or even making the error below can fail under a memory limit.
+        traceback.clear_frames(exc.__traceback__)
+        raise PermanentError(
+            "too-large-to-decode", "decoding this image ran out of the memory it may use"
+        ) from None
+    except Exception as exc:
+        text = f"{type(exc).__name__}: {exc}"[:200]
+        if any(marker in text.lower() for marker in _MEMORY_MESSAGES):
+            raise PermanentError(
+                "too-large-to-decode",
+                f"the decoder could not have the memory it asked for ({text})",
+            ) from None
+        raise PermanentError("corrupt-image", f"cannot decode the image ({text})") from None
 
 
 def _reencoded(
@@ -358,10 +343,13 @@ def sniff_format(data: bytes) -> str | None:
 def _open(data: bytes) -> ImageFile.ImageFile:
     if not data:
         raise PermanentError("empty", "the object has no bytes")
+    if data[4:8] == b"ftyp":
+        register_heif()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            formats = ACCEPTED_FORMATS if _heif_registered else _FORMATS_WITHOUT_HEIF
+            image = Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError as exc:
         raise PermanentError("too-many-pixels", str(exc)) from None
     except Image.DecompressionBombWarning as exc:
@@ -381,88 +369,24 @@ def _open(data: bytes) -> ImageFile.ImageFile:
 def _header(image: Image.Image, data: bytes) -> Header:
     fmt = image.format or "unknown"
     width, height = image.size
+    if fmt == "TIFF":
+        return Header(
+            fmt,
+            image.mode,
+            width,
+            height,
+            file_bytes=len(data),
+            buffer_bytes=tiff_buffer(getattr(image, "tag_v2", {}), width, height),
+        )
     if fmt != "JPEG":
         return Header(fmt, image.mode, width, height, file_bytes=len(data))
     layers = getattr(image, "layer", None) or []
     sampling = tuple((int(h), int(v)) for _, h, v, _ in layers) or ((1, 1),)
-    buffered = bool(image.info.get("progressive")) or _first_scan_components(data) < len(sampling)
+    if not all(1 <= h <= 4 and 1 <= v <= 4 for h, v in sampling):
+        # ITU T.81 B.2.2: sampling factors are 1 to 4 (0 made the estimate divide by zero).
+        raise PermanentError("corrupt-image", f"JPEG sampling factors {sampling} are not 1 to 4")
+    buffered = bool(image.info.get("progressive")) or first_scan_components(data) < len(sampling)
     return Header(fmt, image.mode, width, height, sampling, buffered, len(data))
-
-
-def _first_scan_components(data: bytes) -> int:
-    """Components in a JPEG's first scan. libjpeg buffers the whole image's
-    coefficients when it is progressive or when this is fewer than the frame's
-    components (a baseline image sent one component per scan): jdinput.c decides
-    at the first SOS. Marker segments are skipped by length, so an EXIF
-    thumbnail's own scan is never read, and only the header bytes are touched
-    (counting SOS markers over a 14 MB photo held the GIL for 15 ms)."""
-    pos, size = 2, len(data)
-    while pos + 4 < size:
-        if data[pos] != 0xFF:
-            return 0
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0xDA:
-            return data[pos + 4]
-        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-    return 0
-
-
-def _draft_scale(width: int, height: int, max_edge: int) -> int:
-    """The DCT scale (1, 2, 4 or 8) ``Image.draft`` picks in ``prepare`` (as Pillow does)."""
-    scale = max_edge / max(width, height)
-    wanted = (max(1, round(width * scale)), max(1, round(height * scale)))
-    ratio = min(width // wanted[0], height // wanted[1])
-    return next((s for s in (8, 4, 2) if ratio >= s), 1)
-
-
-def _coefficient_bytes(width: int, height: int, sampling: tuple[tuple[int, int], ...]) -> int:
-    h_max = max(h for h, _ in sampling)
-    v_max = max(v for _, v in sampling)
-    blocks = 0
-    for h, v in sampling:
-        across = -(-math.ceil(width * h / h_max) // 8)
-        down = -(-math.ceil(height * v / v_max) // 8)
-        blocks += (-(-across // h) * h) * (-(-down // v) * v)
-    return blocks * _COEFFICIENT_BYTES_PER_BLOCK
-
-
-def _image_bytes(mode: str, width: int, height: int) -> int:
-    return _PIXEL_BYTES.get(mode, 4) * width * height + _ROW_BYTES * height
-
-
-def _target_size(width: int, height: int, max_edge: int) -> tuple[int, int]:
-    """The size ``Image.thumbnail((max_edge, max_edge))`` gives (same rounding)."""
-    if width <= max_edge and height <= max_edge:
-        return width, height
-    aspect = width / height
-    if aspect >= 1:
-        candidates = (math.floor(max_edge / aspect), math.ceil(max_edge / aspect))
-        down = min(candidates, key=lambda n: 0 if n == 0 else abs(aspect - max_edge / n))
-        return max_edge, max(down, 1)
-    candidates = (math.floor(max_edge * aspect), math.ceil(max_edge * aspect))
-    across = min(candidates, key=lambda n: abs(aspect - n / max_edge))
-    return max(across, 1), max_edge
-
-
-def _factors(width: int, height: int, max_edge: int) -> tuple[int, int]:
-    target_w, target_h = _target_size(width, height, max_edge)
-    return max(1, width // target_w), max(1, height // target_h)
-
-
-def _band_rows(width: int, factor_y: int) -> int:
-    groups = max(1, _BAND_BYTES // (4 * width * factor_y))
-    return groups * factor_y
-
-
-def _shrink_bytes(width: int, height: int, max_edge: int) -> int:
-    factor_x, factor_y = _factors(width, height, max_edge)
-    band = _BAND_COPIES * 4 * width * min(height, _band_rows(width, factor_y))
-    reduced = _image_bytes("RGB", -(-width // factor_x), -(-height // factor_y))
-    # The reduced image, the resized one, the turned one, and the JPEG encoder's rows.
-    return band + 3 * reduced + 4 * max_edge * 16
 
 
 def _shrink(image: Image.Image, max_edge: int) -> Image.Image:
@@ -475,13 +399,13 @@ def _shrink(image: Image.Image, max_edge: int) -> Image.Image:
     flattening on white before averaging equals averaging premultiplied colours.
     """
     width, height = image.size
-    target = _target_size(width, height, max_edge)
-    factor_x, factor_y = _factors(width, height, max_edge)
+    target = target_size(width, height, max_edge)
+    factor_x, factor_y = shrink_factors(width, height, max_edge)
     if (factor_x, factor_y) == (1, 1):
         reduced = _to_rgb(image)
     else:
         reduced = Image.new("RGB", (-(-width // factor_x), -(-height // factor_y)))
-        rows = _band_rows(width, factor_y)
+        rows = band_rows(width, factor_y)
         for top in range(0, height, rows):
             band = image.crop((0, top, width, min(height, top + rows)))
             if band.mode in ("L", "RGB"):  # averaging commutes with L -> RGB
@@ -539,122 +463,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         raise PermanentError("unsupported-image", f"cannot read {mode} pixels: {exc}") from None
 
 
-# Metadata. A small image is sent as it came, less what Gemini does not need and the
-# owner may not want sent: EXIF (GPS position, camera serial numbers), XMP, IPTC,
-# comments, text chunks and ICC profiles. Colour profiles are dropped rather than
-# applied: the re-encoded path never kept them either, and a Display P3 photo read
-# as sRGB is a few percent less saturated, which changes no caption. Only what
-# decoding needs stays: for JPEG the tables, frame, scans, JFIF (APP0) and Adobe
-# (APP14, which says whether the channels are YCbCr); for PNG the critical chunks
-# and tRNS; for WebP everything but EXIF, XMP and ICCP.
-_JPEG_DROPPED = frozenset({*range(0xE1, 0xEE), 0xEF, 0xFE})  # APP1..APP13, APP15, COM
-_PNG_KEPT = frozenset({b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND"})
-_WEBP_DROPPED = frozenset({b"EXIF", b"XMP ", b"ICCP"})
-_VP8X_METADATA_FLAGS = 0x20 | 0x08 | 0x04  # ICC, EXIF, XMP
-
-
-def strip_metadata(fmt: str, data: bytes) -> bytes | None:
-    """``data`` without metadata (the same object when it had none), or None when its
-    structure cannot be walked (the caller then re-encodes)."""
-    if fmt == "JPEG":
-        return _strip_jpeg(data)
-    if fmt == "PNG":
-        return _strip_png(data)
-    if fmt == "WEBP":
-        return _strip_webp(data)
-    return None
-
-
-def _strip_jpeg(data: bytes) -> bytes | None:
-    size = len(data)
-    if data[:2] != b"\xff\xd8":
-        return None
-    kept, pos, dropped = [data[:2]], 2, False
-    while pos + 1 < size:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker == 0xD9:  # end of image; anything after it is dropped
-            kept.append(data[pos : pos + 2])
-            dropped = dropped or pos + 2 < size
-            return b"".join(kept) if dropped else data
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
-            kept.append(data[pos : pos + 2])
-            pos += 2
-            continue
-        if pos + 4 > size:
-            return None
-        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-        if end > size or end < pos + 4:
-            return None
-        if marker in _JPEG_DROPPED:
-            dropped = True
-        else:
-            kept.append(data[pos:end])
-        pos = end
-        if marker == 0xDA:  # entropy-coded data up to the next real marker
-            scan = pos
-            while True:
-                scan = data.find(b"\xff", scan)
-                if scan < 0 or scan + 1 >= size:
-                    return None
-                following = data[scan + 1]
-                if following == 0x00 or 0xD0 <= following <= 0xD7 or following == 0xFF:
-                    scan += 1
-                    continue
-                break
-            kept.append(data[pos:scan])
-            pos = scan
-    return None
-
-
-def _strip_png(data: bytes) -> bytes | None:
-    size = len(data)
-    kept, pos, dropped = [data[:8]], 8, False
-    while pos + 12 <= size:
-        length = int.from_bytes(data[pos : pos + 4], "big")
-        kind = data[pos + 4 : pos + 8]
-        end = pos + 12 + length
-        if end > size:
-            return None
-        if kind in _PNG_KEPT:
-            kept.append(data[pos:end])
-        else:
-            dropped = True
-        pos = end
-        if kind == b"IEND":
-            dropped = dropped or pos < size
-            return b"".join(kept) if dropped else data
-    return None
-
-
-def _strip_webp(data: bytes) -> bytes | None:
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
-        return None
-    end = min(len(data), 8 + int.from_bytes(data[4:8], "little"))
-    chunks: list[bytes] = []
-    pos, dropped = 12, end < len(data)
-    while pos + 8 <= end:
-        kind = data[pos : pos + 4]
-        length = int.from_bytes(data[pos + 4 : pos + 8], "little")
-        stop = pos + 8 + length + (length & 1)
-        if pos + 8 + length > end:
-            return None
-        if kind in _WEBP_DROPPED:
-            dropped = True
-        else:
-            chunks.append(data[pos:stop])
-        pos = stop
-    if pos != end and pos != end + 1:
-        return None
-    if not dropped:
-        return data
-    if chunks and chunks[0][:4] == b"VP8X":
-        vp8x = bytearray(chunks[0])
-        vp8x[8] &= ~_VP8X_METADATA_FLAGS & 0xFF
-        chunks[0] = bytes(vp8x)
-    body = b"WEBP" + b"".join(chunks)
-    return b"RIFF" + len(body).to_bytes(4, "little") + body
+def warm() -> None:
+    """Run the JPEG and PNG codecs once (a decode worker calls this before it measures
+    what it has mapped)."""
+    for fmt in ("JPEG", "PNG"):
+        out = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(out, fmt)
+        prepare(out.getvalue(), max_edge=8)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import AsyncIterator
 from typing import Any, TextIO
@@ -22,6 +21,7 @@ from captioner.errors import (
     TransientError,
 )
 from captioner.metadata import MetadataKeys
+from captioner.preparing import PreparePool, thumbnail_pool
 from captioner.safe_text import for_terminal, json_line
 from captioner.settings import Settings
 
@@ -101,16 +101,20 @@ async def _export(
             pass
     else:
         folder: str | None = None
-        # In the listing's order, as the JSON Lines and CSV are, a heading per folder.
-        async for info, card in bounded_in_order(
-            listed(), lambda info: _card(storage, keys, info, settings), 8
-        ):
-            here = info.name.rpartition("/")[0]
-            if here != folder:
-                page.write(html_page.folder_heading(here))
-                folder = here
-            page.write(card)
-            written += len(card)
+        thumbnails = thumbnail_pool(_THUMBNAIL_EDGE, settings.max_pixels)
+        try:
+            # In the listing's order, as the JSON Lines and CSV are, a heading per folder.
+            async for info, card in bounded_in_order(
+                listed(), lambda info: _card(storage, keys, info, settings, thumbnails), 8
+            ):
+                here = info.name.rpartition("/")[0]
+                if here != folder:
+                    page.write(html_page.folder_heading(here))
+                    folder = here
+                page.write(card)
+                written += len(card)
+        finally:
+            thumbnails.close()
         page.write(html_page.page_end(count))
     out.flush()
     print(f"exported {count} images", file=sys.stderr)
@@ -124,19 +128,17 @@ async def _export(
 
 
 async def _card(
-    storage: Any, keys: MetadataKeys, info: ObjectInfo, settings: Settings
+    storage: Any, keys: MetadataKeys, info: ObjectInfo, settings: Settings, pool: PreparePool
 ) -> tuple[ObjectInfo, str]:
-    """One thumbnail and its caption; an image that cannot be shown still gets its card."""
-    from captioner.adapters.images import prepare
-
+    """One thumbnail and its caption; an image that cannot be shown still gets its card.
+    Thumbnails are made as captions are: in the decode workers, within the budgets."""
     record = readback.record_of(info, keys)
     try:
-        data = await storage.download(
-            info.bucket, info.name, generation=info.generation, max_bytes=settings.max_bytes
-        )
-        thumb = await asyncio.to_thread(
-            prepare, data, max_edge=_THUMBNAIL_EDGE, max_pixels=settings.max_pixels
-        )
+        async with pool.hold(info.size):
+            data = await storage.download(
+                info.bucket, info.name, generation=info.generation, max_bytes=settings.max_bytes
+            )
+            thumb = await pool.prepared(data)
     except (ObjectGoneError, PermanentError, TransientError):
         return info, html_page.card(record, None)
     return info, html_page.card(record, thumb.data, thumb.mime_type)
