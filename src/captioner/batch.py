@@ -25,6 +25,8 @@ from captioner.pipeline import Captioner
 class ObjectsRequest:
     objects: tuple[ObjectRef, ...]
     overwrite: bool = False
+    # Replace captions a person wrote or approved too (with ``overwrite``).
+    include_human: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,7 @@ class PrefixRequest:
     overwrite: bool = False
     dry_run: bool = False
     if_stale: bool = False
+    include_human: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +156,11 @@ class BatchRun:
     def _run(self) -> AsyncIterator[CaptionResult]:
         request = self.request
         if isinstance(request, ObjectsRequest):
-            return self._captioner.caption_many(request.objects, overwrite=request.overwrite)
+            return self._captioner.caption_many(
+                request.objects,
+                overwrite=request.overwrite,
+                include_human=request.include_human,
+            )
         if isinstance(request, UrlsRequest):
             return bounded_as_completed(request.urls, self._describe_url, self._concurrency)
         if isinstance(request, FilesRequest):
@@ -161,7 +168,10 @@ class BatchRun:
         if request.dry_run:
             return self._plan(request)
         return self._captioner.caption_many(
-            self._candidates(request), overwrite=request.overwrite, if_stale=request.if_stale
+            self._candidates(request),
+            overwrite=request.overwrite,
+            if_stale=request.if_stale,
+            include_human=request.include_human,
         )
 
     async def _describe_url(self, url: str) -> CaptionResult:
@@ -184,7 +194,10 @@ class BatchRun:
             if chosen >= request.limit:
                 return
             decision = self._captioner.decide(
-                info, overwrite=request.overwrite, if_stale=request.if_stale
+                info,
+                overwrite=request.overwrite,
+                if_stale=request.if_stale,
+                include_human=request.include_human,
             )
             if isinstance(decision, Skip):
                 self.totals.add(Outcome.SKIPPED, reason=decision.reason)

@@ -115,19 +115,25 @@ class Captioner:
         self._pool.close()
 
     async def caption_object(
-        self, ref: ObjectRef | ObjectInfo, *, overwrite: bool = False, if_stale: bool = False
+        self,
+        ref: ObjectRef | ObjectInfo,
+        *,
+        overwrite: bool = False,
+        if_stale: bool = False,
+        include_human: bool = False,
     ) -> CaptionResult:
         """Caption one object; never raises for a per-object problem (see the Outcome).
 
         Given an ObjectInfo (from a listing), that is used instead of a fresh read;
         the write's preconditions still catch anything that changed since.
         ``overwrite`` captions again even when this generation already has one;
-        ``if_stale`` only when it was made by another model, prompt or rule.
+        ``if_stale`` only when it was made by another model, prompt or rule. Neither
+        replaces a caption a person wrote or approved, unless ``include_human``.
         """
         started = time.monotonic()
         with stages.timing() as stopwatch:
             async with self._in_flight:
-                result = await self._caption_object(ref, overwrite, if_stale)
+                result = await self._caption_object(ref, overwrite, if_stale, include_human)
         return replace(result, seconds=time.monotonic() - started, stages=dict(stopwatch.seconds))
 
     async def caption_many(
@@ -136,6 +142,7 @@ class Captioner:
         *,
         overwrite: bool = False,
         if_stale: bool = False,
+        include_human: bool = False,
     ) -> AsyncIterator[CaptionResult]:
         """Results as they complete, with at most ``images_in_flight`` objects in flight.
 
@@ -143,13 +150,20 @@ class Captioner:
         """
 
         async def one(ref: ObjectRef | ObjectInfo) -> CaptionResult:
-            return await self.caption_object(ref, overwrite=overwrite, if_stale=if_stale)
+            return await self.caption_object(
+                ref, overwrite=overwrite, if_stale=if_stale, include_human=include_human
+            )
 
         async for result in bounded_as_completed(refs, one, self._config.images_in_flight):
             yield result
 
     def decide(
-        self, info: ObjectInfo, *, overwrite: bool = False, if_stale: bool = False
+        self,
+        info: ObjectInfo,
+        *,
+        overwrite: bool = False,
+        if_stale: bool = False,
+        include_human: bool = False,
     ) -> Skip | Wanted:
         """Whether ``info`` needs a caption (captioner.decisions), with this instance's
         keys, rules and model."""
@@ -160,6 +174,7 @@ class Captioner:
             model=self._describer.model,
             overwrite=overwrite,
             if_stale=if_stale,
+            include_human=include_human,
         )
 
     async def describe_source(
@@ -204,7 +219,7 @@ class Captioner:
         )
 
     async def _caption_object(
-        self, item: ObjectRef | ObjectInfo, overwrite: bool, if_stale: bool
+        self, item: ObjectRef | ObjectInfo, overwrite: bool, if_stale: bool, include_human: bool
     ) -> CaptionResult:
         if isinstance(item, ObjectInfo):
             ref, info = _ref_of(item), item
@@ -223,7 +238,9 @@ class Captioner:
                 message=f"generation {ref.generation} was replaced by {info.generation}",
                 generation=info.generation,
             )
-        decision = self.decide(info, overwrite=overwrite, if_stale=if_stale)
+        decision = self.decide(
+            info, overwrite=overwrite, if_stale=if_stale, include_human=include_human
+        )
         if isinstance(decision, Skip):
             return self._skipped(ref, info, decision)
         spec = decision.spec
