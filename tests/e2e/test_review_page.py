@@ -455,12 +455,8 @@ def test_screenshot_of_the_review_page_shows_thumbnails_and_captions(
         page = open_page(server)
         page.page.set_viewport_size({"width": 1200, "height": 760})
         # (Polled from here: the page's policy refuses the eval wait_for_function uses.)
-        page.wait_until(
-            lambda: page.page.evaluate(
-                "[...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth)"
-            ),
-            "every thumbnail drawn",
-        )
+        drawn = "[...document.querySelectorAll('#grid img')].every(i => i.naturalWidth)"
+        page.wait_until(lambda: page.page.evaluate(drawn), "every thumbnail drawn")
         page.page.keyboard.press("j")
         shot = tmp_path / "review.png"
         page.page.screenshot(path=str(shot))
