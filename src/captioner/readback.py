@@ -172,7 +172,9 @@ def who_wrote(record: CaptionRecord) -> str | None:
         return f"{person} (a person{when})"
     if record.written_by == "captioner":
         model = f"{record.model or 'the model'} (model)"
-        return model + (f", approved by {person}{when}" if record.review == "approved" else "")
+        if record.review != "approved":
+            return model
+        return f"{model}, approved by {person}" + (f" ({record.reviewed})" if when else "")
     return None
 
 

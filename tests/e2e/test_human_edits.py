@@ -363,3 +363,48 @@ def test_batch_submit_and_apply_keep_a_persons_caption_unless_include_human(
         meta = metadata(bucket, name)
         assert meta["caption"].startswith("Offline stand-in caption"), name
         assert not meta.get("caption-source")
+
+
+# ------------------------------------------------------------ show and export
+
+
+def test_show_and_every_export_format_say_who_wrote_each_caption(
+    stack_env: dict[str, str], gemini: Any, bucket: Any, tmp_path: Any
+) -> None:
+    import csv
+
+    captioned(stack_env, bucket, "s/model.jpg", "s/person.jpg", "s/approved.jpg")
+    uri = f"gs://{bucket.name}/s/"
+    assert edit(stack_env, uri + "person.jpg", "--caption", "Ana's", "--by", "ana").returncode == 0
+    assert edit(stack_env, uri + "approved.jpg", "--approve", "--by", "bo").returncode == 0
+
+    shown = run_cli(stack_env, "show", uri + "model.jpg", uri + "person.jpg", uri + "approved.jpg")
+    assert shown.returncode == 0, shown.stderr
+    assert "by:      gemini-2.5-flash (model)\n" in shown.stdout
+    assert "by:      ana (a person, 20" in shown.stdout
+    assert "by:      gemini-2.5-flash (model), approved by bo (20" in shown.stdout
+
+    rows = {
+        r["source"].rsplit("/", 1)[1]: r
+        for r in map(json.loads, run_cli(stack_env, "export", uri).stdout.splitlines())
+    }
+    model, person, approved = rows["model.jpg"], rows["person.jpg"], rows["approved.jpg"]
+    assert (model["written_by"], model["review"], model["reviewed_by"]) == ("captioner", None, None)
+    assert (person["written_by"], person["review"], person["reviewed_by"]) == ("person", "edited",
+                                                                               "ana")  # fmt: skip
+    assert (approved["written_by"], approved["review"], approved["reviewed_by"]) == (
+        "captioner", "approved", "bo"
+    )  # fmt: skip
+    out, page = tmp_path / "c.csv", tmp_path / "p.html"
+    both = run_cli(stack_env, "export", uri, "--format", "csv", "-o", str(out), "--html", str(page))
+    assert both.returncode == 0, both.stderr
+    with out.open(newline="", encoding="utf-8") as handle:
+        table = {r["source"].rsplit("/", 1)[1]: r for r in csv.DictReader(handle)}
+    assert table["person.jpg"]["written_by"] == "person"
+    assert table["person.jpg"]["reviewed_by"] == "ana"
+    assert table["approved.jpg"]["review"] == "approved"
+    assert table["model.jpg"]["review"] == ""
+    html = page.read_text()
+    assert "by gemini-2.5-flash (model)</div>" in html
+    assert "by ana (a person, 20" in html
+    assert "approved by bo (20" in html

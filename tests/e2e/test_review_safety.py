@@ -217,3 +217,22 @@ def test_the_page_can_reach_no_object_outside_its_prefix(
         )
         assert written.status_code == 400
         assert metadata(bucket, "private/secret.jpg") == {}
+
+
+def test_review_mistakes_exit_2_with_one_line(
+    stack_env: dict[str, str], bucket: Any, captioned: str
+) -> None:
+    missing = run_cli(stack_env, "review", "gs://no-such-bucket-here/", "--no-browser")
+    assert missing.returncode == 2
+    assert "no such bucket" in missing.stderr
+    for port in ("70000", "http"):
+        bad = run_cli(stack_env, "review", f"gs://{bucket.name}/", "--port", port)
+        assert bad.returncode == 2
+        assert "--port" in bad.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        busy = run_cli(stack_env, "review", f"gs://{bucket.name}/", "--no-browser", "--port", port)
+    assert busy.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in busy.stderr

@@ -14,6 +14,15 @@ EXIT_CODES = """exit codes:
   2    usage or configuration (bad arguments, no key, no credentials, no such bucket)
   130  interrupted (Ctrl-C)
   141  the output was closed early (| head)"""
+EDIT_EXIT_CODES = """exit codes:
+  0    written
+  1    not written: the object changed since it was read (what it holds now is shown;
+       run the edit again to replace it), or Cloud Storage failed for now
+  2    usage or configuration (no such object or bucket, nothing to change, words that
+       do not fit the 8 KiB of metadata, the owner's own caption key, no credentials)"""
+REVIEW_EXIT_CODES = """exit codes:
+  0    stopped (Ctrl-C)
+  2    usage or configuration (no such bucket, the port taken, no credentials)"""
 GEMINI_ENV = """environment:
   GEMINI_API_KEY            a Gemini API key (https://aistudio.google.com/apikey), or
   GOOGLE_GENAI_USE_VERTEXAI=true with GOOGLE_CLOUD_PROJECT and GOOGLE_CLOUD_LOCATION
@@ -56,13 +65,21 @@ def _port(text: str) -> int:
     return value
 
 
-def _command(sub: Any, name: str, help: str, description: str, examples: str, env: str) -> Any:
+def _command(
+    sub: Any,
+    name: str,
+    help: str,
+    description: str,
+    examples: str,
+    env: str,
+    exit_codes: str = EXIT_CODES,
+) -> Any:
     return _knows_itself(
         sub.add_parser(
             name,
             help=help,
             description=description,
-            epilog=f"examples:\n{examples}\n\n{env}\n\n{EXIT_CODES}\n\nmore: {README}",
+            epilog=f"examples:\n{examples}\n\n{env}\n\n{exit_codes}\n\nmore: {README}",
             formatter_class=_Formatter,
         )
     )
@@ -213,6 +230,7 @@ def _add_reviewing(sub: Any) -> None:
         '  captioner edit gs://my-photos/cat.jpg --alt "A grey cat asleep" --tags cat,sofa\n'
         "  captioner edit gs://my-photos/cat.jpg --approve --by ana@example.com",
         storage_env,
+        EDIT_EXIT_CODES,
     )
     edit.add_argument("object", metavar="gs://bucket/name")
     edit.add_argument("--caption", help="the new caption")
@@ -237,6 +255,7 @@ def _add_reviewing(sub: Any) -> None:
         "  captioner review gs://my-photos/ --read-only --no-browser",
         f"{GEMINI_ENV}\n{STORAGE_ENV}\n  BROWSER                   the browser to open "
         "(Python's webbrowser)",
+        REVIEW_EXIT_CODES,
     )
     review.add_argument("target", help="gs://bucket or gs://bucket/prefix")
     review.add_argument(
