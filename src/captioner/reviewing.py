@@ -82,6 +82,11 @@ def human_verdict(info: ObjectInfo, keys: MetadataKeys, change: Change, by: str)
             raise BadRequestError("approve the caption as it is, or change it: not both")
         if not current or meta.get(keys.status) != "ok" or not meta.get(keys.caption):
             raise BadRequestError("there is no caption of this upload to approve")
+        if meta.get(keys.source) == HUMAN:
+            who = meta.get(keys.reviewed_by) or "a person"
+            raise BadRequestError(
+                f"a person wrote this caption ({who}): there is nothing to approve"
+            )
         return _person(keys, _kept_texts(meta, keys, keep_languages=True), meta, APPROVED, by)
     if change.empty:
         raise BadRequestError("give a new caption, alt text or tags (or approve)")

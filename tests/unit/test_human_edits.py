@@ -140,6 +140,7 @@ def test_an_edit_of_an_image_captioned_for_an_older_upload_keeps_none_of_those_w
         (captioned(), Change(caption="x", approve=True), "not both"),
         ({}, Change(approve=True), "no caption of this upload"),
         (captioned(**{"caption-status": "blocked"}), Change(approve=True), "no caption"),
+        (captioned(**HUMAN), Change(approve=True), "a person wrote this caption"),
     ],
 )
 def test_edits_that_cannot_be_written_say_why(
