@@ -108,18 +108,19 @@ resource "google_project_iam_member" "runtime_vertex" {
   member  = google_service_account.runtime.member
 }
 
-# The run's own files under the batch prefix: `batch submit` writes request files and a
-# manifest, `batch apply` rewrites its checkpoints, `batch prune` deletes old runs.
-# Replacing an object takes storage.objects.delete as well as .create
+# The function's own files: under the batch prefix, `batch submit` writes request files
+# and a manifest, `batch apply` rewrites its checkpoints, `batch prune` deletes old runs;
+# under the budget prefix, the daily budget's ledger is replaced at each block. Replacing
+# an object takes storage.objects.delete as well as .create
 # (https://cloud.google.com/storage/docs/access-control/iam-permissions), so both, and
-# only under CAPTION_BATCH_PREFIX: the images themselves stay get/list/update only.
+# only under those prefixes: the images themselves stay get/list/update only.
 resource "google_project_iam_custom_role" "batch_files" {
-  count = local.use_vertex ? 1 : 0
+  count = local.use_vertex || local.use_budget ? 1 : 0
 
   project     = var.project_id
   role_id     = "${replace(var.name_prefix, "-", "_")}_batchFiles"
-  title       = "Captioner batch run files"
-  description = "Create, replace and delete the files of captioner batch runs. Granted under the batch prefix only."
+  title       = "Captioner run files"
+  description = "Create, replace and delete the files of captioner batch runs and budget ledgers. Granted under those prefixes only."
   permissions = [
     "storage.objects.create",
     "storage.objects.delete",
@@ -139,6 +140,26 @@ resource "google_storage_bucket_iam_member" "runtime_batch_files" {
     title       = "captioner batch prefix only"
     description = "The function writes and deletes its batch runs' files under CAPTION_BATCH_PREFIX and nowhere else."
     expression  = "resource.name.startsWith(\"projects/_/buckets/${each.value}/objects/${var.caption_batch_prefix}\")"
+  }
+
+  depends_on = [
+    google_storage_bucket.watched,
+    data.google_storage_bucket.existing,
+    data.google_storage_bucket.allowed,
+  ]
+}
+
+resource "google_storage_bucket_iam_member" "runtime_budget_ledger" {
+  for_each = local.use_budget ? local.runtime_buckets : toset([])
+
+  bucket = each.value
+  role   = google_project_iam_custom_role.batch_files[0].id
+  member = google_service_account.runtime.member
+
+  condition {
+    title       = "captioner budget ledger only"
+    description = "The function writes the daily budget's ledger under CAPTION_BUDGET_PREFIX and nowhere else."
+    expression  = "resource.name.startsWith(\"projects/_/buckets/${each.value}/objects/${var.caption_budget_prefix}\")"
   }
 
   depends_on = [

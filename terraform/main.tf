@@ -1,6 +1,7 @@
 locals {
   use_vertex  = var.gemini_mode == "vertex"
   use_api_key = var.gemini_mode == "api_key"
+  use_budget  = var.daily_budget_usd != null
 
   # The APIs the data sources and the IAM resources call. A fixed set on purpose: a data
   # source that depends on a resource with pending changes is read at apply time, not
@@ -24,6 +25,7 @@ locals {
     ],
     local.use_vertex ? ["aiplatform.googleapis.com"] : [],
     local.use_api_key ? ["secretmanager.googleapis.com"] : [],
+    local.use_budget ? ["monitoring.googleapis.com"] : [], # the budget's alert policy
   ))
 
   # A created bucket lives in var.region; an existing one may be anywhere, and the
@@ -47,7 +49,9 @@ locals {
       CAPTION_METADATA_PREFIX = var.caption_metadata_prefix
       CAPTION_MODE            = var.caption_mode
       CAPTION_BATCH_PREFIX    = var.caption_batch_prefix
+      CAPTION_BUDGET_PREFIX   = var.caption_budget_prefix
     },
+    var.daily_budget_usd == null ? {} : { CAPTION_DAILY_BUDGET_USD = tostring(var.daily_budget_usd) },
     var.caption_prompt == null ? {} : { CAPTION_PROMPT = var.caption_prompt },
     length(var.caption_rules) == 0 ? {} : { CAPTION_RULES = jsonencode(var.caption_rules) },
   )
@@ -224,6 +228,7 @@ data "archive_file" "source" {
     "Makefile",
     "pyproject.toml",
     "requirements-dev.txt",
+    "requirements-stack.txt",
     "README.md",
     ".gitignore",
   ]

@@ -410,3 +410,38 @@ variable "caption_batch_prefix" {
     error_message = "caption_batch_prefix must be a folder name ending in '/', such as \"captioner-batch/\": not starting with '/', at most 200 characters, without '\"', '\\' or control characters."
   }
 }
+
+variable "daily_budget_usd" {
+  type        = number
+  description = "US dollars Gemini may cost per UTC day and bucket, for uploads, HTTP and CLI backfills together (CAPTION_DAILY_BUDGET_USD). Once spent, uploads are acknowledged and left uncaptioned, with a `budget-exhausted` log line; a backfill after midnight catches up. null: no daily budget."
+  default     = null
+  nullable    = true
+
+  validation {
+    condition     = var.daily_budget_usd == null ? true : (var.daily_budget_usd > 0 && var.daily_budget_usd <= 1000000)
+    error_message = "daily_budget_usd must be more than 0 (and at most 1,000,000), or null for no daily budget."
+  }
+}
+
+variable "caption_budget_prefix" {
+  type        = string
+  description = "Folder of each bucket where the daily budget's ledger objects live, one per UTC day (CAPTION_BUDGET_PREFIX). The function may create and replace objects under it and nowhere else."
+  default     = "captioner-budget/"
+
+  # As caption_batch_prefix: the prefix is written into an IAM Condition's CEL string.
+  validation {
+    condition     = length(var.caption_budget_prefix) <= 200 && can(regex("^[^/\"\\\\[:cntrl:]][^\"\\\\[:cntrl:]]*/$", var.caption_budget_prefix))
+    error_message = "caption_budget_prefix must be a folder name ending in '/', such as \"captioner-budget/\": not starting with '/', at most 200 characters, without '\"', '\\' or control characters."
+  }
+}
+
+variable "alert_notification_channels" {
+  type        = list(string)
+  description = "Cloud Monitoring notification channel IDs (projects/P/notificationChannels/N) told when the daily budget is spent. Empty: the alert policy still opens incidents in the console."
+  default     = []
+
+  validation {
+    condition     = alltrue([for c in var.alert_notification_channels : can(regex("^projects/[^/]+/notificationChannels/[0-9]+$", c))])
+    error_message = "alert_notification_channels must be IDs of the form projects/PROJECT/notificationChannels/NUMBER."
+  }
+}

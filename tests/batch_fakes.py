@@ -114,6 +114,9 @@ class MemoryBlobs:
         self.data.pop(name, None)
         self.created.pop(name, None)
 
+    async def head(self, bucket: str, name: str, max_bytes: int) -> bytes:
+        return self.data[name][:max_bytes]
+
     async def lines(
         self, bucket: str, name: str, offset: int, max_line: int
     ) -> AsyncIterator[tuple[int, bytes | None]]:

@@ -188,6 +188,24 @@ class GcsProxy(ThreadedServer):
             return web.json_response(
                 {"error": {"code": fault.status, "message": "injected"}}, status=fault.status
             )
+        if (
+            request.method == "POST"
+            and raw_path.startswith("/upload/")
+            and ("ifGenerationMatch" in request.query)
+        ):
+            # An upload under ifGenerationMatch (0: only if absent), which fake-gcs-server
+            # does not enforce either: checked and forwarded under the same lock.
+            assert self._patch_lock is not None
+            async with self._patch_lock:
+                refusal = await self._upload_refusal(raw_path, request.query)
+                if refusal is not None:
+                    record.status = refusal
+                    return web.json_response(
+                        {"error": {"code": refusal, "message": "precondition"}}, status=refusal
+                    )
+                response = await self._forward(request, raw_path)
+            record.status = response.status
+            return response
         if request.method == "PATCH":
             assert self._patch_lock is not None
             with self._lock:
@@ -249,6 +267,17 @@ class GcsProxy(ThreadedServer):
             assert request.transport is not None
             request.transport.close()
         return response
+
+    async def _upload_refusal(self, raw_path: str, query: Any) -> int | None:
+        bucket = raw_path.removeprefix("/upload/storage/v1/b/").split("/", 1)[0]
+        object_path = f"/storage/v1/b/{bucket}/o/{quote(query.get('name', ''), safe='')}"
+        async with self._client().get(self.upstream + object_path) as current:
+            generation = (
+                "0"
+                if current.status == 404
+                else str((await current.json(content_type=None)).get("generation"))
+            )
+        return None if generation == query["ifGenerationMatch"] else 412
 
     async def _precondition_refusal(self, raw_path: str, query: Any) -> int | None:
         wanted_gen = query.get("ifGenerationMatch")

@@ -79,3 +79,12 @@ def test_fleet_simulation_runs_the_real_limiter_and_prints_its_table() -> None:
     for row in rows[1:]:
         of_q = float(row.split("|")[2].split()[0])
         assert 0.3 < of_q <= 1.05, row
+
+
+@pytest.mark.slow
+def test_the_cost_estimate_is_within_ten_percent_of_what_the_stand_in_charges() -> None:
+    """bench.estimate exits 1 past 10 %: a change to the token estimates or the stand-in's
+    token model that parts them fails here."""
+    process = run_bench("bench.estimate", "--images", "3", timeout=120)
+    assert "| `gemini-2.5-flash` |" in process.stdout
+    assert "worst difference:" in process.stdout

@@ -9,14 +9,26 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+)
+from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from captioner.concurrency import bounded_as_completed
 from captioner.decisions import Skip
 from captioner.domain import CaptionResult, ObjectInfo, ObjectRef, Outcome, Usage
 from captioner.pipeline import Captioner
+from captioner.pricing import Rate, dollars
+from captioner.spending import CostCap, capped
+
+T = TypeVar("T")
 
 
 # The three forms of a request, whether they come from the HTTP function or the
@@ -25,6 +37,7 @@ from captioner.pipeline import Captioner
 class ObjectsRequest:
     objects: tuple[ObjectRef, ...]
     overwrite: bool = False
+    max_cost: float | None = None  # US dollars this run may spend (captioner.spending)
     # Replace captions a person wrote or approved too (with ``overwrite``).
     include_human: bool = False
 
@@ -37,12 +50,14 @@ class PrefixRequest:
     overwrite: bool = False
     dry_run: bool = False
     if_stale: bool = False
+    max_cost: float | None = None
     include_human: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class UrlsRequest:
     urls: tuple[str, ...]
+    max_cost: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +66,7 @@ class FilesRequest:
     Never made from an HTTP body: the HTTP function must not read its own disk."""
 
     sources: tuple[str, ...]
+    max_cost: float | None = None
 
 
 CaptionRequest = ObjectsRequest | PrefixRequest | UrlsRequest | FilesRequest
@@ -72,6 +88,10 @@ class Totals:
     estimated: Usage = field(default_factory=Usage)
     # Why objects were skipped: already-captioned, not-an-image, excluded-by-rule, …
     skipped: Counter[str] = field(default_factory=Counter)
+    # What the tokens are paid at (captioner.pricing); None: not priced.
+    rate: Rate | None = None
+    # Why the run stopped taking images before the end (its spending cap), if it did.
+    stopped: str | None = None
 
     def add(
         self, outcome: Outcome, n: int = 1, usage: Usage | None = None, reason: str | None = None
@@ -100,8 +120,37 @@ class Totals:
             "images_per_second": round(described / seconds, 2) if seconds > 0 else 0.0,
             "skipped_by_reason": dict(self.skipped.most_common()),
             "tokens": self.usage.as_fields(),
-            **({"estimated_tokens": self.estimated.as_fields()} if self.estimated.calls else {}),
+            "cost_usd": self._dollars(self.usage),
+            **({"stopped": self.stopped} if self.stopped else {}),
+            **(
+                {
+                    "estimated_tokens": self.estimated.as_fields(),
+                    "estimated_cost_usd": self._dollars(self.estimated),
+                }
+                if self.estimated.calls
+                else {}
+            ),
         }
+
+    def _dollars(self, usage: Usage) -> float | None:
+        cost = None if self.rate is None else self.rate.cost(usage)
+        return None if cost is None else round(cost, 6)
+
+
+def _stopped_at(cap: CostCap) -> str:
+    return (
+        f"stopped at the cost cap of {dollars(cap.limit)}: {dollars(cap.spent)} spent; "
+        "the images not started are left for the next run"
+    )
+
+
+async def _aiter(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
 
 
 def result_json(result: CaptionResult) -> dict[str, Any]:
@@ -138,9 +187,12 @@ class BatchRun:
         concurrency: int,
         estimate: Usage | None = None,
         read_local: Fetch | None = None,
+        rate: Rate | None = None,
+        cap: CostCap | None = None,
     ) -> None:
         self.request = request
-        self.totals = Totals()
+        self.totals = Totals(rate=rate)
+        self._cap = cap
         self._captioner = captioner
         self._lister = lister
         self._fetch = fetch
@@ -149,30 +201,52 @@ class BatchRun:
         self._estimate = estimate or Usage(calls=1)
 
     async def results(self) -> AsyncGenerator[CaptionResult, None]:
-        async for result in self._run():
-            self.totals.add(result.outcome, usage=result.usage, reason=result.reason)
-            yield result
+        # The run's cap travels with its images' tasks (they inherit this context).
+        with capped(self._cap):
+            stream = self._run()
+            async with aclosing(stream):  # type: ignore[type-var]
+                async for result in stream:
+                    self.totals.add(result.outcome, usage=result.usage, reason=result.reason)
+                    yield result
+                    if result.reason == "budget-exhausted":
+                        # The day's budget is spent: every other image would say so too.
+                        self.totals.stopped = (
+                            f"{result.message}; a backfill after midnight (UTC) goes on"
+                        )
+                        return
+        cap = self._cap
+        if cap is not None and (cap.stopped or self.totals.skipped["cost-cap"]):
+            self.totals.stopped = _stopped_at(cap)
 
     def _run(self) -> AsyncIterator[CaptionResult]:
         request = self.request
         if isinstance(request, ObjectsRequest):
+            objects = self._until_capped(request.objects)
             return self._captioner.caption_many(
-                request.objects,
-                overwrite=request.overwrite,
-                include_human=request.include_human,
+                objects, overwrite=request.overwrite, include_human=request.include_human
             )
         if isinstance(request, UrlsRequest):
-            return bounded_as_completed(request.urls, self._describe_url, self._concurrency)
+            urls = self._until_capped(request.urls)
+            return bounded_as_completed(urls, self._describe_url, self._concurrency)
         if isinstance(request, FilesRequest):
-            return bounded_as_completed(request.sources, self._describe_local, self._concurrency)
+            sources = self._until_capped(request.sources)
+            return bounded_as_completed(sources, self._describe_local, self._concurrency)
         if request.dry_run:
             return self._plan(request)
         return self._captioner.caption_many(
-            self._candidates(request),
+            self._until_capped(self._candidates(request)),
             overwrite=request.overwrite,
             if_stale=request.if_stale,
             include_human=request.include_human,
         )
+
+    async def _until_capped(self, items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
+        """``items`` until the run's cap has no room for one more image: the rest are
+        not started (nor listed further), and a second run goes on from there."""
+        async for item in _aiter(items):
+            if self._cap is not None and self._cap.full():
+                return
+            yield item
 
     async def _describe_url(self, url: str) -> CaptionResult:
         from captioner.adapters.urls import redact  # here: aiohttp is loaded in URL mode anyway

@@ -153,11 +153,34 @@ _THINKING_ESTIMATE = {
     Thinking.HIGH: 4096,
     Thinking.MODEL_DEFAULT: 1024,
 }
+# Thinking tokens a caption takes at each Gemini 3 level. Google publishes no per-caption
+# figure: these are the assumptions of the stand-in's token model
+# (captioner_dev/gemini_server/tokens.py, _LEVEL_THOUGHTS), so that a dry run's estimate
+# and a run on the stand-in agree (bench/estimate.py); "minimal" matches "no thinking"
+# for most requests (https://ai.google.dev/gemini-api/docs/thinking).
+_LEVEL_ESTIMATE = {
+    "flash": {"MINIMAL": 0, "LOW": 160, "MEDIUM": 480, "HIGH": 960},
+    "pro": {"LOW": 180, "HIGH": 1400},
+}
 _IMAGE_TOKENS_3 = {
     "MEDIA_RESOLUTION_LOW": 280,
     "MEDIA_RESOLUTION_MEDIUM": 560,
     "MEDIA_RESOLUTION_HIGH": 1120,
 }
+
+
+def image_tokens_2x(width: int, height: int) -> int:
+    """What Gemini 2.x bills for an image sent at this size, with no media resolution set:
+    258 for both sides at most 384 px, else 258 per 768 x 768 tile
+    (https://ai.google.dev/gemini-api/docs/tokens)."""
+    if width <= 384 and height <= 384:
+        return 258
+    return -(-width // 768) * -(-height // 768) * 258
+
+
+def counts_pixels(model: str, resolution: MediaResolution) -> bool:
+    """Does ``model`` bill an image by its pixels (2.x with no media resolution sent)?"""
+    return family_of(model).major < 3 and media_resolution(model, resolution) is None
 
 
 def estimated_tokens(
@@ -172,11 +195,11 @@ def estimated_tokens(
     else:
         image = {"MEDIA_RESOLUTION_LOW": 64}.get(sent or "", 258)
     think = _THINKING_ESTIMATE[thinking] if family.thinks else 0
-    if thinking is Thinking.MINIMAL and family.thinks:
-        think = (
-            128
-            if (family.tier == "pro" and not family.uses_levels)
-            else (32 if family.uses_levels else 0)
-        )
+    if family.uses_levels and thinking is not Thinking.MODEL_DEFAULT:
+        think = _LEVEL_ESTIMATE["pro" if family.tier == "pro" else "flash"][
+            _level(family, thinking)
+        ]
+    elif thinking is Thinking.MINIMAL and family.thinks:
+        think = 128 if family.tier == "pro" else 0  # 2.5 Pro cannot go below 128
     text = len(prompt) // 4 + 1
     return text + image, image, think, _ANSWER_TOKENS

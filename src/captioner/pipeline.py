@@ -27,12 +27,14 @@ from captioner.domain import (
     ObjectRef,
     Outcome,
     PreparedImage,
+    Usage,
 )
 from captioner.errors import ObjectGoneError, PermanentError, TransientError
 from captioner.metadata import MetadataKeys, clean_caption
 from captioner.preparing import DecodeCost, PreparePool, Preparer
 from captioner.recording import MetadataStore, Recorder, result_for, verdict
 from captioner.rules import RuleBook
+from captioner.spending import Refused, Spending, Ticket
 
 log = logging.getLogger("captioner")
 
@@ -89,8 +91,10 @@ class Captioner:
         prepare: Preparer,
         config: PipelineConfig,
         decode_cost: DecodeCost | None = None,
+        spending: Spending | None = None,
     ) -> None:
         self._storage = storage
+        self._spending = spending
         self._describer = describer
         self._config = config
         self._keys = MetadataKeys(config.metadata_prefix, config.rules.default.languages)
@@ -139,42 +143,25 @@ class Captioner:
     async def caption_many(
         self,
         refs: Iterable[ObjectRef | ObjectInfo] | AsyncIterable[ObjectRef | ObjectInfo],
-        *,
-        overwrite: bool = False,
-        if_stale: bool = False,
-        include_human: bool = False,
+        **flags: bool,
     ) -> AsyncIterator[CaptionResult]:
         """Results as they complete, with at most ``images_in_flight`` objects in flight.
 
         ``refs`` is consumed lazily, so a listing of millions never sits in memory.
+        ``flags`` are caption_object's: overwrite, if_stale, include_human.
         """
 
         async def one(ref: ObjectRef | ObjectInfo) -> CaptionResult:
-            return await self.caption_object(
-                ref, overwrite=overwrite, if_stale=if_stale, include_human=include_human
-            )
+            return await self.caption_object(ref, **flags)
 
         async for result in bounded_as_completed(refs, one, self._config.images_in_flight):
             yield result
 
-    def decide(
-        self,
-        info: ObjectInfo,
-        *,
-        overwrite: bool = False,
-        if_stale: bool = False,
-        include_human: bool = False,
-    ) -> Skip | Wanted:
+    def decide(self, info: ObjectInfo, **flags: bool) -> Skip | Wanted:
         """Whether ``info`` needs a caption (captioner.decisions), with this instance's
-        keys, rules and model."""
+        keys, rules and model; ``flags``: overwrite, if_stale, include_human."""
         return decide(
-            info,
-            keys=self._keys,
-            rules=self._rules,
-            model=self._describer.model,
-            overwrite=overwrite,
-            if_stale=if_stale,
-            include_human=include_human,
+            info, keys=self._keys, rules=self._rules, model=self._describer.model, **flags
         )
 
     async def describe_source(
@@ -190,16 +177,27 @@ class Captioner:
         self, source: str, load: Callable[[], Awaitable[bytes]]
     ) -> CaptionResult:
         try:
+            ticket = await self._admit(None)
+        except Refused as refused:
+            return CaptionResult(
+                source, Outcome.SKIPPED, reason=refused.reason, message=str(refused)
+            )
+        usage: Usage | None = None
+        try:
             # The size is not known before the load: hold room for the largest allowed.
             async with self._pool.hold(self._config.max_bytes):
                 data = await load()
                 prepared = await self._pool.prepared(data)
                 del data
             description = await self._describer.describe(prepared, self._rules.default)
+            usage = description.usage
         except PermanentError as exc:
             return CaptionResult(source, Outcome.FAILED, reason=exc.reason, message=str(exc))
         except TransientError as exc:
             return CaptionResult(source, Outcome.RETRY, reason=exc.reason, message=str(exc))
+        finally:
+            if ticket is not None:
+                ticket.settle(usage)
         caption = clean_caption(description.text) if description.text else ""
         if not caption:
             return CaptionResult(
@@ -245,7 +243,16 @@ class Captioner:
             return self._skipped(ref, info, decision)
         spec = decision.spec
         try:
+            ticket = await self._admit(info.bucket)
+        except Refused as refused:
+            return result_for(
+                ref, Outcome.SKIPPED, reason=refused.reason, message=str(refused),
+                generation=info.generation,
+            )  # fmt: skip
+        usage: Usage | None = None
+        try:
             description = await self._describe(info, spec)
+            usage = description.usage
         except PermanentError as exc:
             return await self._recorder.write(ref, info, verdict(self._keys, spec, error=exc))
         except ObjectGoneError:
@@ -256,6 +263,9 @@ class Captioner:
             return result_for(
                 ref, Outcome.RETRY, reason=exc.reason, message=str(exc), generation=info.generation
             )
+        finally:
+            if ticket is not None:
+                ticket.settle(usage)
         return await self._recorder.write(
             ref, info, verdict(self._keys, spec, description=description)
         )
@@ -275,6 +285,16 @@ class Captioner:
             message=skip.message,
             generation=info.generation,
         )
+
+    async def _admit(self, bucket: str | None) -> Ticket | None:
+        """Room in the run's cap and the day's budget for one more image (Refused: none).
+        Asked before the download, so an image refused costs nothing at all."""
+        if self._spending is None:
+            return None
+        refusal = self._spending.refusal(bucket)
+        if refusal is not None:
+            raise refusal
+        return await self._spending.admit(bucket)
 
     async def _describe(self, info: ObjectInfo, spec: CaptionSpec) -> Description:
         if info.size == 0:

@@ -16,9 +16,16 @@ from typing import TYPE_CHECKING
 from captioner.batch import BatchRun, CaptionRequest, FilesRequest
 from captioner.captions import CaptionSpec
 from captioner.domain import Description, PreparedImage, Usage
+from captioner.errors import ConfigurationError
 from captioner.models import estimated_tokens
 from captioner.pipeline import Captioner, Describer, PipelineConfig
+from captioner.pricing import Rate, unknown_price
 from captioner.settings import Settings
+from captioner.spending import CostCap, DailyBudget, Spending
+
+# The estimate of a caption's cost is an average; one caption can cost more (a longer
+# answer, a second ask): a cap holds a quarter more per image in flight.
+CAP_MARGIN = 1.25
 
 if TYPE_CHECKING:
     from google import genai
@@ -94,6 +101,7 @@ class Runtime:
 
     def batch(self, request: CaptionRequest) -> BatchRun:
         """A run of one HTTP or command-line request on the running loop's clients."""
+        cap = self.cost_cap(request.max_cost) if request.max_cost is not None else None
         resources = self.resources()
         return BatchRun(
             request,
@@ -104,7 +112,26 @@ class Runtime:
             estimate=self.estimated_usage(),
             # Only the command line's describe reads local files; HTTP never does.
             read_local=self._read_local if isinstance(request, FilesRequest) else None,
+            rate=self.rate(),
+            cap=cap,
         )
+
+    def cost_cap(self, limit: float) -> CostCap:
+        """A run's cap (``--max-cost``); ConfigurationError when the price is unknown: a
+        cap that cannot count would not hold."""
+        each = self.rate().cost(self.estimated_usage())
+        if each is None:
+            raise ConfigurationError(
+                f"a cost cap needs a price: {unknown_price(self.settings.model)}"
+            )
+        # The estimate is an average; a caption's real cost varies (a longer answer, a
+        # second ask): a quarter more is held per image in flight.
+        return CostCap(limit, each * CAP_MARGIN)
+
+    def rate(self) -> Rate:
+        """What this configuration's tokens cost (its price None: not known)."""
+        s = self.settings
+        return Rate(s.model, s.service_tier, s.price_book().price(s.model, s.service_tier))
 
     async def _read_local(self, source: str) -> bytes:
         from captioner.adapters.files import read_local
@@ -119,6 +146,22 @@ class Runtime:
         )
         return Usage(prompt, output, thinking, image, calls=1)
 
+    def _spending(self, storage: StorageClient) -> Spending:
+        """The cost gate: a run's cap (set per run) and, with CAPTION_DAILY_BUDGET_USD, a
+        ledger per bucket, shared by every request of this loop."""
+        s = self.settings
+        budget = s.daily_budget_usd
+        budgets: dict[str, DailyBudget] = {}
+
+        def of(bucket: str) -> DailyBudget:
+            if bucket not in budgets:
+                assert budget is not None
+                budgets[bucket] = DailyBudget(storage, bucket, s.budget_prefix, budget)
+            return budgets[bucket]
+
+        estimate = self.estimated_usage()
+        return Spending(self.rate(), estimate, of if budget is not None else None)
+
     def _build(self) -> LoopResources:
         # Imported here so a cold start pays for google-genai only when it is used.
         import aiohttp
@@ -127,7 +170,6 @@ class Runtime:
         from captioner.adapters.images import decode_cost, prepare
         from captioner.adapters.storage import StorageClient
         from captioner.adapters.urls import UrlFetcher
-        from captioner.errors import ConfigurationError
         from captioner.limiter import AdaptiveLimiter, slow_start_initial
 
         s = self.settings
@@ -167,6 +209,7 @@ class Runtime:
                 metadata_prefix=s.metadata_prefix,
                 rules=s.rule_book(),
             ),
+            spending=self._spending(storage),
         )
         urls = UrlFetcher.create(
             max_bytes=s.max_bytes,

@@ -17,6 +17,7 @@ from captioner.errors import SettingsError
 from captioner.models import MediaResolution, Thinking
 
 if TYPE_CHECKING:
+    from captioner.pricing import PriceBook
     from captioner.rules import RuleBook
 
 ENV_PREFIX = "CAPTION_"
@@ -77,6 +78,13 @@ class Settings(BaseModel):
     # How often `batch apply` stores where it got to: the work redone after a crash, against
     # a checkpoint write every so many seconds.
     batch_checkpoint_seconds: Annotated[float, Field(ge=0.1, le=3600)] = 5.0
+    # What it costs (captioner.pricing): prices over the list prices, the service tier
+    # calls are made (and priced) at, and a daily spending cap per bucket, kept in a
+    # ledger object under budget_prefix in that bucket (captioner.spending).
+    prices: str = ""
+    service_tier: Literal["standard", "flex", "priority"] = "standard"
+    daily_budget_usd: Annotated[float | None, Field(gt=0, le=1_000_000)] = None
+    budget_prefix: str = "captioner-budget/"
 
     @field_validator("allowed_buckets", "languages", "url_allowed_hosts", mode="before")
     @classmethod
@@ -118,7 +126,20 @@ class Settings(BaseModel):
         default = CaptionSpec(self.prompt, self.mode == "structured", self.languages)
         return RuleBook(default, parse_rules(self.rules))
 
-    @field_validator("batch_prefix")
+    @field_validator("prices")
+    @classmethod
+    def _prices(cls, value: str) -> str:
+        from captioner.pricing import PriceBook
+
+        PriceBook.from_json(value)
+        return value
+
+    def price_book(self) -> PriceBook:
+        from captioner.pricing import PriceBook
+
+        return PriceBook.from_json(self.prices)
+
+    @field_validator("batch_prefix", "budget_prefix")
     @classmethod
     def _batch_prefix(cls, value: str) -> str:
         if not value.endswith("/") or value.startswith("/") or len(value) > 200:

@@ -444,3 +444,21 @@ def test_batch_over_http_overwrite_and_if_stale(
     assert [j["run"] for j in rest.json()["jobs"]] == [run]
     current = metadata(allowed_bucket, names[2])["caption-prompt"]
     assert [metadata(allowed_bucket, n)["caption-prompt"] for n in names] == [current] * 3
+
+
+def test_a_dry_run_on_a_2x_model_reads_the_images_sizes_for_their_tiles(
+    vertex_env: dict[str, str], gemini: Any, bucket: Any
+) -> None:
+    """Gemini 2.x bills 258 tokens per 768 px tile and a batch sends the original image: a
+    2000 x 1500 photo is six tiles, not the one the online path's 768 px copy costs."""
+    for i in range(3):
+        upload(bucket, f"t/{i}.png", images.encode(images.solid((2000, 1500)), "PNG"), "image/png")
+    target = f"gs://{bucket.name}/t/"
+    dry = run_cli(vertex_env, "batch", "submit", target, "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    report = json.loads(dry.stdout)
+    assert report["image_sizes_read"] == 3
+    assert report["estimated_tokens"]["image_tokens"] == 3 * 6 * 258
+    three = run_cli({**vertex_env, "CAPTION_MODEL": "gemini-3-flash-preview"},
+                    "batch", "submit", target, "--dry-run", "--json")  # fmt: skip
+    assert json.loads(three.stdout)["image_sizes_read"] == 0  # Gemini 3 bills by resolution

@@ -148,7 +148,7 @@ def test_bad_arguments_exit_2_with_a_message(
 def test_backfill_of_a_missing_bucket_says_so(stack_env: dict[str, str], gcs: Any) -> None:
     completed = run_cli(stack_env, "backfill", "gs://no-such-bucket-here/")
     assert completed.returncode == 2
-    assert "does the bucket exist" in completed.stderr
+    assert "no such bucket: gs://no-such-bucket-here/" in completed.stderr
 
 
 def test_no_api_key_is_one_line_naming_the_variables_and_exit_2(

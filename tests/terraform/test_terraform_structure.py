@@ -43,6 +43,8 @@ CAPTION_SETTINGS = {
     "CAPTION_MODE",
     "CAPTION_RULES",
     "CAPTION_BATCH_PREFIX",
+    "CAPTION_BUDGET_PREFIX",
+    "CAPTION_DAILY_BUDGET_USD",
 }
 API_KEY_NAMES = {"GEMINI_API_KEY", "GOOGLE_API_KEY"}
 VERTEX_SETTINGS = {"GOOGLE_GENAI_USE_VERTEXAI", "GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION"}
@@ -1037,6 +1039,7 @@ def test_archive_excludes_everything_but_the_function(config: Config) -> None:
         ".hypothesis/examples/x",
         "Makefile",
         "requirements-dev.txt",
+        "requirements-stack.txt",
     ):
         assert _excluded_path(patterns, path), f"{path} would be deployed"
     for path in (
@@ -1267,6 +1270,8 @@ API_OF = {
     # Calls Service Usage (as google_project_service itself does, so it is on) to create
     # the agent of aiplatform.googleapis.com: it waits for that API's enablement.
     "google_project_service_identity": "aiplatform",
+    "google_logging_metric": "logging",
+    "google_monitoring_alert_policy": "monitoring",
 }
 
 
@@ -1423,3 +1428,31 @@ def test_http_deadline_by_terraform(limits_module: Path, timeout: str, deadline:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().strip('"') == deadline
+
+
+def test_a_daily_budget_brings_its_ledger_grant_a_log_metric_and_an_alert(config: Config) -> None:
+    """Only with daily_budget_usd: the function may write the ledger under the budget
+    prefix (and nowhere else), and what the budget turns away is counted and alerted on."""
+    grant = config.resource("google_storage_bucket_iam_member", "runtime_budget_ledger")
+    assert "local.use_budget" in grant["for_each"]
+    assert role_permissions(config, grant["role"]) == {
+        "storage.objects.create",
+        "storage.objects.delete",
+    }
+    (condition,) = grant["condition"]
+    assert literal(condition["expression"]) == (
+        'resource.name.startsWith("projects/_/buckets/${each.value}'
+        '/objects/${var.caption_budget_prefix}")'
+    )
+    metric = config.resource("google_logging_metric", "budget_exhausted")
+    assert "local.use_budget" in metric["count"]
+    assert 'jsonPayload.reason=\\"budget-exhausted\\"' in metric["filter"] or (
+        'jsonPayload.reason="budget-exhausted"' in literal(metric["filter"])
+    )
+    alert = config.resource("google_monitoring_alert_policy", "budget_exhausted")
+    assert alert["count"] == metric["count"]
+    assert "google_logging_metric.budget_exhausted" in json.dumps(alert["conditions"])
+    assert alert["notification_channels"] == "${var.alert_notification_channels}"
+    # The application reads the very reason the metric counts.
+    spending = (TERRAFORM_DIR.parent / "src" / "captioner" / "spending.py").read_text()
+    assert '"budget-exhausted"' in spending

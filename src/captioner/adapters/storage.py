@@ -48,6 +48,7 @@ _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _OBJECT_FIELDS = "bucket,name,generation,metageneration,contentType,size,metadata"
 # The IAM permission each call needs, named in the message when it is refused.
 _GET, _LIST, _UPDATE = "storage.objects.get", "storage.objects.list", "storage.objects.update"
+_CREATE = "storage.objects.create"
 # The stored bytes as they are: without it Cloud Storage decompresses an object stored
 # with Content-Encoding: gzip on the way (decompressive transcoding), and sends bytes
 # that the checksum it holds does not describe.
@@ -138,6 +139,7 @@ class StorageClient:
     ) -> None:
         self._session = session
         self._api = endpoint.rstrip("/") + "/storage/v1"
+        self._upload_api = endpoint.rstrip("/") + "/upload/storage/v1"
         self._credentials = None if emulator else _Credentials()
         self._emulator = emulator
         self._attempts = attempts
@@ -268,6 +270,46 @@ class StorageClient:
         result: ObjectInfo = await self._retry(once, attempts=None if safe_to_repeat else 1)
         return result
 
+    async def read_small(self, bucket: str, name: str, max_bytes: int) -> tuple[bytes, int] | None:
+        """A small object of ours (a budget ledger): its bytes and generation, or None when
+        there is none. Read at the generation its metadata names, checksum checked."""
+        try:
+            info = await self.get_object(bucket, name)
+            return await self.download(
+                bucket, name, generation=info.generation, max_bytes=max_bytes
+            ), info.generation
+        except ObjectGoneError:
+            return None
+
+    async def write_small(
+        self, bucket: str, name: str, data: bytes, *, if_generation_match: int
+    ) -> int:
+        """Create or replace a small JSON object of ours only if it is still at
+        ``if_generation_match`` (0: only if there is none); its new generation.
+        PreconditionFailedError when another writer got there first. Sent once: a
+        failure whose outcome is unknown is the caller's to treat as not written."""
+        url = self._upload_api + f"/b/{quote(bucket, safe='')}/o"
+        params = {
+            "uploadType": "media",
+            "name": name,
+            "ifGenerationMatch": str(if_generation_match),
+            "fields": "generation",
+        }
+
+        async def once() -> int:
+            async with self._request(
+                "POST",
+                url,
+                params=params,
+                data=data.decode("utf-8"),
+                headers={"Content-Type": "application/json"},
+            ) as response:
+                await _raise_for_status(response, f"gs://{bucket}/{name}", _CREATE, bucket)
+                return int((await response.json(content_type=None))["generation"])
+
+        generation: int = await self._retry(once, attempts=1)
+        return generation
+
     async def list_objects(
         self, bucket: str, prefix: str = "", *, page_size: int = 1000
     ) -> AsyncIterator[ObjectInfo]:
@@ -318,15 +360,7 @@ class StorageClient:
         except ObjectGoneError:
             # A listing answers 404 only when the bucket is not there.
             raise NoSuchBucketError(_no_such_bucket(bucket, self._emulator)) from None
-        if not isinstance(page, dict) or not isinstance(page.get("items", []), list):
-            raise TransientError(f"Cloud Storage sent an unreadable listing of gs://{bucket}")
-        token = page.get("nextPageToken")
-        prefixes = page.get("prefixes", [])
-        return ListPage(
-            tuple(_object_info(item) for item in page.get("items", [])),
-            token if isinstance(token, str) and token else None,
-            tuple(str(p) for p in prefixes) if isinstance(prefixes, list) else (),
-        )
+        return ListPage.of(page, bucket)
 
     def _request(
         self,
@@ -416,6 +450,18 @@ class ListPage:
     items: tuple[ObjectInfo, ...]
     next_token: str | None
     prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, page: Any, bucket: str) -> ListPage:
+        if not isinstance(page, dict) or not isinstance(page.get("items", []), list):
+            raise TransientError(f"Cloud Storage sent an unreadable listing of gs://{bucket}")
+        token = page.get("nextPageToken")
+        prefixes = page.get("prefixes", [])
+        return cls(
+            tuple(_object_info(item) for item in page.get("items", [])),
+            token if isinstance(token, str) and token else None,
+            tuple(str(p) for p in prefixes) if isinstance(prefixes, list) else (),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,6 +48,7 @@ from captioner.captions import CaptionSpec
 from captioner.domain import Description
 from captioner.errors import ConfigurationError, PermanentError, TransientError
 from captioner.metadata import MetadataKeys
+from captioner.models import counts_pixels
 from captioner.recording import Recorder
 
 if TYPE_CHECKING:
@@ -351,6 +352,11 @@ class GcsBlobs:
         with suppress(exceptions.NotFound):
             await asyncio.to_thread(self._client.bucket(bucket).blob(name).delete)
 
+    async def head(self, bucket: str, name: str, max_bytes: int) -> bytes:
+        blob = self._client.bucket(bucket).blob(name)
+        data: bytes = await asyncio.to_thread(blob.download_as_bytes, start=0, end=max_bytes - 1)
+        return data
+
     async def lines(
         self, bucket: str, name: str, offset: int, max_line: int
     ) -> AsyncIterator[tuple[int, bytes | None]]:
@@ -471,4 +477,23 @@ def _batch_jobs(
         estimate=runtime.estimated_usage(),
         concurrency=s.batch_apply_concurrency,
         checkpoint_every=s.batch_checkpoint_seconds,
+        prices=s.price_book(),
+        image_size=image_size,
+        pixels_billed=counts_pixels(s.model, s.media_resolution),
     )
+
+
+def image_size(head: bytes) -> tuple[int, int] | None:
+    """An image's size from its first bytes (Pillow reads only the header), or None.
+    Only a number for an estimate: nothing is decoded, and bytes Pillow cannot read say
+    nothing rather than fail the dry run."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(head)) as image:
+            width, height = image.size
+    except Exception:  # any bytes: an unreadable header only leaves this image out
+        return None
+    return (width, height) if width > 0 and height > 0 else None

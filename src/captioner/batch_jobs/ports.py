@@ -87,6 +87,10 @@ class Blobs(Protocol):
         """Delete a file; one already gone is not an error."""
         ...
 
+    async def head(self, bucket: str, name: str, max_bytes: int) -> bytes:
+        """The first ``max_bytes`` of a file (an image's header, to read its size)."""
+        ...
+
     def lines(
         self, bucket: str, name: str, offset: int, max_line: int
     ) -> AsyncIterator[tuple[int, bytes | None]]:
@@ -102,3 +106,5 @@ ReadAnswer = Callable[[Mapping[str, Any], str], Description]
 # raise for the same answer from Gemini.
 ReadStatus = Callable[[Any], Exception]
 TemplateFor = Callable[[CaptionSpec], RequestTemplate]
+# An image's (width, height) from its first bytes, or None when they do not say.
+ImageSize = Callable[[bytes], tuple[int, int] | None]

@@ -22,9 +22,11 @@ class SubmitReport:
     cost: float | None  # US dollars at the batch price, when the model's price is known
     manifest: str | None = None
     shards: int = 0  # jobs submitted, or that a dry run would submit
+    sized: int = 0  # images whose size the estimate of image tokens was read from
 
     def as_json(self) -> dict[str, Any]:
         return {
+            "image_sizes_read": self.sized,
             "run": self.run,
             "images": self.images,
             "job_count": self.shards,

@@ -40,7 +40,15 @@ from captioner.batch_jobs.manifest import (
     new_run_id,
     read_manifest,
 )
-from captioner.batch_jobs.ports import Blobs, Jobs, JobStatus, ReadAnswer, ReadStatus, TemplateFor
+from captioner.batch_jobs.ports import (
+    Blobs,
+    ImageSize,
+    Jobs,
+    JobStatus,
+    ReadAnswer,
+    ReadStatus,
+    TemplateFor,
+)
 from captioner.batch_jobs.prices import batch_cost, times
 from captioner.batch_jobs.reports import JobReport, PruneReport, SubmitReport
 from captioner.batch_jobs.shards import BatchLimits, ShardPlanner, ShardWriter
@@ -51,8 +59,15 @@ from captioner.decisions import Skip, decide
 from captioner.domain import ObjectInfo, Outcome, Usage
 from captioner.errors import BadRequestError, PermanentError
 from captioner.metadata import MetadataKeys
+from captioner.models import image_tokens_2x
+from captioner.pricing import PriceBook
 from captioner.recording import Recorder
 from captioner.rules import RuleBook
+
+# Images whose size a dry run reads (their first SIZE_HEAD_BYTES) to estimate Gemini 2.x's
+# image tokens: enough for a stable average, few enough to take a second.
+SIZE_SAMPLE = 50
+SIZE_HEAD_BYTES = 256 * 1024
 
 # A job's record or a run's file that the run cannot vouch for: reported on the job.
 _Followed = tuple[Manifest, JobEntry, JobStatus | PermanentError] | BadRun
@@ -80,7 +95,14 @@ class BatchJobs:  # long: one method per step of a run, each short
         estimate: Usage,
         concurrency: int = 64,
         checkpoint_every: float = 5.0,
+        prices: PriceBook | None = None,
+        image_size: ImageSize | None = None,
+        pixels_billed: bool = False,
     ) -> None:
+        self._prices = prices or PriceBook()
+        # Gemini 2.x bills an image by its 768 px tiles, and a batch request sends the
+        # original: a dry run reads the size of a sample of the images it would send.
+        self._image_size = image_size if pixels_billed else None
         self._lister = lister
         self._recorder_for = recorder_for
         self._blobs = blobs
@@ -125,10 +147,13 @@ class BatchJobs:  # long: one method per step of a run, each short
 
             shard = ShardWriter(self._blobs, paths.bucket, paths.shard, closed)
         templates: dict[str, RequestTemplate] = {}
+        sample: list[ObjectInfo] = []
         try:
             async for info, spec in self._wanted(request, totals):
                 if shard is None:
                     planner.add(len(_dry_line(info, spec)))
+                    if len(sample) < SIZE_SAMPLE:
+                        sample.append(info)
                     continue
                 line = self._line(info, spec, templates)
                 manifest.specs.setdefault(spec.fingerprint, spec)
@@ -141,7 +166,8 @@ class BatchJobs:  # long: one method per step of a run, each short
             if shard is not None:
                 shard.abandon()
             raise
-        estimate = times(self._estimate, planner.total)
+        each, sampled = await self._estimate_of(sample)
+        estimate = times(each, planner.total)
         if planner.total == 0:
             run = None  # nothing was written: no run to follow
         return SubmitReport(
@@ -150,10 +176,30 @@ class BatchJobs:  # long: one method per step of a run, each short
             manifest.jobs,
             totals,
             estimate,
-            batch_cost(self.model, estimate),
+            batch_cost(self.model, estimate, self._prices),
             None if run is None else f"gs://{paths.bucket}/{paths.manifest}",
             planner.shards,
+            sampled,
         )
+
+    async def _estimate_of(self, sample: list[ObjectInfo]) -> tuple[Usage, int]:
+        """One image's estimated usage, its image tokens from the sizes of ``sample`` where
+        the model bills pixels; and how many sizes were read."""
+        if self._image_size is None or not sample:
+            return self._estimate, 0
+
+        async def tokens_of(info: ObjectInfo) -> int | None:
+            head = await self._blobs.head(info.bucket, info.name, SIZE_HEAD_BYTES)
+            size = self._image_size(head) if self._image_size else None
+            return None if size is None else image_tokens_2x(*size)
+
+        counted = [t async for t in bounded_as_completed(sample, tokens_of, 8) if t is not None]
+        if not counted:
+            return self._estimate, 0
+        image = round(sum(counted) / len(counted))
+        e = self._estimate
+        prompt = e.prompt_tokens - e.image_tokens + image
+        return Usage(prompt, e.output_tokens, e.thoughts_tokens, image, e.calls), len(counted)
 
     async def _wanted(
         self, request: BatchSubmitRequest, totals: Totals

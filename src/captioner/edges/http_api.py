@@ -83,7 +83,10 @@ async def _handle(runtime: Runtime, request: Request, request_id: str) -> Respon
 
     if isinstance(caption_request, BatchSubmitRequest | BatchFollowRequest | BatchPruneRequest):
         return await _batch_jobs(runtime, caption_request)
-    run = runtime.batch(caption_request)
+    try:
+        run = runtime.batch(caption_request)
+    except ConfigurationError as exc:  # a max_cost with no price to count it by
+        return error(400, str(exc))
     deadline = runtime.settings.http_deadline
     if NDJSON in request.headers.get("accept", ""):
         return StreamingResponse(_ndjson(run, deadline, request_id), media_type=NDJSON)

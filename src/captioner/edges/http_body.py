@@ -42,9 +42,14 @@ class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
+# US dollars a request may spend (captioner.spending), strictly more than 0.
+MaxCost = Annotated[float | None, Field(gt=0, le=1_000_000, allow_inf_nan=False)]
+
+
 class _ObjectsBody(_Body):
     objects: Annotated[list[str], Field(min_length=1, max_length=MAX_OBJECTS)]
     overwrite: bool = False
+    max_cost: MaxCost = None
     include_human: bool = False
 
 
@@ -55,11 +60,13 @@ class _PrefixBody(_Body):
     overwrite: bool = False
     dry_run: bool = False
     if_stale: bool = False
+    max_cost: MaxCost = None
     include_human: bool = False
 
 
 class _UrlsBody(_Body):
     urls: Annotated[list[str], Field(min_length=1, max_length=MAX_URLS)]
+    max_cost: MaxCost = None
 
 
 class _BatchSubmitBody(_Body):
@@ -102,6 +109,7 @@ _FIELD_RULES = {
     "overwrite": "'overwrite' must be true or false",
     "dry_run": "'dry_run' must be true or false",
     "if_stale": "'if_stale' must be true or false",
+    "max_cost": "'max_cost' must be a number of US dollars above 0, e.g. 2.50",
     "include_human": "'include_human' must be true or false",
     "batch": '\'batch\' must be "submit", "status", "apply", "cancel" or "prune"',
     "older_than": "'older_than' must be an age in days or hours, such as \"30d\"",
@@ -155,9 +163,14 @@ def parse_request(body: Any) -> CaptionRequest | BatchRequest:
     _check_include_human(parsed)
     if isinstance(parsed, _ObjectsBody):
         refs = tuple(parse_gs_uri(item) for item in parsed.objects)
-        return ObjectsRequest(refs, overwrite=parsed.overwrite, include_human=parsed.include_human)
+        return ObjectsRequest(
+            refs,
+            overwrite=parsed.overwrite,
+            max_cost=parsed.max_cost,
+            include_human=parsed.include_human,
+        )
     if isinstance(parsed, _UrlsBody):
-        return UrlsRequest(tuple(_check_url(url) for url in parsed.urls))
+        return UrlsRequest(tuple(_check_url(url) for url in parsed.urls), parsed.max_cost)
     assert isinstance(parsed, _PrefixBody)
     if len(parsed.prefix.encode("utf-8")) > MAX_OBJECT_NAME_BYTES:
         raise BadRequestError(_FIELD_RULES["prefix"])
@@ -168,6 +181,7 @@ def parse_request(body: Any) -> CaptionRequest | BatchRequest:
         overwrite=parsed.overwrite,
         dry_run=parsed.dry_run,
         if_stale=parsed.if_stale,
+        max_cost=parsed.max_cost,
         include_human=parsed.include_human,
     )
 

@@ -43,10 +43,12 @@ async def on_upload(runtime: Runtime, event_type: str | None, data: Any) -> Capt
             f"{ref.uri}: not done within CAPTION_DEADLINE={runtime.settings.deadline:g}s"
         ) from None
     log_result(result)
+    cost = runtime.rate().cost(result.usage) if result.usage.calls else None
     log.info(
         "caption_on_upload done: %s in %.2fs", result.outcome.value, result.seconds,
         extra={"fields": {"summary": True, "outcome": result.outcome.value,
-                          "seconds": round(result.seconds, 3)}},
+                          "seconds": round(result.seconds, 3),
+                          "cost_usd": None if cost is None else round(cost, 6)}},
     )  # fmt: skip
     if result.outcome is Outcome.RETRY:
         kind = ConfigurationError if result.reason == ConfigurationError.reason else TransientError

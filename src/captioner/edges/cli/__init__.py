@@ -115,6 +115,7 @@ def _main(argv: list[str] | None) -> int:
             for name, value in (
                 ("CAPTION_MODEL", getattr(args, "model", None)),
                 ("CAPTION_PROMPT", getattr(args, "prompt", None)),
+                ("CAPTION_SERVICE_TIER", getattr(args, "tier", None)),
             )
             if value is not None
         }

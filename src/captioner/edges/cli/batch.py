@@ -117,6 +117,12 @@ def _print_submit(report: SubmitReport, *, as_json: bool) -> None:
         file=sys.stdout if report.run is None and not as_json else sys.stderr,
     )
     token_line("estimated tokens", report.estimate.as_fields(), sys.stderr)
+    if report.sized:
+        print(
+            f"image tokens from the sizes of {report.sized} of the images (a batch sends "
+            "originals, and this model bills 768 px tiles)",
+            file=sys.stderr,
+        )
 
 
 def _print_job(job: JobReport, *, as_json: bool) -> None:

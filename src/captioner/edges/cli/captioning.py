@@ -17,6 +17,7 @@ from captioner.domain import CaptionResult, Outcome
 from captioner.edges.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
+    EXIT_SPENT,
     check_include_human,
     parse_target,
     summary,
@@ -39,6 +40,9 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await runtime.aclose()
     summary(totals, sys.stderr)
+    if totals.stopped:
+        print(f"stopped: {for_terminal(totals.stopped)}", file=sys.stderr)
+        return EXIT_SPENT
     return EXIT_FAILED if totals.failed else EXIT_OK
 
 
@@ -49,7 +53,7 @@ async def _request(
     when that is known (for the progress bar's ETA)."""
     if args.command == "describe":
         sources = _sources(args.sources)
-        return FilesRequest(sources), len(sources)
+        return FilesRequest(sources, max_cost=args.max_cost), len(sources)
     bucket, prefix = parse_target(args.target)
     check_include_human(args)
     request = PrefixRequest(
@@ -59,6 +63,7 @@ async def _request(
         args.overwrite,
         args.dry_run,
         args.if_stale,
+        args.max_cost,
         include_human=args.include_human,
     )
     if not _shows_progress(args) or args.dry_run:

@@ -6,12 +6,14 @@ import argparse
 from typing import Any
 
 from captioner import __version__
+from captioner.edges.cli.common import positive_dollars
 
 README = "README.md"
 EXIT_CODES = """exit codes:
   0    every image done (captioned, skipped or blocked)
   1    some images failed or are left to retry: run again to resume
   2    usage or configuration (bad arguments, no key, no credentials, no such bucket)
+  3    stopped at --max-cost or the day's budget: run again (later) to go on
   130  interrupted (Ctrl-C)
   141  the output was closed early (| head)"""
 EDIT_EXIT_CODES = """exit codes:
@@ -163,15 +165,31 @@ def _add_captioning(sub: Any) -> None:
     )
     backfill.add_argument("--include-human", action="store_true", help=INCLUDE_HUMAN)
     for command in (describe, backfill):
-        command.add_argument("--json", action="store_true", help="one JSON object per line")
-        command.add_argument(
-            "--concurrency",
-            type=int,
-            help="Gemini calls in flight (default: CAPTION_MAX_CONCURRENCY)",
-        )
-        command.add_argument("--model", help="Gemini model (default: CAPTION_MODEL)")
-        command.add_argument("--prompt", help="instruction (default: CAPTION_PROMPT)")
-        command.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+        _add_run_options(command)
+
+
+def _add_run_options(command: Any) -> None:
+    """What describe and backfill both take: output, pace, model, prompt, money."""
+    command.add_argument("--json", action="store_true", help="one JSON object per line")
+    command.add_argument(
+        "--concurrency",
+        type=int,
+        help="Gemini calls in flight (default: CAPTION_MAX_CONCURRENCY)",
+    )
+    command.add_argument("--model", help="Gemini model (default: CAPTION_MODEL)")
+    command.add_argument("--prompt", help="instruction (default: CAPTION_PROMPT)")
+    command.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    command.add_argument(
+        "--max-cost",
+        type=positive_dollars,
+        metavar="USD",
+        help="stop starting images before this run would spend more (exit 3; resumable)",
+    )
+    command.add_argument(
+        "--tier",
+        choices=("standard", "flex", "priority"),
+        help="Gemini's service tier, and the price paid (default: CAPTION_SERVICE_TIER)",
+    )
 
 
 def _add_reading(sub: Any) -> None:
@@ -301,6 +319,10 @@ def _add_batch(sub: Any) -> None:
         "--dry-run", action="store_true", help="count images, jobs and the cost; submit nothing"
     )
     submit.add_argument("--include-human", action="store_true", help=INCLUDE_HUMAN)
+    _add_batch_following(actions)
+
+
+def _add_batch_following(actions: Any) -> None:
     for name, text in (
         ("status", "show the state of batch jobs"),
         ("apply", "write the captions of finished jobs (resumable; twice writes nothing)"),
