@@ -38,10 +38,14 @@ class Review:
 
 
 @contextmanager
-def review(env: dict[str, str], target: str, *flags: str, timeout: float = 30) -> Iterator[Review]:
-    """Start ``captioner review target --no-browser`` and wait for the URL it prints."""
+def review(
+    env: dict[str, str], target: str, *flags: str, timeout: float = 30, browser: bool = False
+) -> Iterator[Review]:
+    """Start ``captioner review target --no-browser`` (``browser``: without it) and wait
+    for the URL it prints."""
+    opens = [] if browser else ["--no-browser"]
     process = subprocess.Popen(
-        [sys.executable, "-m", "captioner", "review", target, "--no-browser", *flags],
+        [sys.executable, "-m", "captioner", "review", target, *opens, *flags],
         cwd=REPO,
         env={**os.environ, **env, "PYTHONPATH": str(REPO / "src")},
         stdout=subprocess.PIPE,

@@ -310,6 +310,15 @@ def test_http_objects_and_prefix_with_overwrite_keep_it_unless_include_human(
     assert wrong.status_code == 400
     assert "'include_human' must be true or false" in wrong.json()["error"]["message"]
 
+    # A batch submit's dry run counts the same way (it reads the bucket only).
+    submit = {"batch": "submit", "bucket": ALLOWED, "prefix": "h/", "overwrite": True,
+              "dry_run": True}  # fmt: skip
+    planned = post(http_function, submit).json()
+    assert (planned["images"], planned["skipped_by_reason"]) == (1, {"human": 1})
+    assert post(http_function, {**submit, "include_human": True}).json()["images"] == 2
+    alone = post(http_function, {**submit, "overwrite": False, "include_human": True})
+    assert alone.status_code == 400
+
     forced = post(http_function, {"objects": [uri], "overwrite": True, "include_human": True})
     assert forced.json()["results"][0]["status"] == "ok"
     meta = metadata(allowed_bucket, "h/a.jpg")

@@ -195,6 +195,9 @@ def test_an_edit_typed_and_saved_with_the_keyboard_is_on_the_object_and_kept_by_
         keys = page.page.keyboard
         keys.press("j")  # the first card
         keys.press("j")  # the second
+        keys.press("k")  # back to the first
+        assert page.page.evaluate("document.activeElement.dataset.name") == "k/1.jpg"
+        keys.press("j")
         keys.press("e")
         field = page.card("k/2.jpg").locator("textarea")
         field.fill("A flat white in a blue cup, on oak")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from typing import Any
 
 import pytest
@@ -236,3 +237,20 @@ def test_review_mistakes_exit_2_with_one_line(
         busy = run_cli(stack_env, "review", f"gs://{bucket.name}/", "--no-browser", "--port", port)
     assert busy.returncode == 2
     assert f"cannot listen on 127.0.0.1:{port}" in busy.stderr
+
+
+def test_without_no_browser_the_page_opens_in_the_browser_named_by_browser(
+    stack_env: dict[str, str], bucket: Any, captioned: str, tmp_path: Any
+) -> None:
+    opened = tmp_path / "opened.txt"
+    browser = tmp_path / "browser.sh"
+    browser.write_text(f'#!/bin/sh\nprintf %s "$1" > "{opened}"\n')
+    browser.chmod(0o755)
+    env = {**stack_env, "BROWSER": f"{browser} %s"}
+    with review(env, f"gs://{bucket.name}/safe/", browser=True) as server:
+        deadline = time.monotonic() + 20
+        while not opened.exists() or not opened.read_text():
+            assert time.monotonic() < deadline, "the browser was never started"
+            time.sleep(0.1)
+        assert opened.read_text() == server.url  # the page, with its token
+        assert session(server).get(server.base + "/", timeout=10).status_code == 200
