@@ -195,6 +195,9 @@ def test_backfill_overwrite_and_if_stale_keep_a_persons_caption_and_count_it_hum
     other_prompt = {**stack_env, "CAPTION_PROMPT": "Say it differently."}
     stale = run_cli(other_prompt, "backfill", target, "--if-stale")
     assert "done 1, skipped 2 (2 human)" in stale.stderr  # the model's own, stale: again
+    rules = json.dumps([{"name": "b", "prefix": "b/", "prompt": "A rule's own prompt."}])
+    rule_change = run_cli({**stack_env, "CAPTION_RULES": rules}, "backfill", target, "--if-stale")
+    assert "done 1, skipped 2 (2 human)" in rule_change.stderr  # a new rule for the folder
     plain = run_cli(stack_env, "backfill", target)
     assert "2 human" in plain.stderr
     assert {n: metadata(bucket, n) for n in names[:2]} == kept
