@@ -91,6 +91,19 @@ def adc_key(gemini_thread: Any, tmp_path_factory: pytest.TempPathFactory) -> str
     return str(write_service_account_key(folder, gemini_thread.base_url + "/token"))
 
 
+def vertex_function_env(gcs: FakeGcs, gemini_thread: Any, adc_key: str) -> dict[str, str]:
+    """What caption_http needs to run batch jobs on the local stack in Vertex AI mode."""
+    return {
+        "STORAGE_EMULATOR_HOST": gcs.url,
+        "GOOGLE_GEMINI_BASE_URL": gemini_thread.base_url,
+        "GOOGLE_GENAI_USE_VERTEXAI": "true",
+        "GOOGLE_CLOUD_PROJECT": "p",
+        "GOOGLE_CLOUD_LOCATION": "us-central1",
+        "GOOGLE_APPLICATION_CREDENTIALS": adc_key,
+        "GEMINI_API_KEY": "",
+    }
+
+
 @pytest.fixture
 def vertex_env(stack_env: dict[str, str], adc_key: str) -> dict[str, str]:
     """The stack in Vertex AI mode (batch jobs exist only there), with credentials got

@@ -22,6 +22,7 @@ import requests
 from captioner_dev.functions import FunctionServer
 from captioner_dev.gemini_server.batch_run import output_directory
 from tests import images
+from tests.conftest import vertex_function_env
 from tests.e2e.test_batch_backfill import png, upload_many, wait_for_jobs
 from tests.e2e.test_cli import REPO, run_cli
 from tests.gcs_proxy import GcsProxy
@@ -126,16 +127,7 @@ def allowed_bucket(gcs_client: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def function(gcs: Any, gemini_thread: Any, adc_key: str) -> Iterator[FunctionServer]:
-    env = {
-        "STORAGE_EMULATOR_HOST": gcs.url,
-        "GOOGLE_GEMINI_BASE_URL": gemini_thread.base_url,
-        "GOOGLE_GENAI_USE_VERTEXAI": "true",
-        "GOOGLE_CLOUD_PROJECT": "p",
-        "GOOGLE_CLOUD_LOCATION": "us-central1",
-        "GOOGLE_APPLICATION_CREDENTIALS": adc_key,
-        "GEMINI_API_KEY": "",
-        "CAPTION_ALLOWED_BUCKETS": ALLOWED,
-    }
+    env = {**vertex_function_env(gcs, gemini_thread, adc_key), "CAPTION_ALLOWED_BUCKETS": ALLOWED}
     with FunctionServer("caption_http", env=env, signature_type="http") as server:
         yield server
 

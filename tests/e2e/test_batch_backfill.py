@@ -15,6 +15,7 @@ import requests
 
 from captioner_dev.functions import FunctionServer
 from tests import images
+from tests.conftest import vertex_function_env
 from tests.e2e.test_cli import run_cli
 from tests.objects import metadata, upload
 
@@ -349,13 +350,7 @@ def allowed_bucket(gcs_client: Any) -> Any:
 @pytest.fixture(scope="module")
 def batch_function(gcs: Any, gemini_thread: Any, adc_key: str) -> Iterator[FunctionServer]:
     env = {
-        "STORAGE_EMULATOR_HOST": gcs.url,
-        "GOOGLE_GEMINI_BASE_URL": gemini_thread.base_url,
-        "GOOGLE_GENAI_USE_VERTEXAI": "true",
-        "GOOGLE_CLOUD_PROJECT": "p",
-        "GOOGLE_CLOUD_LOCATION": "us-central1",
-        "GOOGLE_APPLICATION_CREDENTIALS": adc_key,
-        "GEMINI_API_KEY": "",
+        **vertex_function_env(gcs, gemini_thread, adc_key),
         "CAPTION_ALLOWED_BUCKETS": ALLOWED,
         "CAPTION_BATCH_MAX_REQUESTS": "5",
     }
