@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from captioner import stages
+from captioner.budget import Budget
 from captioner.captions import DEFAULT_PROMPT, CaptionSpec
 from captioner.concurrency import bounded_as_completed
 from captioner.decisions import Skip, Wanted, decide
@@ -71,6 +72,14 @@ class PipelineConfig:
     # end of their prepare. Without it 20 objects in flight of CAPTION_MAX_BYTES (20 MiB)
     # would hold 400 MiB; 128 MiB still lets 6 such objects, or hundreds of photos, wait.
     held_bytes_budget: int = 128 * 1024 * 1024
+    # Gemini calls in flight, each with its request as google-genai holds it until the
+    # answer: the image, its base64, the JSON body and the connection's buffers, about
+    # 400 KB for a 768 px photo (measured: 2,100 flex calls in flight took the CLI to
+    # 682 MiB; 1,000 of them at a time, to 505 MiB). A call is admitted, before its
+    # download, only while the calls in flight fit here: at the flex tier's minutes per
+    # call, memory, not the count, is what bounds them (768 calls at a time).
+    calls_bytes_budget: int = 288 * 1024 * 1024
+    bytes_per_call: int = 384 * 1024
 
     @property
     def images_in_flight(self) -> int:
@@ -113,6 +122,7 @@ class Captioner:
         # The two memory budgets, for tests and benchmarks.
         self.decode_budget = self._pool.decode_budget
         self.held_bytes = self._pool.held_bytes
+        self.calls_bytes = Budget(config.calls_bytes_budget)
 
     def close(self) -> None:
         """Let the prepare threads go (they would also end with the process)."""
@@ -184,12 +194,13 @@ class Captioner:
             )
         usage: Usage | None = None
         try:
-            # The size is not known before the load: hold room for the largest allowed.
-            async with self._pool.hold(self._config.max_bytes):
-                data = await load()
-                prepared = await self._pool.prepared(data)
-                del data
-            description = await self._describer.describe(prepared, self._rules.default)
+            async with self.calls_bytes.take(self._config.bytes_per_call):
+                # The size is not known before the load: hold room for the largest allowed.
+                async with self._pool.hold(self._config.max_bytes):
+                    data = await load()
+                    prepared = await self._pool.prepared(data)
+                    del data
+                description = await self._describer.describe(prepared, self._rules.default)
             usage = description.usage
         except PermanentError as exc:
             return CaptionResult(source, Outcome.FAILED, reason=exc.reason, message=str(exc))
@@ -251,7 +262,9 @@ class Captioner:
             )  # fmt: skip
         usage: Usage | None = None
         try:
-            description = await self._describe(info, spec)
+            # Just in time: nothing is downloaded or prepared before its call has room.
+            async with self.calls_bytes.take(self._config.bytes_per_call):
+                description = await self._describe(info, spec)
             usage = description.usage
         except PermanentError as exc:
             return await self._recorder.write(ref, info, verdict(self._keys, spec, error=exc))

@@ -83,7 +83,9 @@ class Runtime:
         from captioner.errors import ConfigurationError
 
         try:
-            self._ready_client = make_client(self.settings.gemini_timeout)
+            self._ready_client = make_client(
+                self.settings.call_timeout, tier=self.settings.service_tier
+            )
         except ConfigurationError:
             self._ready_client = None
 
@@ -177,7 +179,7 @@ class Runtime:
         describer: Describer
         try:
             if client is None:
-                client = make_client(s.gemini_timeout)
+                client = make_client(s.call_timeout, tier=s.service_tier)
         except ConfigurationError as exc:
             # No key: what needs no Gemini (a dry run, reading back) still works; the
             # first image to describe reports it.

@@ -41,7 +41,7 @@ class Settings(BaseModel):
 
     model: Annotated[str, Field(min_length=1, max_length=200)] = "gemini-2.5-flash"
     prompt: Annotated[str, Field(min_length=1, max_length=4000)] = DEFAULT_PROMPT
-    max_concurrency: Annotated[int, Field(ge=1, le=1000)] = 16
+    max_concurrency: Annotated[int, Field(ge=1, le=5000)] = 16
     max_edge: Annotated[int, Field(ge=64, le=4096)] = 768
     max_bytes: Annotated[int, Field(ge=1, le=1 << 31)] = 20 * 1024 * 1024
     max_pixels: Annotated[int, Field(ge=1, le=1 << 31)] = 50_000_000
@@ -53,7 +53,8 @@ class Settings(BaseModel):
     temperature: Annotated[float | None, Field(ge=0.0, le=2.0)] = None
     thinking: Thinking = Thinking.MINIMAL
     media_resolution: MediaResolution = MediaResolution.AUTO
-    gemini_timeout: Annotated[float, Field(gt=0, le=600)] = 60.0
+    # Seconds per Gemini attempt; None: per tier (see call_timeout).
+    gemini_timeout: Annotated[float | None, Field(gt=0, le=1800)] = None
     gemini_attempts: Annotated[int, Field(ge=1, le=20)] = 4
     storage_attempts: Annotated[int, Field(ge=1, le=20)] = 5
     retry_max_wait: Annotated[float, Field(ge=0, le=300)] = 30.0
@@ -133,6 +134,16 @@ class Settings(BaseModel):
 
         PriceBook.from_json(value)
         return value
+
+    @property
+    def call_timeout(self) -> float:
+        """Seconds one Gemini attempt may take: ``CAPTION_GEMINI_TIMEOUT``, else 60, and 15
+        minutes at the flex tier, whose calls take "minutes (1-15 min target)"
+        (https://ai.google.dev/gemini-api/docs/flex-inference; Vertex AI's Flex PayGo
+        defaults to 20 and allows 30, https://cloud.google.com/vertex-ai/generative-ai/docs/flex-paygo)."""
+        if self.gemini_timeout is not None:
+            return self.gemini_timeout
+        return 900.0 if self.service_tier == "flex" else 60.0
 
     def price_book(self) -> PriceBook:
         from captioner.pricing import PriceBook

@@ -235,3 +235,42 @@ def test_a_ledger_corrupted_or_deleted_fails_safe_as_spent(
     assert gemini.calls <= calls + 1
     assert "budget-ledger-fault" in logs
     assert "taken as spent" in logs
+
+
+# ---------------------------------------------------------------- the flex tier
+
+
+def test_a_backfill_on_flex_asks_for_flex_waits_out_shed_calls_and_pays_half(
+    stack_env: dict[str, str], gemini: Any, bucket: Any
+) -> None:
+    """The Gemini API takes service_tier in the body; the stand-in answers flex calls
+    slower and sheds some with 503 (captioner_dev/gemini_server/flex.py): each image is
+    captioned in the end, at half the standard price."""
+    upload_many(bucket, [f"x/{i}.png" for i in range(8)])
+    gemini.flex.configure(latency=0.3, shed=0.3)
+    env = {**stack_env, "CAPTION_RETRY_MAX_WAIT": "0.2", "CAPTION_GEMINI_ATTEMPTS": "10"}
+    done = run_cli(env, "backfill", f"gs://{bucket.name}/x/", "--tier", "flex")
+    assert done.returncode == 0, done.stderr
+    assert captioned(bucket, "x/") == 8
+    assert {r.service_tier for r in gemini.requests} == {"flex"}
+    assert any(r.fault == "flex-shed" for r in gemini.requests)
+    assert "at list prices (gemini-2.5-flash, flex tier)" in done.stderr
+    answered = [r for r in gemini.requests if r.status == 200]
+    assert min(r.answered_at - r.received_at for r in answered if r.answered_at) >= 0.14
+
+
+def test_vertex_flex_goes_to_the_global_endpoint_with_the_shared_request_header(
+    vertex_env: dict[str, str], gemini: Any, tmp_path: Any
+) -> None:
+    photo = tmp_path / "a.png"
+    photo.write_bytes(png(1))
+    env = {**vertex_env, "CAPTION_SERVICE_TIER": "flex"}
+    done = run_cli(env, "describe", str(photo))
+    assert done.returncode == 0, done.stderr
+    (request,) = gemini.requests
+    assert request.service_tier == "flex"
+    assert "/locations/global/" in request.path  # Flex PayGo: the global endpoint only
+    standard = run_cli(vertex_env, "describe", str(photo))
+    assert standard.returncode == 0
+    assert gemini.requests[-1].service_tier == "standard"
+    assert "/locations/us-central1/" in gemini.requests[-1].path

@@ -362,3 +362,37 @@ async def test_bounded_as_completed_cancels_in_flight_work_when_abandoned() -> N
     assert await anext(stream) == 0
     await stream.aclose()
     assert cancelled == 3
+
+
+async def test_calls_in_flight_are_bounded_by_memory_and_nothing_is_fetched_ahead_of_its_call() -> (
+    None
+):
+    """At the flex tier a call takes minutes and thousands are in flight: each holds its
+    request's bytes, so the calls' memory bounds them, and an image waiting for room is
+    neither downloaded nor prepared (just in time)."""
+    storage = MemoryStorage()
+    for i in range(12):
+        storage.put(B, f"{i}.jpg", images.photo())
+    describer = ScriptedDescriber(delay=0.05)
+    captioner = Captioner(
+        storage=storage,
+        describer=describer,
+        prepare=partial(prepare, max_edge=768, max_pixels=50_000_000),
+        config=PipelineConfig(
+            max_bytes=5_000_000, max_concurrency=50, calls_bytes_budget=3000, bytes_per_call=1000
+        ),
+    )
+    downloads_at_peak: list[int] = []
+    original = describer.describe
+
+    async def describe(image: object, spec: object = None) -> Description:
+        downloads_at_peak.append(storage.downloads - describer.calls)
+        return await original(image, spec)  # type: ignore[arg-type]
+
+    describer.describe = describe  # type: ignore[method-assign]
+    refs = [ref_for(storage, f"{i}.jpg") for i in range(12)]
+    results = [r async for r in captioner.caption_many(refs)]
+    assert {r.outcome for r in results} == {Outcome.CAPTIONED}
+    assert describer.peak_in_flight == 3  # 3,000 bytes / 1,000 per call
+    assert captioner.calls_bytes.peak == 3000
+    assert max(downloads_at_peak) <= 3  # never downloaded far ahead of its call

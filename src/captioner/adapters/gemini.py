@@ -129,6 +129,7 @@ def make_client(
     environ: Mapping[str, str] | None = None,
     *,
     credentials: Any = None,
+    tier: str = "standard",
 ) -> genai.Client:
     """A client for the current event loop, configured from the SDK's own variables.
 
@@ -148,11 +149,14 @@ def make_client(
     if _truthy(env.get("GOOGLE_GENAI_USE_VERTEXAI")):
         # Passed explicitly: with a custom base URL the SDK does not read project and
         # location from the environment and would post to the bare base URL.
+        # Flex and Priority PayGo are served on the global endpoint only
+        # (https://cloud.google.com/vertex-ai/generative-ai/docs/flex-paygo, .../priority-paygo).
+        location = "global" if tier != "standard" else env.get("GOOGLE_CLOUD_LOCATION")
         try:
             return genai.Client(
                 vertexai=True,
                 project=env.get("GOOGLE_CLOUD_PROJECT"),
-                location=env.get("GOOGLE_CLOUD_LOCATION") or "global",
+                location=location or "global",
                 credentials=credentials,
                 http_options=http_options,
             )
@@ -183,8 +187,11 @@ class GeminiDescriber:
         max_wait: float = 30.0,
         deadline: float | None = None,
         limiter: AdaptiveLimiter | None = None,
+        service_tier: str = "standard",
     ) -> None:
         self._client = client
+        self.service_tier = service_tier
+        self._tier_fields = _tier_fields(client, service_tier)
         self._limiter = limiter or AdaptiveLimiter(1_000_000, max_pause=max_wait)
         self._rng = random.Random()
         self._deadline = deadline
@@ -203,7 +210,12 @@ class GeminiDescriber:
 
     @classmethod
     def from_settings(
-        cls, client: genai.Client, s: Settings, *, limiter: AdaptiveLimiter | None = None
+        cls,
+        client: genai.Client,
+        s: Settings,
+        *,
+        limiter: AdaptiveLimiter | None = None,
+        tier: str | None = None,
     ) -> GeminiDescriber:
         """The describer the settings ask for: the online path and batch jobs send the
         same model, prompt, output cap, temperature, thinking and media resolution."""
@@ -216,10 +228,11 @@ class GeminiDescriber:
             thinking=s.thinking,
             media_resolution=s.media_resolution,
             attempts=s.gemini_attempts,
-            timeout=s.gemini_timeout,
+            timeout=s.call_timeout,
             max_wait=s.retry_max_wait,
             deadline=s.deadline,
             limiter=limiter,
+            service_tier=s.service_tier if tier is None else tier,
         )
 
     def _config_for(self, spec: CaptionSpec, room: int) -> types.GenerateContentConfig:
@@ -231,6 +244,7 @@ class GeminiDescriber:
             media_resolution=self._media_resolution,
             response_mime_type="application/json" if schema else None,
             response_json_schema=schema,
+            **self._tier_fields,
         )
 
     def request_for(
@@ -364,6 +378,22 @@ class GeminiDescriber:
         base = retry_after if retry_after is not None else 0.5 * 2 ** min(throttled - 1, 10)
         base = min(base, self._max_wait)
         return base + self._rng.uniform(0, base)
+
+
+# Vertex AI picks Flex and Priority PayGo by this header, not by a field of the request
+# (https://cloud.google.com/vertex-ai/generative-ai/docs/flex-paygo, .../priority-paygo).
+VERTEX_TIER_HEADER = "X-Vertex-AI-LLM-Shared-Request-Type"
+
+
+def _tier_fields(client: genai.Client, tier: str) -> dict[str, Any]:
+    """What the request carries for a service tier: the Gemini API's ``service_tier``
+    (https://ai.google.dev/gemini-api/docs/flex-inference), or Vertex AI's header; for
+    the standard tier, nothing at all (the request stays as it always was)."""
+    if tier == "standard":
+        return {}
+    if client.vertexai:
+        return {"http_options": types.HttpOptions(headers={VERTEX_TIER_HEADER: tier})}
+    return {"service_tier": types.ServiceTier(tier)}
 
 
 def _why(exc: aiohttp.ClientConnectorError) -> str:

@@ -426,7 +426,7 @@ def gemini_client(settings: Settings) -> genai.Client:
     Default Credentials, whatever ``GOOGLE_GEMINI_BASE_URL`` points at."""
     if os.environ.get("GOOGLE_GENAI_USE_VERTEXAI", "").strip().lower() not in _TRUE:
         raise ConfigurationError(NEEDS_VERTEX)  # before asking for an API key it cannot use
-    client = make_client(settings.gemini_timeout)
+    client = make_client(settings.call_timeout)
     if not client.vertexai:
         raise ConfigurationError(NEEDS_VERTEX)
     return client
@@ -452,7 +452,9 @@ def _batch_jobs(
 ) -> BatchJobs:
     s = settings
     # Builds the request lines only (request_for): it never calls Gemini itself.
-    describer = None if client is None else GeminiDescriber.from_settings(client, s)
+    describer = (
+        None if client is None else GeminiDescriber.from_settings(client, s, tier="standard")
+    )
 
     def recorder_for(manifest: Manifest) -> Recorder:
         # The model of the run, as the online path records its configured model.

@@ -35,6 +35,7 @@ class RequestRecord:
     received_at: float
     # The bearer token was one the stand-in's token endpoint issued (oauth.py).
     bearer_issued: bool = False
+    service_tier: str = "standard"  # as the request asked (flex.py)
     images: list[ImageRecord] = field(default_factory=list)
     file_uris: list[str] = field(default_factory=list)
     prompt: str = ""

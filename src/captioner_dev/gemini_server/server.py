@@ -22,6 +22,7 @@ from captioner_dev.gemini_server.config import (
     StubConfigError,
 )
 from captioner_dev.gemini_server.errors import bad_key_error, quota_error
+from captioner_dev.gemini_server.flex import SHED_MESSAGE, FlexSettings, tier_of
 from captioner_dev.gemini_server.oauth import TOKEN_PATH, TokenIssuer, vertex_needs_a_bearer
 from captioner_dev.gemini_server.quota import retry_delay
 from captioner_dev.gemini_server.records import RequestRecord
@@ -60,6 +61,8 @@ class GeminiStub(StubState):
         # Google's token endpoint for service-account keys (oauth.py). Tokens outlive a
         # reset(): a client keeps the token it got for an hour.
         self.tokens = TokenIssuer()
+        # The Flex tier's latency and shedding (flex.py).
+        self.flex = FlexSettings()
         # Vertex AI batch prediction jobs (batch.py): settings, faults and the jobs it got.
         self.batch = BatchEmulator(self._answerer, self._sleep, issuer=self.tokens)
 
@@ -115,6 +118,8 @@ class GeminiStub(StubState):
         app.router.add_get("/_stub/config", self._http_get_config)
         app.router.add_post("/_stub/config", self._http_post_config)
         app.router.add_post("/_stub/reset", self._http_reset)
+        app.router.add_get("/_stub/flex", self._http_flex)
+        app.router.add_post("/_stub/flex", self._http_flex)
         self.batch.add_routes(app)
         # One catch-all instead of aiohttp patterns: a "{model}" variable cannot span the "/"
         # of Vertex resource names, and the ":action" suffix is easier to split with a regex.
@@ -125,6 +130,7 @@ class GeminiStub(StubState):
         """Clears faults, latency, quota, the request log and the batch jobs and settings."""
         super().reset()
         self.batch.reset()
+        self.flex.reset()
 
     # -- state --------------------------------------------------------------------------------
 
@@ -203,6 +209,14 @@ class GeminiStub(StubState):
             parsed = parse_generate_request(body)
         except ApiError as error:
             return Outcome(error.code, error.body())
+        record.service_tier = tier_of(body, request.headers)
+        if record.service_tier == "flex":
+            # Best effort: a shed request is refused at once; the others wait their minutes.
+            if self.flex.sheds():
+                record.fault = "flex-shed"
+                return Outcome(503, ApiError(503, SHED_MESSAGE).body())
+            if await self._sleep(self.flex.delay()):
+                return Outcome(503, ApiError(503, "The stub is shutting down.").body())
         with self._lock:
             record.images = [image.record for image in parsed.images]
             record.file_uris = list(parsed.file_uris)
@@ -256,6 +270,14 @@ class GeminiStub(StubState):
         except (json.JSONDecodeError, UnicodeDecodeError, StubConfigError) as exc:
             return json_error(ApiError(400, f"Invalid stub config: {exc}"))
         return web.json_response(self.config_json())
+
+    async def _http_flex(self, request: web.Request) -> web.Response:
+        if request.method == "POST":
+            try:
+                self.flex.configure_json(json.loads(await request.read() or b"{}"))
+            except (json.JSONDecodeError, UnicodeDecodeError, StubConfigError) as exc:
+                return json_error(ApiError(400, f"Invalid flex config: {exc}"))
+        return web.json_response(self.flex.config_json())
 
     async def _http_reset(self, request: web.Request) -> web.Response:
         self.reset()

@@ -121,8 +121,8 @@ def _main(argv: list[str] | None) -> int:
         }
         settings = Settings.from_env({**os.environ, **overrides})
         if getattr(args, "concurrency", None) is not None:
-            if not 1 <= args.concurrency <= 1000:
-                raise SettingsError("--concurrency must be from 1 to 1000")
+            if not 1 <= args.concurrency <= 5000:
+                raise SettingsError("--concurrency must be from 1 to 5000")
             settings = settings.model_copy(update={"max_concurrency": args.concurrency})
     except SettingsError as exc:
         print(f"error: {for_terminal(str(exc))}", file=sys.stderr)
