@@ -38,6 +38,8 @@ class ObjectsRequest:
     objects: tuple[ObjectRef, ...]
     overwrite: bool = False
     max_cost: float | None = None  # US dollars this run may spend (captioner.spending)
+    # Replace captions a person wrote or approved too (with ``overwrite``).
+    include_human: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,7 @@ class PrefixRequest:
     dry_run: bool = False
     if_stale: bool = False
     max_cost: float | None = None
+    include_human: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +222,9 @@ class BatchRun:
         request = self.request
         if isinstance(request, ObjectsRequest):
             objects = self._until_capped(request.objects)
-            return self._captioner.caption_many(objects, overwrite=request.overwrite)
+            return self._captioner.caption_many(
+                objects, overwrite=request.overwrite, include_human=request.include_human
+            )
         if isinstance(request, UrlsRequest):
             urls = self._until_capped(request.urls)
             return bounded_as_completed(urls, self._describe_url, self._concurrency)
@@ -232,6 +237,7 @@ class BatchRun:
             self._until_capped(self._candidates(request)),
             overwrite=request.overwrite,
             if_stale=request.if_stale,
+            include_human=request.include_human,
         )
 
     async def _until_capped(self, items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
@@ -262,7 +268,10 @@ class BatchRun:
             if chosen >= request.limit:
                 return
             decision = self._captioner.decide(
-                info, overwrite=request.overwrite, if_stale=request.if_stale
+                info,
+                overwrite=request.overwrite,
+                if_stale=request.if_stale,
+                include_human=request.include_human,
             )
             if isinstance(decision, Skip):
                 self.totals.add(Outcome.SKIPPED, reason=decision.reason)

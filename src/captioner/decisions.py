@@ -8,7 +8,9 @@ between them; now there is one function and one order:
 1. the owner uses one of our keys (we never touch it),
 2. it is not an image,
 3. a rule excludes its path,
-4. it already carries our final word for this generation (unless ``overwrite``;
+4. a person wrote or approved the caption of this generation (unless
+   ``include_human``): ``overwrite``, ``if_stale`` and a changed rule never replace it,
+5. it already carries our final word for this generation (unless ``overwrite``;
    with ``if_stale``, only when that word came from the same model and prompt).
 """
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 from captioner.captions import CaptionSpec
 from captioner.domain import ObjectInfo
-from captioner.metadata import MetadataKeys, is_done, owner_conflict
+from captioner.metadata import MetadataKeys, is_done, is_human, owner_conflict
 from captioner.rules import RuleBook
 
 # Content types that are sniffed rather than trusted, when the name looks like an image.
@@ -60,6 +62,7 @@ def decide(
     model: str,
     overwrite: bool = False,
     if_stale: bool = False,
+    include_human: bool = False,
 ) -> Skip | Wanted:
     """Skip (with why) or Wanted (with the spec to caption it with)."""
     if (key := owner_conflict(info.metadata, keys)) is not None:
@@ -73,9 +76,18 @@ def decide(
     if spec is None:
         rule = rules.rule_for(info.name)
         return Skip("excluded-by-rule", f"rule {rule.name if rule else '?'!r} excludes it")
+    if not include_human and is_human(info.metadata, info.generation, keys):
+        return human_skip(info, keys)
     if not overwrite and has_final_word(info, keys, spec=spec, model=model, if_stale=if_stale):
         return final_word_skip(info, keys)
     return Wanted(spec)
+
+
+def human_skip(info: ObjectInfo, keys: MetadataKeys) -> Skip:
+    """A caption a person wrote or approved for this upload: left as it is."""
+    who = info.metadata.get(keys.reviewed_by) or "a person"
+    verb = "approved" if info.metadata.get(keys.source) == "approved" else "written"
+    return Skip("human", f"{verb} by {who}; --include-human replaces it")
 
 
 def final_word_skip(info: ObjectInfo, keys: MetadataKeys) -> Skip:

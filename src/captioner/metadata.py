@@ -63,6 +63,23 @@ class MetadataKeys:
     def prompt(self) -> str:
         return f"{self.prefix}-prompt"
 
+    @property
+    def source(self) -> str:
+        """``human`` (a person wrote the caption) or ``approved`` (a person approved the
+        model's); absent when the model's word stands unreviewed."""
+        return f"{self.prefix}-source"
+
+    @property
+    def reviewed_by(self) -> str:
+        return f"{self.prefix}-reviewed-by"
+
+    @property
+    def reviewed(self) -> str:
+        return f"{self.prefix}-reviewed"
+
+    def review_keys(self) -> tuple[str, ...]:
+        return (self.source, self.reviewed_by, self.reviewed)
+
     def language(self, code: str) -> str:
         """The key of the caption in ``code``: the first language is plain ``caption``."""
         return self.caption if code == self.languages[0] else f"{self.prefix}-{code}"
@@ -75,12 +92,34 @@ class MetadataKeys:
             self.caption, self.status, self.model, self.generation, self.created,
             self.alt, self.tags, self.rule, self.prompt,
             *(self.language(c) for c in self.languages[1:]),
+            *self.review_keys(),
         )  # fmt: skip
 
 
 def is_done(metadata: Mapping[str, str], generation: int, keys: MetadataKeys) -> bool:
     """True when this generation already carries our final word (ok, blocked or error)."""
     return metadata.get(keys.generation) == str(generation) and bool(metadata.get(keys.status))
+
+
+# The values of ``<prefix>-source`` that mean a person has the last word on the caption.
+HUMAN = "human"
+APPROVED = "approved"
+PERSON_SOURCES = frozenset({HUMAN, APPROVED})
+
+
+@dataclass(frozen=True, slots=True)
+class Review:
+    """A person's word on a caption: they wrote it (``human``) or approved the model's
+    (``approved``). ``by`` is who, as they gave it (``--by``) or as we found it."""
+
+    source: str
+    by: str
+
+
+def is_human(metadata: Mapping[str, str], generation: int, keys: MetadataKeys) -> bool:
+    """True when a person wrote or approved the caption of this very generation: no
+    automatic run replaces it (a new upload is a new image, and is captioned as usual)."""
+    return is_done(metadata, generation, keys) and metadata.get(keys.source) in PERSON_SOURCES
 
 
 def owner_conflict(metadata: Mapping[str, str], keys: MetadataKeys) -> str | None:
@@ -167,30 +206,48 @@ def caption_updates(
     texts: Mapping[str, str] | None,
     provenance: Mapping[str, str] | None = None,
     now: datetime | None = None,
+    review: Review | None = None,
 ) -> dict[str, str]:
     """The keys to PATCH for this outcome, fitted into the metadata budget.
 
     Only our keys appear, so a merge-PATCH leaves every owner key as it was.
     ``texts`` (caption, alt text, tags, other languages) are shortened fairly, at
-    character boundaries, when the owner's keys leave too little room.
+    character boundaries, when the owner's keys leave too little room. A person's own
+    words (a ``human`` review) are never cut: written whole or not at all.
+    Without ``review`` the marks of an earlier review are cleared: they vouched for
+    other words. An empty ``model`` (a person's caption of an image no model
+    described) writes no model key.
     """
     created = (now or datetime.now(UTC)).isoformat(timespec="seconds").replace("+00:00", "Z")
     updates = {
         keys.status: status,
-        keys.model: model,
+        **({keys.model: model} if model else {}),
         keys.generation: str(generation),
         keys.created: created,
         **(provenance or {}),
     }
+    if review is not None:
+        updates.update(
+            {keys.source: review.source, keys.reviewed_by: review.by, keys.reviewed: created}
+        )
     ours = set(keys.all())
     owners = {k: v for k, v in existing.items() if k not in ours}
     used = size_of(owners) + size_of(updates)
     if used > TOTAL_BUDGET:
         raise NoRoomError(f"owner metadata uses {size_of(owners)} of {TOTAL_BUDGET} bytes")
     if texts is not None:
-        updates.update(fit_fairly(texts, TOTAL_BUDGET - used))
-    # Text left from an older generation (or another mode) would describe other content.
-    for key in keys.text_keys():
+        fitted = fit_fairly(texts, TOTAL_BUDGET - used)
+        if review is not None and review.source == HUMAN and fitted != dict(texts):
+            raise NoRoomError(
+                f"the caption, alt text and tags take {size_of(texts)} bytes; next to the "
+                f"object's other metadata there is room for {TOTAL_BUDGET - used} "
+                f"(at most {VALUE_BUDGET} a value): shorten them"
+            )
+        updates.update(fitted)
+    # Text left from an older generation (or another mode) would describe other content,
+    # and a review of other words vouches for nothing here.
+    stale = keys.text_keys() if review is not None else (*keys.text_keys(), *keys.review_keys())
+    for key in stale:
         if key in existing and key not in updates:
             updates[key] = ""
     return updates

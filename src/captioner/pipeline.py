@@ -129,51 +129,49 @@ class Captioner:
         self._pool.close()
 
     async def caption_object(
-        self, ref: ObjectRef | ObjectInfo, *, overwrite: bool = False, if_stale: bool = False
+        self,
+        ref: ObjectRef | ObjectInfo,
+        *,
+        overwrite: bool = False,
+        if_stale: bool = False,
+        include_human: bool = False,
     ) -> CaptionResult:
         """Caption one object; never raises for a per-object problem (see the Outcome).
 
         Given an ObjectInfo (from a listing), that is used instead of a fresh read;
         the write's preconditions still catch anything that changed since.
         ``overwrite`` captions again even when this generation already has one;
-        ``if_stale`` only when it was made by another model, prompt or rule.
+        ``if_stale`` only when it was made by another model, prompt or rule. Neither
+        replaces a caption a person wrote or approved, unless ``include_human``.
         """
         started = time.monotonic()
         with stages.timing() as stopwatch:
             async with self._in_flight:
-                result = await self._caption_object(ref, overwrite, if_stale)
+                result = await self._caption_object(ref, overwrite, if_stale, include_human)
         return replace(result, seconds=time.monotonic() - started, stages=dict(stopwatch.seconds))
 
     async def caption_many(
         self,
         refs: Iterable[ObjectRef | ObjectInfo] | AsyncIterable[ObjectRef | ObjectInfo],
-        *,
-        overwrite: bool = False,
-        if_stale: bool = False,
+        **flags: bool,
     ) -> AsyncIterator[CaptionResult]:
         """Results as they complete, with at most ``images_in_flight`` objects in flight.
 
         ``refs`` is consumed lazily, so a listing of millions never sits in memory.
+        ``flags`` are caption_object's: overwrite, if_stale, include_human.
         """
 
         async def one(ref: ObjectRef | ObjectInfo) -> CaptionResult:
-            return await self.caption_object(ref, overwrite=overwrite, if_stale=if_stale)
+            return await self.caption_object(ref, **flags)
 
         async for result in bounded_as_completed(refs, one, self._config.images_in_flight):
             yield result
 
-    def decide(
-        self, info: ObjectInfo, *, overwrite: bool = False, if_stale: bool = False
-    ) -> Skip | Wanted:
+    def decide(self, info: ObjectInfo, **flags: bool) -> Skip | Wanted:
         """Whether ``info`` needs a caption (captioner.decisions), with this instance's
-        keys, rules and model."""
+        keys, rules and model; ``flags``: overwrite, if_stale, include_human."""
         return decide(
-            info,
-            keys=self._keys,
-            rules=self._rules,
-            model=self._describer.model,
-            overwrite=overwrite,
-            if_stale=if_stale,
+            info, keys=self._keys, rules=self._rules, model=self._describer.model, **flags
         )
 
     async def describe_source(
@@ -230,7 +228,7 @@ class Captioner:
         )
 
     async def _caption_object(
-        self, item: ObjectRef | ObjectInfo, overwrite: bool, if_stale: bool
+        self, item: ObjectRef | ObjectInfo, overwrite: bool, if_stale: bool, include_human: bool
     ) -> CaptionResult:
         if isinstance(item, ObjectInfo):
             ref, info = _ref_of(item), item
@@ -249,7 +247,9 @@ class Captioner:
                 message=f"generation {ref.generation} was replaced by {info.generation}",
                 generation=info.generation,
             )
-        decision = self.decide(info, overwrite=overwrite, if_stale=if_stale)
+        decision = self.decide(
+            info, overwrite=overwrite, if_stale=if_stale, include_human=include_human
+        )
         if isinstance(decision, Skip):
             return self._skipped(ref, info, decision)
         spec = decision.spec

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from captioner.domain import ObjectInfo
-from captioner.metadata import MetadataKeys
+from captioner.metadata import APPROVED, HUMAN, MetadataKeys
 from captioner.safe_text import csv_cell, for_terminal
 
 CSV_FIELDS = (
@@ -32,6 +32,9 @@ CSV_FIELDS = (
     "rule",
     "translations",
     "written_by",
+    "review",
+    "reviewed_by",
+    "reviewed",
 )
 
 
@@ -50,16 +53,26 @@ class CaptionRecord:
     created: str | None = None
     rule: str | None = None
     translations: Mapping[str, str] = field(default_factory=dict)
-    # Who wrote ``caption``: "captioner" (its status key is there too), "owner" (the
+    # Who wrote ``caption``: "captioner" (the model ``model``; its status key is there
+    # too), "person" (``reviewed_by``, through `captioner edit` or `review`), "owner" (the
     # owner's own key, which captioner never touches), None when there is no caption.
     written_by: str | None = None
+    # A person's word on it: "edited" (they wrote it) or "approved" (the model's, as it
+    # stands), who and when (RFC 3339); None when no person reviewed it.
+    review: str | None = None
+    reviewed_by: str | None = None
+    reviewed: str | None = None
 
 
 def record_of(info: ObjectInfo, keys: MetadataKeys) -> CaptionRecord:
     meta = info.metadata
     status = meta.get(keys.status) or "none"
     caption = meta.get(keys.caption)
+    source = meta.get(keys.source) or None
+    review = {HUMAN: "edited", APPROVED: "approved"}.get(source or "")
     written_by = None if caption is None else "owner" if status == "none" else "captioner"
+    if written_by == "captioner" and review == "edited":
+        written_by = "person"
     written_for = meta.get(keys.generation)
     tags = tuple(t.strip() for t in (meta.get(keys.tags) or "").split(",") if t.strip())
     return CaptionRecord(
@@ -81,6 +94,9 @@ def record_of(info: ObjectInfo, keys: MetadataKeys) -> CaptionRecord:
             if (text := meta.get(keys.language(code))) is not None
         },
         written_by=written_by,
+        review=review,
+        reviewed_by=meta.get(keys.reviewed_by) or None if review else None,
+        reviewed=meta.get(keys.reviewed) or None if review else None,
     )
 
 
@@ -102,6 +118,9 @@ def as_json(record: CaptionRecord) -> dict[str, Any]:
         "rule": record.rule,
         "translations": dict(record.translations),
         "written_by": record.written_by,
+        "review": record.review,
+        "reviewed_by": record.reviewed_by,
+        "reviewed": record.reviewed,
     }
 
 
@@ -134,7 +153,8 @@ def as_text(record: CaptionRecord) -> str:
         ("caption", f"{record.caption}  (the owner's own key)" if owners else record.caption),
         ("alt", record.alt),
         ("tags", ", ".join(record.tags) or None),
-        ("model", record.model),
+        ("by", who_wrote(record)),
+        ("model", record.model if record.written_by != "captioner" else None),
         ("created", record.created),
     ):
         if value:
@@ -142,6 +162,20 @@ def as_text(record: CaptionRecord) -> str:
     for code, text in record.translations.items():
         lines.append(f"  {code + ':':<8} {text}")
     return "\n".join(for_terminal(line) for line in lines)
+
+
+def who_wrote(record: CaptionRecord) -> str | None:
+    """Who wrote the caption, for people: the model, a person, or the model approved by one."""
+    when = f", {record.reviewed}" if record.reviewed else ""
+    person = record.reviewed_by or "a person"
+    if record.written_by == "person":
+        return f"{person} (a person{when})"
+    if record.written_by == "captioner":
+        model = f"{record.model or 'the model'} (model)"
+        if record.review != "approved":
+            return model
+        return f"{model}, approved by {person}" + (f" ({record.reviewed})" if when else "")
+    return None
 
 
 def csv_line(values: Iterable[str]) -> str:

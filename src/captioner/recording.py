@@ -5,8 +5,11 @@ the texts and the result to report. ``Recorder.write`` puts it on the object as 
 merge of our own keys under ``ifGenerationMatch`` (the generation described) and
 ``ifMetagenerationMatch`` (the metadata read). On 412 it re-reads: a newer upload
 means the caption is dropped (``superseded``), a duplicate event that got there
-first means nothing more to do (``already-captioned``), and an owner's edit means
-fitting around their keys and trying again.
+first means nothing more to do (``already-captioned``), a person's review that got
+there first is never written over (``human``), and an owner's edit means fitting
+around their keys and trying again. A person's own save (``refit=False``) is never
+fitted around anything: any change since it was read ends it (``changed``), so that
+they see the new state and decide again.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from captioner.errors import (
 from captioner.metadata import (
     MetadataKeys,
     NoRoomError,
+    Review,
     caption_updates,
     clean_caption,
     is_done,
+    is_human,
 )
 
 # How often a write is retried after the owner changed metadata under us.
@@ -62,6 +67,11 @@ class Verdict:
     reason: str | None = None
     message: str | None = None
     description: Description | None = None
+    # A person's word (an edit, an approval): recorded with who and when, and protected.
+    review: Review | None = None
+    # The model to record; None: the recorder's (the configured one). A person's edit
+    # keeps the model whose caption they edited ("": none).
+    model: str | None = None
 
 
 def verdict(
@@ -130,20 +140,17 @@ class Recorder:
         except (ObjectGoneError, TransientError, PermanentError) as exc:
             return storage_failure(ref, exc)
 
-    async def write(self, ref: ObjectRef, info: ObjectInfo, verdict: Verdict) -> CaptionResult:
-        """Write under generation/metageneration preconditions; re-read on 412."""
+    async def write(
+        self, ref: ObjectRef, info: ObjectInfo, verdict: Verdict, *, refit: bool = True
+    ) -> CaptionResult:
+        """Write under generation/metageneration preconditions; re-read on 412.
+
+        ``refit=False`` (a person's save): a 412 ends it as ``changed``, nothing written.
+        """
         current = info
         for _ in range(_WRITE_ROUNDS):
             try:
-                updates = caption_updates(
-                    existing=current.metadata,
-                    keys=self._keys,
-                    generation=current.generation,
-                    status=verdict.status,
-                    model=self._model,
-                    texts=verdict.texts,
-                    provenance=verdict.provenance,
-                )
+                updates = self._updates(current, verdict)
             except NoRoomError as exc:
                 return result_for(
                     ref,
@@ -163,6 +170,14 @@ class Recorder:
                         if_metageneration_match=current.metageneration,
                     )
             except PreconditionFailedError:
+                if not refit:
+                    return result_for(
+                        ref,
+                        Outcome.SKIPPED,
+                        reason="changed",
+                        message="the object changed since it was read: nothing written",
+                        generation=current.generation,
+                    )
                 latest = await self.read(ref)
                 if isinstance(latest, CaptionResult):
                     return latest
@@ -181,6 +196,18 @@ class Recorder:
             message="metadata kept changing while we tried to write",
         )
 
+    def _updates(self, current: ObjectInfo, verdict: Verdict) -> dict[str, str]:
+        return caption_updates(
+            existing=current.metadata,
+            keys=self._keys,
+            generation=current.generation,
+            status=verdict.status,
+            model=self._model if verdict.model is None else verdict.model,
+            texts=verdict.texts,
+            provenance=verdict.provenance,
+            review=verdict.review,
+        )
+
     def _settled(
         self, ref: ObjectRef, before: ObjectInfo, latest: ObjectInfo
     ) -> CaptionResult | None:
@@ -191,6 +218,18 @@ class Recorder:
                 Outcome.SKIPPED,
                 reason="superseded",
                 message="overwritten while it was being captioned",
+                generation=latest.generation,
+            )
+        if is_human(latest.metadata, latest.generation, self._keys) and (
+            latest.metadata.get(self._keys.reviewed) != before.metadata.get(self._keys.reviewed)
+        ):
+            # A person saved or approved a caption while this one was being made.
+            return result_for(
+                ref,
+                Outcome.SKIPPED,
+                caption=latest.metadata.get(self._keys.caption),
+                reason="human",
+                message="a person reviewed it meanwhile",
                 generation=latest.generation,
             )
         if self._captioned_since(before, latest):

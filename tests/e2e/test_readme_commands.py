@@ -63,6 +63,8 @@ RUN_ELSEWHERE = {
     "make demo": "tests/e2e/test_demo.py (the module `make demo` runs)",
     "make test": ".ci/run",
     "make stack": "tests/e2e/test_first_hour.py (the module `make stack` runs)",
+    # A server until Ctrl-C: driven in headless Chromium there.
+    "captioner review gs://my-photos/2019/": "tests/e2e/test_review_page.py",
 }
 BUCKETS = ("my-photos", "bucket")
 

@@ -25,7 +25,7 @@ def test_keys_follow_the_prefix_and_languages() -> None:
     keys = MetadataKeys("ai", ("en", "de", "ja"))
     assert keys.all() == (
         "ai", "ai-status", "ai-model", "ai-generation", "ai-created", "ai-alt", "ai-tags",
-        "ai-rule", "ai-prompt", "ai-de", "ai-ja",
+        "ai-rule", "ai-prompt", "ai-de", "ai-ja", "ai-source", "ai-reviewed-by", "ai-reviewed",
     )  # fmt: skip
     assert keys.language("en") == "ai"
     assert keys.language("de") == "ai-de"

@@ -314,38 +314,53 @@ class StorageClient:
         self, bucket: str, prefix: str = "", *, page_size: int = 1000
     ) -> AsyncIterator[ObjectInfo]:
         """Every object under ``prefix``, one page at a time (never the whole listing)."""
+        page_token: str | None = None
+        while True:
+            page = await self.list_page(bucket, prefix, page_token, page_size=page_size)
+            for item in page.items:
+                yield item
+            page_token = page.next_token
+            if not page_token:
+                return
+
+    async def list_page(
+        self,
+        bucket: str,
+        prefix: str = "",
+        page_token: str | None = None,
+        *,
+        page_size: int = 1000,
+        delimiter: str | None = None,
+    ) -> ListPage:
+        """One page of the listing from ``page_token`` on: what a reader that pages
+        (``captioner review``) resumes from, without listing what came before it again.
+        With ``delimiter``, the "folders" directly under ``prefix`` come as ``prefixes``."""
         if first_unencodable(prefix) is not None:
             # aiohttp would leave the parameter out and so list the whole bucket.
             raise PermanentError("bad-prefix", f"the prefix {prefix!r:.100} is not valid Unicode")
         url = self._api + f"/b/{quote(bucket, safe='')}/o"
-        page_token: str | None = None
-        while True:
-            params = {
-                "prefix": prefix,
-                "maxResults": str(page_size),
-                "fields": f"nextPageToken,items({_OBJECT_FIELDS})",
-            }
-            if page_token:
-                params["pageToken"] = page_token
+        params = {
+            "prefix": prefix,
+            "maxResults": str(page_size),
+            "fields": f"nextPageToken,prefixes,items({_OBJECT_FIELDS})",
+        }
+        if page_token:
+            params["pageToken"] = page_token
+        if delimiter:
+            params["delimiter"] = delimiter
 
-            async def once(params: dict[str, str] = params) -> dict[str, Any]:
-                async with self._request("GET", url, params=params) as response:
-                    await _raise_for_status(response, f"gs://{bucket}/{prefix}", _LIST, bucket)
-                    page: dict[str, Any] = await response.json(content_type=None)
-                    return page
+        async def once() -> dict[str, Any]:
+            async with self._request("GET", url, params=params) as response:
+                await _raise_for_status(response, f"gs://{bucket}/{prefix}", _LIST, bucket)
+                page: dict[str, Any] = await response.json(content_type=None)
+                return page
 
-            try:
-                page: dict[str, Any] = await self._retry(once)
-            except ObjectGoneError:
-                # A listing answers 404 only when the bucket is not there.
-                raise NoSuchBucketError(_no_such_bucket(bucket, self._emulator)) from None
-            if not isinstance(page, dict) or not isinstance(page.get("items", []), list):
-                raise TransientError(f"Cloud Storage sent an unreadable listing of gs://{bucket}")
-            for item in page.get("items", []):
-                yield _object_info(item)
-            page_token = page.get("nextPageToken")
-            if not page_token:
-                return
+        try:
+            page: dict[str, Any] = await self._retry(once)
+        except ObjectGoneError:
+            # A listing answers 404 only when the bucket is not there.
+            raise NoSuchBucketError(_no_such_bucket(bucket, self._emulator)) from None
+        return ListPage.of(page, bucket)
 
     def _request(
         self,
@@ -426,6 +441,27 @@ class _Request:
             raise TransientError(
                 f"Cloud Storage {method}: the answer is not the JSON expected: {exc!r:.200}"
             ) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class ListPage:
+    """One page of a listing, and the token of the next (None: it was the last)."""
+
+    items: tuple[ObjectInfo, ...]
+    next_token: str | None
+    prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, page: Any, bucket: str) -> ListPage:
+        if not isinstance(page, dict) or not isinstance(page.get("items", []), list):
+            raise TransientError(f"Cloud Storage sent an unreadable listing of gs://{bucket}")
+        token = page.get("nextPageToken")
+        prefixes = page.get("prefixes", [])
+        return cls(
+            tuple(_object_info(item) for item in page.get("items", [])),
+            token if isinstance(token, str) and token else None,
+            tuple(str(p) for p in prefixes) if isinstance(prefixes, list) else (),
+        )
 
 
 @dataclass(frozen=True, slots=True)

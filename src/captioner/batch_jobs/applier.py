@@ -261,12 +261,17 @@ class JobApplier:
         key, spec = admitted.key, admitted.spec
         if info.generation != key.generation:
             return Skip("superseded", f"generation {key.generation} was replaced since submit")
-        decision = decide(
-            info, keys=self._keys, rules=RuleBook(spec), model=self._manifest.model, overwrite=True
-        )
-        if isinstance(decision, Skip):  # the owner's key, no longer an image
-            return decision
         m = self._manifest
+        decision = decide(
+            info,
+            keys=self._keys,
+            rules=RuleBook(spec),
+            model=m.model,
+            overwrite=True,
+            include_human=m.include_human,
+        )
+        if isinstance(decision, Skip):  # the owner's key, no longer an image, a person's
+            return decision
         if has_final_word(info, self._keys, spec=spec, model=m.model, if_stale=m.if_stale) and (
             not m.overwrite or self._recorded_since_submit(info)
         ):

@@ -48,6 +48,7 @@ class BatchSubmitRequest:
     overwrite: bool = False
     if_stale: bool = False
     dry_run: bool = False
+    include_human: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,6 +66,8 @@ class Manifest:
     if_stale: bool = False
     specs: dict[str, CaptionSpec] = field(default_factory=dict)
     jobs: list[JobEntry] = field(default_factory=list)
+    # Submitted with --include-human: apply may replace captions people wrote or approved.
+    include_human: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -78,6 +80,7 @@ class Manifest:
             "languages": list(self.languages),
             "overwrite": self.overwrite,
             "if_stale": self.if_stale,
+            "include_human": self.include_human,
             "specs": {
                 fp: {
                     "prompt": s.prompt,
@@ -149,6 +152,7 @@ class Manifest:
             _flag(data.get("if_stale", False)),
             specs,
             jobs,
+            include_human=_flag(data.get("include_human", False)),
         )
 
     @property

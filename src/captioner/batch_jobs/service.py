@@ -136,6 +136,7 @@ class BatchJobs:  # long: one method per step of a run, each short
             self._keys.languages,
             request.overwrite,
             request.if_stale,
+            include_human=request.include_human,
         )
         paths = RunPaths(request.bucket, f"{self._batch_prefix}{manifest.run}/")
         shard = None
@@ -213,6 +214,7 @@ class BatchJobs:  # long: one method per step of a run, each short
                 model=self.model,
                 overwrite=request.overwrite,
                 if_stale=request.if_stale,
+                include_human=request.include_human,
             )
             if isinstance(decision, Skip):
                 totals.add(Outcome.SKIPPED, reason=decision.reason)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 from html import escape
 
-from captioner.readback import CaptionRecord
+from captioner.readback import CaptionRecord, who_wrote
 
 _STYLE = """
 body { font: 15px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #222; background: #fafafa; }
@@ -24,6 +24,7 @@ figcaption { margin-top: .5rem; }
 .name { font: 12px ui-monospace, monospace; color: #555; overflow-wrap: anywhere; }
 h2 { font-size: 1rem; margin: 1.2rem 0 .5rem; grid-column: 1 / -1; overflow-wrap: anywhere; }
 .tags { color: #555; font-size: 13px; }
+.by { color: #666; font-size: 12px; }
 .status { font-size: 12px; padding: 0 .3rem; border-radius: 3px; background: #e4f2e4; }
 .status.other { background: #f6e3e3; }
 """
@@ -55,6 +56,8 @@ def card(record: CaptionRecord, thumbnail: bytes | None, mime_type: str = "image
     parts = [f"<figure>{picture}<figcaption>", f"<div>{caption}</div>"]
     if record.tags:
         parts.append(f"<div class=tags>{escape(', '.join(record.tags))}</div>")
+    if (who := who_wrote(record)) is not None:
+        parts.append(f"<div class=by>by {escape(who)}</div>")
     parts.append(
         f"<div class=name>{_breakable(record.source)} "
         f"<span class='{status_class}'>{escape(status)}</span></div>"

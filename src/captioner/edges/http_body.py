@@ -2,7 +2,8 @@
 
 Three forms of captioning, exactly one per request, and batch jobs (``"batch"``):
 ``{"objects": ["gs://bucket/name", ...]}``,
-``{"bucket": "b", "prefix": "p/", "limit": 1000, "overwrite": false, "dry_run": false}``,
+``{"bucket": "b", "prefix": "p/", "limit": 1000, "overwrite": false, "dry_run": false}``
+(``"include_human": true`` with ``overwrite`` or ``if_stale`` replaces people's captions too),
 ``{"urls": ["https://...", ...]}``.
 
 Each form is a pydantic model in strict mode (``"true"`` is not true, ``1.0`` is not
@@ -49,6 +50,7 @@ class _ObjectsBody(_Body):
     objects: Annotated[list[str], Field(min_length=1, max_length=MAX_OBJECTS)]
     overwrite: bool = False
     max_cost: MaxCost = None
+    include_human: bool = False
 
 
 class _PrefixBody(_Body):
@@ -59,6 +61,7 @@ class _PrefixBody(_Body):
     dry_run: bool = False
     if_stale: bool = False
     max_cost: MaxCost = None
+    include_human: bool = False
 
 
 class _UrlsBody(_Body):
@@ -73,6 +76,7 @@ class _BatchSubmitBody(_Body):
     overwrite: bool = False
     dry_run: bool = False
     if_stale: bool = False
+    include_human: bool = False
 
 
 class _BatchFollowBody(_Body):
@@ -106,6 +110,7 @@ _FIELD_RULES = {
     "dry_run": "'dry_run' must be true or false",
     "if_stale": "'if_stale' must be true or false",
     "max_cost": "'max_cost' must be a number of US dollars above 0, e.g. 2.50",
+    "include_human": "'include_human' must be true or false",
     "batch": '\'batch\' must be "submit", "status", "apply", "cancel" or "prune"',
     "older_than": "'older_than' must be an age in days or hours, such as \"30d\"",
     "force": "'force' must be true or false",
@@ -155,9 +160,15 @@ def parse_request(body: Any) -> CaptionRequest | BatchRequest:
         parsed = _FORMS[form].model_validate(body)
     except ValidationError as exc:
         raise BadRequestError(_sentence(exc, form)) from None
+    _check_include_human(parsed)
     if isinstance(parsed, _ObjectsBody):
         refs = tuple(parse_gs_uri(item) for item in parsed.objects)
-        return ObjectsRequest(refs, overwrite=parsed.overwrite, max_cost=parsed.max_cost)
+        return ObjectsRequest(
+            refs,
+            overwrite=parsed.overwrite,
+            max_cost=parsed.max_cost,
+            include_human=parsed.include_human,
+        )
     if isinstance(parsed, _UrlsBody):
         return UrlsRequest(tuple(_check_url(url) for url in parsed.urls), parsed.max_cost)
     assert isinstance(parsed, _PrefixBody)
@@ -171,6 +182,7 @@ def parse_request(body: Any) -> CaptionRequest | BatchRequest:
         dry_run=parsed.dry_run,
         if_stale=parsed.if_stale,
         max_cost=parsed.max_cost,
+        include_human=parsed.include_human,
     )
 
 
@@ -190,8 +202,14 @@ def parse_batch(body: dict[str, Any]) -> BatchRequest:
     if len(str(getattr(parsed, "prefix", "")).encode("utf-8")) > MAX_OBJECT_NAME_BYTES:
         raise BadRequestError(_FIELD_RULES["prefix"])
     if isinstance(parsed, _BatchSubmitBody):
+        _check_include_human(parsed)
         return BatchSubmitRequest(
-            parsed.bucket, parsed.prefix, parsed.overwrite, parsed.if_stale, parsed.dry_run
+            parsed.bucket,
+            parsed.prefix,
+            parsed.overwrite,
+            parsed.if_stale,
+            parsed.dry_run,
+            include_human=parsed.include_human,
         )
     assert isinstance(parsed, _BatchFollowBody)
     if (parsed.job is None) == (parsed.bucket is None):
@@ -201,6 +219,17 @@ def parse_batch(body: dict[str, Any]) -> BatchRequest:
     jobs = () if parsed.job is None else (check_job_name(parsed.job),)
     run = None if parsed.run is None else check_run_id(parsed.run)
     return BatchFollowRequest(parsed.batch, jobs, parsed.bucket, parsed.prefix, run)
+
+
+def _check_include_human(parsed: _Body) -> None:
+    """``include_human`` only with what would replace a caption: alone it would do nothing,
+    and a caller who sent it meant something else."""
+    replacing = getattr(parsed, "overwrite", False) or getattr(parsed, "if_stale", False)
+    if getattr(parsed, "include_human", False) and not replacing:
+        raise BadRequestError(
+            "'include_human' replaces the captions people wrote or approved only with "
+            "'overwrite' or 'if_stale': add one of them"
+        )
 
 
 def _sentence(exc: ValidationError, form: str, model: type[_Body] | None = None) -> str:

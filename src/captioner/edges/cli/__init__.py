@@ -2,6 +2,8 @@
 
     captioner describe photos/ cat.jpg https://example.com/dog.png
     captioner backfill gs://my-bucket/products/ [--dry-run] [--overwrite]
+    captioner edit gs://my-bucket/products/cat.jpg --caption "..."   (a person's word)
+    captioner review gs://my-bucket/products/      (look through and correct, in a browser)
     captioner batch submit|status|apply|cancel|prune ...   (Vertex AI batch prediction)
 
 Captions print as they complete. A progress bar (counts, rate, ETA) shows on a
@@ -20,7 +22,7 @@ import os
 import sys
 from contextlib import ExitStack
 
-from captioner.edges.cli import batch, captioning, stored
+from captioner.edges.cli import batch, captioning, reviewing, stored
 from captioner.edges.cli.common import EXIT_INTERRUPTED, EXIT_OK, EXIT_PIPE, EXIT_USAGE
 from captioner.edges.cli.parser import build_parser, parse
 from captioner.errors import BadRequestError, CaptionerError, ObjectGoneError, SettingsError
@@ -73,6 +75,29 @@ def _what_a_second_run_does(args: argparse.Namespace) -> str:
     return ""  # describe writes nothing; show, export and the rest just start again
 
 
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    """The command, on its own event loop."""
+    if args.command in ("show", "export"):
+        with ExitStack() as files:
+            out, page = sys.stdout, None
+            if getattr(args, "output", None):
+                out = files.enter_context(open(args.output, "w", encoding="utf-8", newline=""))
+            if getattr(args, "html", None):
+                page = files.enter_context(open(args.html, "w", encoding="utf-8"))
+                if not args.output:  # the page was asked for, not rows on the terminal
+                    out = files.enter_context(open(os.devnull, "w", encoding="utf-8"))
+            return asyncio.run(stored.run(args, settings, out, page))
+    if args.command == "batch":
+        return asyncio.run(batch.run(args, settings))
+    if args.command == "edit":
+        return asyncio.run(reviewing.edit(args, settings))
+    if args.command == "review":
+        from captioner.edges.review import run
+
+        return run(args, settings)
+    return asyncio.run(captioning.run(args, settings))
+
+
 def _main(argv: list[str] | None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
     if not arguments:  # bare `captioner`: where to start
@@ -103,19 +128,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {for_terminal(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        if args.command in ("show", "export"):
-            with ExitStack() as files:
-                out, page = sys.stdout, None
-                if getattr(args, "output", None):
-                    out = files.enter_context(open(args.output, "w", encoding="utf-8", newline=""))
-                if getattr(args, "html", None):
-                    page = files.enter_context(open(args.html, "w", encoding="utf-8"))
-                    if not args.output:  # the page was asked for, not rows on the terminal
-                        out = files.enter_context(open(os.devnull, "w", encoding="utf-8"))
-                return asyncio.run(stored.run(args, settings, out, page))
-        if args.command == "batch":
-            return asyncio.run(batch.run(args, settings))
-        return asyncio.run(captioning.run(args, settings))
+        return _run(args, settings)
     except KeyboardInterrupt:
         print(f"interrupted{_what_a_second_run_does(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -20,7 +20,14 @@ from captioner.batch_jobs import (
     needs_vertex,
     parse_age,
 )
-from captioner.edges.cli.common import EXIT_FAILED, EXIT_OK, parse_target, summary, token_line
+from captioner.edges.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    check_include_human,
+    parse_target,
+    summary,
+    token_line,
+)
 from captioner.errors import BadRequestError
 from captioner.safe_text import for_terminal, json_line
 from captioner.settings import Settings
@@ -60,7 +67,15 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 def batch_request(args: argparse.Namespace) -> BatchRequest:
     if args.batch_action == "submit":
         bucket, prefix = parse_target(args.target)
-        return BatchSubmitRequest(bucket, prefix, args.overwrite, args.if_stale, args.dry_run)
+        check_include_human(args)
+        return BatchSubmitRequest(
+            bucket,
+            prefix,
+            args.overwrite,
+            args.if_stale,
+            args.dry_run,
+            include_human=args.include_human,
+        )
     if args.batch_action == "prune":
         bucket, prefix = parse_target(args.target)
         if prefix:

@@ -14,7 +14,14 @@ from captioner.adapters.files import STDIN
 from captioner.batch import FilesRequest, PrefixRequest, Totals, result_json
 from captioner.decisions import IMAGE_SUFFIXES
 from captioner.domain import CaptionResult, Outcome
-from captioner.edges.cli.common import EXIT_FAILED, EXIT_OK, EXIT_SPENT, parse_target, summary
+from captioner.edges.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_SPENT,
+    check_include_human,
+    parse_target,
+    summary,
+)
 from captioner.errors import BadRequestError, ConfigurationError, UnreachableError
 from captioner.runtime import Runtime
 from captioner.safe_text import for_terminal, json_line
@@ -48,8 +55,16 @@ async def _request(
         sources = _sources(args.sources)
         return FilesRequest(sources, max_cost=args.max_cost), len(sources)
     bucket, prefix = parse_target(args.target)
+    check_include_human(args)
     request = PrefixRequest(
-        bucket, prefix, args.limit, args.overwrite, args.dry_run, args.if_stale, args.max_cost
+        bucket,
+        prefix,
+        args.limit,
+        args.overwrite,
+        args.dry_run,
+        args.if_stale,
+        args.max_cost,
+        include_human=args.include_human,
     )
     if not _shows_progress(args) or args.dry_run:
         return request, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import TextIO
 
 from captioner.batch import Totals
@@ -33,6 +34,15 @@ def parse_target(target: str) -> tuple[str, str]:
     if not bucket:
         raise BadRequestError(f"{target!r} names no bucket")
     return bucket, prefix
+
+
+def check_include_human(args: argparse.Namespace) -> None:
+    """--include-human only with what replaces captions: alone it would do nothing."""
+    if args.include_human and not (args.overwrite or args.if_stale):
+        raise BadRequestError(
+            "--include-human replaces the captions people wrote or approved only with "
+            "--overwrite or --if-stale: add one of them"
+        )
 
 
 def summary(totals: Totals, out: TextIO) -> None:

@@ -16,12 +16,25 @@ EXIT_CODES = """exit codes:
   3    stopped at --max-cost or the day's budget: run again (later) to go on
   130  interrupted (Ctrl-C)
   141  the output was closed early (| head)"""
+EDIT_EXIT_CODES = """exit codes:
+  0    written
+  1    not written: the object changed since it was read (what it holds now is shown;
+       run the edit again to replace it), or Cloud Storage failed for now
+  2    usage or configuration (no such object or bucket, nothing to change, words that
+       do not fit the 8 KiB of metadata, the owner's own caption key, no credentials)"""
+REVIEW_EXIT_CODES = """exit codes:
+  0    stopped (Ctrl-C)
+  2    usage or configuration (no such bucket, the port taken, no credentials)"""
 GEMINI_ENV = """environment:
   GEMINI_API_KEY            a Gemini API key (https://aistudio.google.com/apikey), or
   GOOGLE_GENAI_USE_VERTEXAI=true with GOOGLE_CLOUD_PROJECT and GOOGLE_CLOUD_LOCATION
                             for Vertex AI (Application Default Credentials)
   GOOGLE_GEMINI_BASE_URL    another Gemini endpoint (the local stand-in: make stack)
   CAPTION_*                 settings (README, "Configuration")"""
+INCLUDE_HUMAN = (
+    "with --overwrite or --if-stale: replace captions people wrote or approved too "
+    "(without it they are kept, counted as skipped: human)"
+)
 STORAGE_ENV = """  STORAGE_EMULATOR_HOST     a local Cloud Storage emulator (make stack); otherwise
                             Application Default Credentials (gcloud auth
                             application-default login)"""
@@ -43,13 +56,32 @@ def _positive(text: str) -> int:
     return value
 
 
-def _command(sub: Any, name: str, help: str, description: str, examples: str, env: str) -> Any:
+def _port(text: str) -> int:
+    """An argparse type: a TCP port number, 0 for any free one."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is from 0 to 65535, not {value}")
+    return value
+
+
+def _command(
+    sub: Any,
+    name: str,
+    help: str,
+    description: str,
+    examples: str,
+    env: str,
+    exit_codes: str = EXIT_CODES,
+) -> Any:
     return _knows_itself(
         sub.add_parser(
             name,
             help=help,
             description=description,
-            epilog=f"examples:\n{examples}\n\n{env}\n\n{EXIT_CODES}\n\nmore: {README}",
+            epilog=f"examples:\n{examples}\n\n{env}\n\n{exit_codes}\n\nmore: {README}",
             formatter_class=_Formatter,
         )
     )
@@ -81,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_captioning(sub)
     _add_reading(sub)
+    _add_reviewing(sub)
     _add_batch(sub)
     return parser
 
@@ -130,6 +163,7 @@ def _add_captioning(sub: Any) -> None:
     backfill.add_argument(
         "--limit", type=_positive, default=1_000_000, help="at most this many images"
     )
+    backfill.add_argument("--include-human", action="store_true", help=INCLUDE_HUMAN)
     for command in (describe, backfill):
         _add_run_options(command)
 
@@ -194,6 +228,66 @@ def _add_reading(sub: Any) -> None:
     export.add_argument("--limit", type=_positive, help="at most this many images")
 
 
+def _add_reviewing(sub: Any) -> None:
+    storage_env = STORAGE_ENV.replace("  STORAGE", "environment:\n  STORAGE", 1)
+    who = (
+        "who reviews, recorded with the caption (default: the service account of "
+        "Application Default Credentials, else the login name $USER)"
+    )
+    edit = _command(
+        sub,
+        "edit",
+        "correct the caption, alt text or tags of one object (a person's word is kept)",
+        "Write a person's caption, alt text or tags on one object, or approve the caption "
+        "it has. What is not given stays as it is. The object is marked as reviewed by a "
+        "person (caption-source, caption-reviewed-by, caption-reviewed): no backfill, "
+        "event or batch replaces it unless run with --include-human; a new upload is a new "
+        "image and is captioned as usual. Written only if the object has not changed since "
+        "it was read (exit 1 otherwise, with what it holds now). No Gemini.",
+        '  captioner edit gs://my-photos/cat.jpg --caption "Our cat Miso asleep on the sofa"\n'
+        '  captioner edit gs://my-photos/cat.jpg --alt "A grey cat asleep" --tags cat,sofa\n'
+        "  captioner edit gs://my-photos/cat.jpg --approve --by ana@example.com",
+        storage_env,
+        EDIT_EXIT_CODES,
+    )
+    edit.add_argument("object", metavar="gs://bucket/name")
+    edit.add_argument("--caption", help="the new caption")
+    edit.add_argument("--alt", help='the new alt text ("" removes it)')
+    edit.add_argument("--tags", help='the new tags, comma-separated ("" removes them)')
+    edit.add_argument(
+        "--approve", action="store_true", help="approve the caption as it is (protects it)"
+    )
+    edit.add_argument("--by", metavar="NAME", help=who)
+    edit.add_argument("--json", action="store_true", help="the object afterwards as JSON")
+    review = _command(
+        sub,
+        "review",
+        "look through and correct the captions under gs://bucket/prefix in a browser",
+        "Start a local web page of the images under a prefix with their captions, alt text, "
+        "tags and status, listed as you scroll; filter by status, folder and text; edit, "
+        "approve, or caption one image again with another model or prompt and keep either "
+        "caption. Keys: j/k next/previous, e edit, Ctrl+Enter save, a approve, Esc cancel. "
+        "It listens on 127.0.0.1 only and opens with a secret token in its URL; Ctrl-C "
+        "stops it. Saves are the edits of `captioner edit`.",
+        "  captioner review gs://my-photos/2019/\n"
+        "  captioner review gs://my-photos/ --read-only --no-browser",
+        f"{GEMINI_ENV}\n{STORAGE_ENV}\n  BROWSER                   the browser to open "
+        "(Python's webbrowser)",
+        REVIEW_EXIT_CODES,
+    )
+    review.add_argument("target", help="gs://bucket or gs://bucket/prefix")
+    review.add_argument(
+        "--read-only", action="store_true", help="look only: no edit, approve or caption again"
+    )
+    review.add_argument(
+        "--port", type=_port, default=0, help="the port on 127.0.0.1 (0: any free one)"
+    )
+    review.add_argument(
+        "--no-browser", action="store_true", help="print the URL, do not open a browser"
+    )
+    review.add_argument("--by", metavar="NAME", help=who)
+
+
 def _add_batch(sub: Any) -> None:
     batch = _command(
         sub,
@@ -224,6 +318,7 @@ def _add_batch(sub: Any) -> None:
     submit.add_argument(
         "--dry-run", action="store_true", help="count images, jobs and the cost; submit nothing"
     )
+    submit.add_argument("--include-human", action="store_true", help=INCLUDE_HUMAN)
     _add_batch_following(actions)
 
 
@@ -242,6 +337,13 @@ def _add_batch_following(actions: Any) -> None:
             "prefix whose stored runs to follow",
         )
         follow.add_argument("--run", help="only this run of the bucket (its id, from submit)")
+    _add_prune(actions)
+    for parser in actions.choices.values():
+        parser.add_argument("--json", action="store_true", help="one JSON object per line")
+        _knows_itself(parser)
+
+
+def _add_prune(actions: Any) -> None:
     prune = actions.add_parser(
         "prune",
         help="delete the request and answer files of old runs under gs://bucket/",
@@ -262,9 +364,6 @@ def _add_batch_following(actions: Any) -> None:
         help="also runs with answers not applied or jobs still running",
     )
     prune.add_argument("--dry-run", action="store_true", help="list the runs; delete nothing")
-    for parser in actions.choices.values():
-        parser.add_argument("--json", action="store_true", help="one JSON object per line")
-        _knows_itself(parser)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
