@@ -26,6 +26,7 @@ from pathlib import Path
 from captioner_dev import PHOTOS
 from captioner_dev.gcs import free_port
 from captioner_dev.process import LoggedProcess
+from captioner_dev.proctree import tree_rss_mb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,9 +69,9 @@ def _measure(files: list[str], env: dict[str, str], concurrency: int) -> dict[st
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    peak = 0
+    peak = 0.0
     while process.poll() is None:
-        peak = max(peak, tree_rss_bytes(process.pid))
+        peak = max(peak, tree_rss_mb(process.pid))
         time.sleep(0.2)
     seconds = time.monotonic() - started
     summary = (process.stderr.read() if process.stderr else "").strip().splitlines()
@@ -80,21 +81,9 @@ def _measure(files: list[str], env: dict[str, str], concurrency: int) -> dict[st
         "returncode": process.returncode,
         "seconds": round(seconds, 1),
         "images_per_second": round(len(files) / seconds, 1),
-        "peak_tree_rss_mib": round(peak / 2**20),
+        "peak_tree_rss_mb": round(peak),
         "summary": summary[0] if summary else "",
     }
-
-
-def tree_rss_bytes(pid: int) -> int:
-    """Resident bytes of a process and its descendants (/proc), 0 once it is gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return 0
-    rss = next((int(line.split()[1]) * 1024 for line in status.splitlines()
-                if line.startswith("VmRSS:")), 0)  # fmt: skip
-    return rss + sum(tree_rss_bytes(int(child)) for child in children)
 
 
 def _wait(base: str) -> None:
