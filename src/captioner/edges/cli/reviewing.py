@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from captioner import readback
@@ -70,8 +72,8 @@ async def read_object(storage: Any, ref: ObjectRef) -> Any:
 
 
 def who_reviews(given: str | None) -> str:
-    """``--by``, else the account of Application Default Credentials when it names one
-    without a network call (a service account), else the login name."""
+    """``--by``, else the account that the Application Default Credentials file names
+    (a service account's e-mail), else the login name."""
     if given is not None:
         return reviewer(given)
     account = _credentials_account()
@@ -84,18 +86,45 @@ def who_reviews(given: str | None) -> str:
 
 
 def _credentials_account() -> str | None:
+    """The e-mail of the account in the ADC file, read from disk only.
+
+    Not ``google.auth.default()``: with no file it asks the metadata server (seconds of
+    waiting off Google Cloud), and the credentials it finds there name no account until
+    a token is fetched. A file a person's login wrote (``authorized_user``) names none
+    either, usually: the login name is then used.
+    """
     from captioner.adapters.storage import endpoint_from_env
 
     if endpoint_from_env()[1]:  # an emulator: no Google account involved
         return None
     try:
-        import google.auth
+        path = _adc_file()
+        if path is None:
+            return None
+        from google.auth import load_credentials_from_file
 
-        credentials, _ = google.auth.default()
-    except Exception:  # no credentials: the command itself will say so when it reads
+        load: Any = load_credentials_from_file  # (not annotated in google-auth)
+        credentials, _ = load(str(path))
+    except Exception:  # no home, unreadable: the command will say so when it reads
         return None
     for name in ("service_account_email", "account"):
         value = getattr(credentials, name, None)
         if isinstance(value, str) and "@" in value:
             return value
     return None
+
+
+def _adc_file() -> Path | None:
+    """Where Application Default Credentials are read from, as google-auth looks
+    (``GOOGLE_APPLICATION_CREDENTIALS``, else gcloud's
+    ``application_default_credentials.json``), if the file is there."""
+    given = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if given:
+        return Path(given) if Path(given).is_file() else None
+    config = os.environ.get("CLOUDSDK_CONFIG")
+    appdata = os.environ.get("APPDATA")
+    if not config and os.name == "nt" and appdata:
+        config = str(Path(appdata) / "gcloud")
+    folder = Path(config or "~/.config/gcloud").expanduser()
+    path = folder / "application_default_credentials.json"
+    return path if path.is_file() else None
