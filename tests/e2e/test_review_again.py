@@ -234,6 +234,21 @@ def test_caption_again_asks_a_typed_prompt_else_the_default_and_an_excluded_imag
         run_again(thumb, prompt="Describe the cat.")
         thumb.locator(".side-by-side").wait_for()
         assert "Describe the cat." in gemini.requests[-1].prompt
+        # A prompt longer than CAPTION_PROMPT may be is refused before Gemini is asked.
+        calls = gemini.calls
+        too_long = page.page.evaluate(
+            """async ([name, generation]) => {
+                const csrf = document.querySelector('meta[name="captioner-csrf"]').content;
+                const r = await fetch('/api/recaption', {method: 'POST', headers: {
+                    'Content-Type': 'application/json', 'X-Captioner-CSRF': csrf},
+                    body: JSON.stringify({name, generation, metageneration: '1',
+                                          prompt: 'x'.repeat(4001)})});
+                return [r.status, (await r.json()).error];
+            }""",
+            ["ru/other/cat.jpg", str(bucket.get_blob("ru/other/cat.jpg").generation)],
+        )
+        assert too_long == [400, "the prompt is longer than 4000 characters"]
+        assert gemini.calls == calls
     assert {name: metadata(bucket, name) for name in names} == befores  # nothing kept
     assert befores["ru/other/cat.jpg"]["caption-rule"] == "default"
     assert befores["ru/thumbs/cat.jpg"] == {}

@@ -24,10 +24,10 @@ from captioner.metadata import MetadataKeys
 from captioner.recording import Recorder, Verdict
 from captioner.reviewing import Change, check_editable, human_verdict, kept_verdict, split_tags
 from captioner.runtime import Runtime
-from captioner.settings import Settings
+from captioner.settings import MAX_PROMPT_CHARS, Settings
 
 Answer = tuple[int, dict[str, Any]]  # HTTP status, JSON body
-# New captions kept for "keep" (each a few KB), and models/prompts with clients ready.
+# New captions kept for "keep" (each a few KB), and models with clients ready.
 _ANSWERS_KEPT = 200
 _RUNTIMES_KEPT = 4
 
@@ -54,7 +54,7 @@ class Actions:
         self._by = by
         self._rules = settings.rule_book()
         self._answers: OrderedDict[str, _NewCaption] = OrderedDict()
-        self._runtimes: OrderedDict[tuple[str, str], Runtime] = OrderedDict()
+        self._runtimes: OrderedDict[str, Runtime] = OrderedDict()
 
     async def aclose(self) -> None:
         for runtime in self._runtimes.values():
@@ -88,7 +88,7 @@ class Actions:
         model = (_text(body, "model") or "").strip() or self._settings.model
         typed = (_text(body, "prompt") or "").strip()
         spec = self._spec(name, typed)
-        runtime = await self._runtime(model, spec.prompt)
+        runtime = await self._runtime(model)
 
         async def load() -> bytes:
             data: bytes = await self._storage.download(
@@ -120,6 +120,8 @@ class Actions:
         """What a caption again asks: the person's prompt (in the default mode and
         languages, recorded as rule "default"), else what the pipeline asks for this
         object (``RuleBook.spec_for``)."""
+        if len(typed) > MAX_PROMPT_CHARS:
+            raise BadRequestError(f"the prompt is longer than {MAX_PROMPT_CHARS} characters")
         if typed:
             return replace(self._rules.default, prompt=typed)
         spec = self._rules.spec_for(name)
@@ -181,18 +183,16 @@ class Actions:
             raise BadRequestError("the object is gone (deleted meanwhile)", status=404) from None
         return info
 
-    async def _runtime(self, model: str, prompt: str) -> Runtime:
-        key = (model, prompt)
-        if key in self._runtimes:
-            self._runtimes.move_to_end(key)
-            return self._runtimes[key]
+    async def _runtime(self, model: str) -> Runtime:
+        """Clients for ``model`` (the prompt is given per image, so one per model)."""
+        if model in self._runtimes:
+            self._runtimes.move_to_end(model)
+            return self._runtimes[model]
         try:
-            settings = Settings.model_validate(
-                {**self._settings.model_dump(), "model": model, "prompt": prompt}
-            )
+            settings = Settings.model_validate({**self._settings.model_dump(), "model": model})
         except ValidationError as exc:
-            raise BadRequestError(f"model or prompt: {exc.errors()[0]['msg']}") from None
-        runtime = self._runtimes[key] = Runtime(settings)
+            raise BadRequestError(f"model: {exc.errors()[0]['msg']}") from None
+        runtime = self._runtimes[model] = Runtime(settings)
         while len(self._runtimes) > _RUNTIMES_KEPT:
             _, old = self._runtimes.popitem(last=False)
             await old.aclose()
