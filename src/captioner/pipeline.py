@@ -175,16 +175,22 @@ class Captioner:
         )
 
     async def describe_source(
-        self, source: str, load: Callable[[], Awaitable[bytes]]
+        self,
+        source: str,
+        load: Callable[[], Awaitable[bytes]],
+        *,
+        spec: CaptionSpec | None = None,
     ) -> CaptionResult:
-        """Describe an image that is not ours to write on (a local file, a URL)."""
+        """Describe an image that is not ours to write on (a local file, a URL), or that
+        a person will decide about (the review page's caption again): with ``spec``, else
+        the default prompt."""
         started = time.monotonic()
         async with self._in_flight:
-            result = await self._describe_source(source, load)
+            result = await self._describe_source(source, load, spec or self._rules.default)
         return replace(result, seconds=time.monotonic() - started)
 
     async def _describe_source(
-        self, source: str, load: Callable[[], Awaitable[bytes]]
+        self, source: str, load: Callable[[], Awaitable[bytes]], spec: CaptionSpec
     ) -> CaptionResult:
         try:
             ticket = await self._admit(None)
@@ -200,7 +206,7 @@ class Captioner:
                     data = await load()
                     prepared = await self._pool.prepared(data)
                     del data
-                description = await self._describer.describe(prepared, self._rules.default)
+                description = await self._describer.describe(prepared, spec)
             usage = description.usage
         except PermanentError as exc:
             return CaptionResult(source, Outcome.FAILED, reason=exc.reason, message=str(exc))

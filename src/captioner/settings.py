@@ -34,13 +34,17 @@ def _split_list(value: Any) -> Any:
     return value
 
 
+# CAPTION_PROMPT's limit, and a prompt typed on the review page's.
+MAX_PROMPT_CHARS = 4000
+
+
 class Settings(BaseModel):
     """Everything the pipeline can be configured with. Field ``x`` is ``CAPTION_X``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=True)
 
     model: Annotated[str, Field(min_length=1, max_length=200)] = "gemini-2.5-flash"
-    prompt: Annotated[str, Field(min_length=1, max_length=4000)] = DEFAULT_PROMPT
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)] = DEFAULT_PROMPT
     max_concurrency: Annotated[int, Field(ge=1, le=5000)] = 16
     max_edge: Annotated[int, Field(ge=64, le=4096)] = 768
     max_bytes: Annotated[int, Field(ge=1, le=1 << 31)] = 20 * 1024 * 1024

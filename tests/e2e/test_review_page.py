@@ -267,7 +267,7 @@ def test_caption_again_shows_old_and_new_side_by_side_and_keeps_the_new(
         card.locator(".side-by-side").wait_for()
         columns = card.locator(".side-by-side .column").all_inner_texts()
         assert old["caption"] in columns[0]
-        assert "New (gemini-2.5-pro)" in columns[1]
+        assert "New (gemini-2.5-pro, your prompt)" in columns[1]
         assert "A cappuccino with latte art." in columns[1]
         assert metadata(bucket, "ag/cup.jpg") == old  # nothing written before keeping
         card.locator("button.keep-new").click()

@@ -12,7 +12,7 @@ from captioner.domain import ObjectInfo
 from captioner.edges.review.listing import PAGE_SIZE, SCAN_LIMIT, Cursor, Listing, Query
 from captioner.errors import BadRequestError
 from captioner.metadata import MetadataKeys
-from captioner.rules import RuleBook
+from captioner.rules import Rule, RuleBook
 
 KEYS = MetadataKeys()
 SPEC = CaptionSpec("Describe.", structured=False)
@@ -126,3 +126,26 @@ def test_filters_are_checked_and_a_folder_is_a_folder() -> None:
     with pytest.raises(BadRequestError):
         Query.of({"status": "<script>"})
     assert Query.of({"folder": "a/b", "text": "  cat "}) == Query("all", "a/b/", "cat")
+
+
+def test_each_card_names_the_rule_a_caption_again_asks_and_the_page_gets_their_prompts() -> None:
+    rules = RuleBook(
+        SPEC,
+        (
+            Rule("thumbs", prefix="p/thumbs/", exclude=True),
+            Rule("products", match="p/products/**", prompt="Sell it."),
+            Rule("plain", prefix="p/plain/", mode="sentence"),
+        ),
+    )
+    shown = Listing(LazyBucket(0), "b", "p/", keys=KEYS, rules=rules, model="m")
+
+    def rule_now(name: str) -> str | None:
+        rule: str | None = shown.item(ObjectInfo("b", name, 7, 1, "image/jpeg", 10, {}))["rule_now"]
+        return rule
+
+    assert rule_now("p/products/a/cup.jpg") == "products"
+    assert rule_now("p/plain/cup.jpg") == "plain"
+    assert rule_now("p/cup.jpg") == "default"
+    assert rule_now("p/thumbs/cup.jpg") is None  # excluded: a prompt must be typed
+    assert shown.prompts() == {"default": "Describe.", "products": "Sell it.",
+                               "plain": "Describe."}  # fmt: skip

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
+import os
+import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from captioner import readback
@@ -17,6 +21,11 @@ from captioner.recording import Recorder
 from captioner.reviewing import Change, human_verdict, reviewer, split_tags
 from captioner.safe_text import for_terminal, json_line
 from captioner.settings import Settings
+
+# An ADC file is a few KB; more is not one.
+_MAX_ADC_BYTES = 1 << 20
+# ``…/projects/-/serviceAccounts/NAME@PROJECT.iam.gserviceaccount.com:generateAccessToken``
+_IMPERSONATES = re.compile(r"/serviceAccounts/([^/:]+@[^/:]+):generateAccessToken$")
 
 
 async def edit(args: argparse.Namespace, settings: Settings) -> int:
@@ -70,8 +79,8 @@ async def read_object(storage: Any, ref: ObjectRef) -> Any:
 
 
 def who_reviews(given: str | None) -> str:
-    """``--by``, else the account of Application Default Credentials when it names one
-    without a network call (a service account), else the login name."""
+    """``--by``, else the account that the Application Default Credentials file names
+    (a service account's e-mail), else the login name."""
     if given is not None:
         return reviewer(given)
     account = _credentials_account()
@@ -84,18 +93,58 @@ def who_reviews(given: str | None) -> str:
 
 
 def _credentials_account() -> str | None:
+    """The e-mail of the account the ADC file names, read from the file alone.
+
+    Not ``google.auth.default()``: with no file it asks the metadata server (seconds of
+    waiting off Google Cloud), and the credentials it finds there name no account until
+    a token is fetched. Nor ``google.auth.load_credentials_from_file``, deprecated; the
+    e-mail is where google-auth reads it from. A file a person's login wrote
+    (``authorized_user``) usually names no account: the login name is then used.
+    """
     from captioner.adapters.storage import endpoint_from_env
 
     if endpoint_from_env()[1]:  # an emulator: no Google account involved
         return None
     try:
-        import google.auth
-
-        credentials, _ = google.auth.default()
-    except Exception:  # no credentials: the command itself will say so when it reads
+        path = _adc_file()
+        if path is None:
+            return None
+        with path.open("rb") as file:
+            info = json.loads(file.read(_MAX_ADC_BYTES))
+    except (OSError, RuntimeError, ValueError):  # no home folder, unreadable, not JSON
         return None
-    for name in ("service_account_email", "account"):
-        value = getattr(credentials, name, None)
-        if isinstance(value, str) and "@" in value:
-            return value
-    return None
+    return _account_in(info)
+
+
+def _account_in(info: Any) -> str | None:
+    """``client_email`` of a service account key, ``account`` of a gcloud login, or the
+    service account that ``impersonated_service_account`` and ``external_account``
+    credentials act as (the e-mail in their impersonation URL)."""
+    if not isinstance(info, dict):
+        return None
+    kind = info.get("type")
+    if kind == "service_account":
+        value = info.get("client_email")
+    elif kind == "authorized_user":
+        value = info.get("account")
+    else:
+        url = info.get("service_account_impersonation_url")
+        found = _IMPERSONATES.search(url) if isinstance(url, str) else None
+        value = found.group(1) if found else None
+    return value if isinstance(value, str) and "@" in value else None
+
+
+def _adc_file() -> Path | None:
+    """Where Application Default Credentials are read from, as google-auth looks
+    (``GOOGLE_APPLICATION_CREDENTIALS``, else gcloud's
+    ``application_default_credentials.json``), if the file is there."""
+    given = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if given:
+        return Path(given) if Path(given).is_file() else None
+    config = os.environ.get("CLOUDSDK_CONFIG")
+    appdata = os.environ.get("APPDATA")
+    if not config and os.name == "nt" and appdata:
+        config = str(Path(appdata) / "gcloud")
+    folder = Path(config or "~/.config/gcloud").expanduser()
+    path = folder / "application_default_credentials.json"
+    return path if path.is_file() else None

@@ -55,7 +55,7 @@ async def serve(args: argparse.Namespace, settings: Settings) -> None:
             actions,
             thumbnails,
             read_only=args.read_only,
-            config={"model": settings.model, "prompt": settings.prompt, "by": by},
+            config={"model": settings.model, "prompts": listing.prompts(), "by": by},
         )
         try:
             runner = await server.start(args.port)

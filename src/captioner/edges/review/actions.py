@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import secrets
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -24,10 +24,10 @@ from captioner.metadata import MetadataKeys
 from captioner.recording import Recorder, Verdict
 from captioner.reviewing import Change, check_editable, human_verdict, kept_verdict, split_tags
 from captioner.runtime import Runtime
-from captioner.settings import Settings
+from captioner.settings import MAX_PROMPT_CHARS, Settings
 
 Answer = tuple[int, dict[str, Any]]  # HTTP status, JSON body
-# New captions kept for "keep" (each a few KB), and models/prompts with clients ready.
+# New captions kept for "keep" (each a few KB), and models with clients ready.
 _ANSWERS_KEPT = 200
 _RUNTIMES_KEPT = 4
 
@@ -52,8 +52,9 @@ class Actions:
         self._keys = keys
         self._listing = listing
         self._by = by
+        self._rules = settings.rule_book()
         self._answers: OrderedDict[str, _NewCaption] = OrderedDict()
-        self._runtimes: OrderedDict[tuple[str, str], Runtime] = OrderedDict()
+        self._runtimes: OrderedDict[str, Runtime] = OrderedDict()
 
     async def aclose(self) -> None:
         for runtime in self._runtimes.values():
@@ -80,11 +81,14 @@ class Actions:
 
     async def recaption(self, body: dict[str, Any]) -> Answer:
         """Describe the image again with another model or prompt; nothing is written
-        until the person keeps the new caption."""
+        until the person keeps the new caption. With no prompt typed, the image gets the
+        prompt the pipeline would give it (its rule of CAPTION_RULES, else the default).
+        An answer Gemini blocked is said as such: there is nothing to keep."""
         name, (generation, _) = self.name_of(body.get("name")), _seen(body)
-        model = _text(body, "model") or self._settings.model
-        prompt = _text(body, "prompt") or self._settings.prompt
-        runtime = await self._runtime(model, prompt)
+        model = (_text(body, "model") or "").strip() or self._settings.model
+        typed = (_text(body, "prompt") or "").strip()
+        spec = self._spec(name, typed)
+        runtime = await self._runtime(model)
 
         async def load() -> bytes:
             data: bytes = await self._storage.download(
@@ -94,7 +98,10 @@ class Actions:
             return data
 
         uri = f"gs://{self._listing.bucket}/{name}"
-        result = await runtime.captioner().describe_source(uri, load)
+        result = await runtime.captioner().describe_source(uri, load, spec=spec)
+        asked = {"model": model, "rule": spec.rule, "typed": bool(typed)}
+        if result.outcome is Outcome.BLOCKED:
+            return 200, {**asked, "blocked": result.reason or "blocked"}
         if result.outcome is not Outcome.CAPTIONED or result.caption is None:
             why = result.message or result.reason or result.outcome.value
             return 502, {"error": f"no new caption ({result.outcome.value}): {why}"}
@@ -102,13 +109,30 @@ class Actions:
             result.caption, model, alt=result.alt, tags=result.tags,
             translations=result.translations,
         )  # fmt: skip
-        spec = runtime.settings.rule_book().default
         answer = secrets.token_urlsafe(12)
         self._answers[answer] = _NewCaption(name, generation, spec, description, model)
         while len(self._answers) > _ANSWERS_KEPT:
             self._answers.popitem(last=False)
         new = {"caption": result.caption, "alt": result.alt, "tags": list(result.tags)}
-        return 200, {"answer": answer, "model": model, "new": new}
+        return 200, {**asked, "answer": answer, "new": new}
+
+    def _spec(self, name: str, typed: str) -> CaptionSpec:
+        """What a caption again asks: the person's prompt (in the default mode and
+        languages, recorded as rule "default"), else what the pipeline asks for this
+        object (``RuleBook.spec_for``)."""
+        if len(typed) > MAX_PROMPT_CHARS:
+            raise BadRequestError(f"the prompt is longer than {MAX_PROMPT_CHARS} characters")
+        if typed:
+            return replace(self._rules.default, prompt=typed)
+        spec = self._rules.spec_for(name)
+        if spec is None:
+            excluding = self._rules.rule_for(name)
+            rule = f"rule {excluding.name!r}" if excluding else "a rule"
+            raise BadRequestError(
+                f"{rule} of CAPTION_RULES excludes this image from captioning: type a "
+                "prompt to caption it anyway"
+            )
+        return spec
 
     async def keep(self, body: dict[str, Any]) -> Answer:
         """Write a new caption from ``recaption`` that the person chose over the old one."""
@@ -159,18 +183,16 @@ class Actions:
             raise BadRequestError("the object is gone (deleted meanwhile)", status=404) from None
         return info
 
-    async def _runtime(self, model: str, prompt: str) -> Runtime:
-        key = (model, prompt)
-        if key in self._runtimes:
-            self._runtimes.move_to_end(key)
-            return self._runtimes[key]
+    async def _runtime(self, model: str) -> Runtime:
+        """Clients for ``model`` (the prompt is given per image, so one per model)."""
+        if model in self._runtimes:
+            self._runtimes.move_to_end(model)
+            return self._runtimes[model]
         try:
-            settings = Settings.model_validate(
-                {**self._settings.model_dump(), "model": model, "prompt": prompt}
-            )
+            settings = Settings.model_validate({**self._settings.model_dump(), "model": model})
         except ValidationError as exc:
-            raise BadRequestError(f"model or prompt: {exc.errors()[0]['msg']}") from None
-        runtime = self._runtimes[key] = Runtime(settings)
+            raise BadRequestError(f"model: {exc.errors()[0]['msg']}") from None
+        runtime = self._runtimes[model] = Runtime(settings)
         while len(self._runtimes) > _RUNTIMES_KEPT:
             _, old = self._runtimes.popitem(last=False)
             await old.aclose()

@@ -208,6 +208,7 @@ class Listing:
     def item(self, info: ObjectInfo) -> dict[str, Any]:
         """One card's data. The page puts every string in as text, never as markup."""
         record = record_of(info, self._keys)
+        spec = self._rules.spec_for(info.name)
         return {
             **as_json(record),
             "name": info.name,
@@ -215,4 +216,13 @@ class Listing:
             "metageneration": str(info.metageneration),
             "kinds": list(self.kinds(info)),
             "by": who_wrote(record),
+            # The rule whose prompt a caption again asks when none is typed (None: a
+            # rule excludes the image); ``prompts`` gives its text.
+            "rule_now": None if spec is None else spec.rule,
         }
+
+    def prompts(self) -> dict[str, str]:
+        """The prompt of each rule that captions (and of ``default``), by rule name."""
+        default = self._rules.default.prompt
+        named = {r.name: r.prompt or default for r in self._rules.rules if not r.exclude}
+        return {"default": default, **named}

@@ -256,33 +256,70 @@
   // ------------------------------------------------------------ caption again
 
   function openAgain(node) {
-    node.again = { model: config.model, prompt: config.prompt, answer: null };
+    node.again = { model: config.model, prompt: "", answer: null };
+    node.notice = "";
     render(node);
     node.querySelector(".again-panel input").focus();
+  }
+
+  // With no prompt typed, the server asks what captioner would ask for this image: the
+  // prompt of its rule (CAPTION_RULES), else the default. The placeholder shows which.
+  function promptHint(item) {
+    const rule = item.rule_now;
+    if (rule === null || rule === undefined) {
+      return "A rule of CAPTION_RULES excludes this image: type a prompt to caption it anyway.";
+    }
+    const which = rule === "default" ? "the default prompt" : `the prompt of rule “${rule}”`;
+    return `Empty: ${which}, as for this image's captions: ${(config.prompts || {})[rule] || ""}`;
+  }
+
+  function asked(answer) {
+    if (answer.typed) return "your prompt";
+    return answer.rule === "default" ? "the default prompt" : `rule ${answer.rule}`;
+  }
+
+  async function runAgain(node, model, prompt) {
+    const again = node.again;
+    Object.assign(again, { model: model.value, prompt: prompt.value, answer: null });
+    node.notice = "Captioning again…";
+    render(node);
+    const item = node.item;
+    const { status, data } = await api("/api/recaption", {
+      name: item.name, generation: item.generation, metageneration: item.metageneration,
+      model: again.model, prompt: again.prompt,
+    });
+    if (status === 200 && data.blocked) {
+      // Nothing to keep: a blocked answer is no caption, and never becomes a person's.
+      node.notice = `Blocked: ${data.model} (${asked(data)}) gave no caption for this image ` +
+        `(${data.blocked}). Nothing to keep; nothing was written.`;
+    } else if (status === 200) {
+      node.notice = "";
+      again.answer = data;
+    } else {
+      node.notice = "Not captioned again: " + (data.error || status);
+    }
+    render(node);
   }
 
   function againPanel(node) {
     const again = node.again;
     const model = el("input", { name: "model", value: again.model });
-    const prompt = el("textarea", { name: "prompt", rows: 3, value: again.prompt });
-    const run = button("Run", async () => {
-      Object.assign(again, { model: model.value, prompt: prompt.value, answer: null });
-      node.notice = "Captioning again…";
-      render(node);
-      const item = node.item;
-      const { status, data } = await api("/api/recaption", {
-        name: item.name, generation: item.generation, metageneration: item.metageneration,
-        model: again.model, prompt: again.prompt,
-      });
-      node.notice = status === 200 ? "" : "Not captioned again: " + (data.error || status);
-      if (status === 200) again.answer = data;
-      render(node);
-    }, { class: "run" });
+    const prompt = el("textarea", {
+      name: "prompt", rows: 3, value: again.prompt, placeholder: promptHint(node.item),
+    });
+    const run = button("Run", () => runAgain(node, model, prompt), { class: "run" });
     const panel = el("div", { class: "again-panel" }, el("label", {}, "Model", model),
       el("label", {}, "Prompt", prompt), el("div", { class: "actions" }, run,
         button("Close", () => stopEdit(node), { class: "close" })));
     if (again.answer) panel.append(sideBySide(node, again.answer));
     return panel;
+  }
+
+  function keepCurrent(node) {
+    Object.assign(node, { editing: false, draft: null, again: null });
+    node.notice = "Kept the current caption: nothing was written.";
+    render(node);
+    node.focus();
   }
 
   function sideBySide(node, answer) {
@@ -291,8 +328,8 @@
     const column = (title, data, keep) => el("div", { class: "column" }, el("h3", {}, title),
       ...texts({ caption: data.caption, alt: data.alt, tags: data.tags || [] }), keep);
     return el("div", { class: "side-by-side" },
-      column("Current", item, button("Keep current", () => stopEdit(node), { class: "keep-current" })),
-      column(`New (${answer.model})`, now,
+      column("Current", item, button("Keep current", () => keepCurrent(node), { class: "keep-current" })),
+      column(`New (${answer.model}, ${asked(answer)})`, now,
         button("Keep new", () => write(node, "/api/keep", { answer: answer.answer }), { class: "keep-new" })));
   }
 
