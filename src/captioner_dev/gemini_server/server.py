@@ -21,9 +21,9 @@ from captioner_dev.gemini_server.config import (
     Latency,
     StubConfigError,
 )
-from captioner_dev.gemini_server.errors import bad_key_error, quota_error
+from captioner_dev.gemini_server.errors import bad_key_error
 from captioner_dev.gemini_server.oauth import TOKEN_PATH, TokenIssuer, vertex_needs_a_bearer
-from captioner_dev.gemini_server.quota import retry_delay
+from captioner_dev.gemini_server.quota import QuotaShape
 from captioner_dev.gemini_server.records import RequestRecord
 from captioner_dev.gemini_server.state import StubState
 from captioner_dev.gemini_server.tokens import thinking_tokens_for
@@ -47,11 +47,18 @@ class GeminiStub(StubState):
         *,
         latency: Latency = None,
         quota_rps: float | None = None,
+        quota_shape: QuotaShape | str = QuotaShape.BUCKET,
+        quota_tpm: float | None = None,
         faults: Sequence[FaultRule] = (),
         bad_key_prefix: str | None = DEFAULT_BAD_KEY_PREFIX,
     ) -> None:
         super().__init__(
-            latency=latency, quota_rps=quota_rps, faults=faults, bad_key_prefix=bad_key_prefix
+            latency=latency,
+            quota_rps=quota_rps,
+            quota_shape=quota_shape,
+            quota_tpm=quota_tpm,
+            faults=faults,
+            bad_key_prefix=bad_key_prefix,
         )
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
@@ -219,15 +226,23 @@ class GeminiStub(StubState):
         haystacks = [parsed.prompt, parsed.system_instruction]
         for image in parsed.images:
             haystacks += [image.record.sha256, f"[img:{image.record.fingerprint}]"]
+        tokens = 0
+        if self.quota_counts_tokens:
+            # A tokens-per-minute quota charges the call its input tokens (the usage the
+            # answer would report), so they are counted before it is let through.
+            try:
+                tokens = (await self._answerer.prompt_tokens(parsed, model)).total
+            except ApiError as error:
+                return Outcome(error.code, error.body())
         with self._lock:
             # Quota is decided on arrival, like the real front end, so rejections are fast.
-            wait = self._take_quota()
-            rule = None if wait is not None else self._take_fault(haystacks)
-            delay = 0.0 if wait is not None else self._sample_latency()
+            refused = self._take_quota(model, tokens)
+            rule = None if refused is not None else self._take_fault(haystacks)
+            delay = 0.0 if refused is not None else self._sample_latency()
             record.latency = delay
-            record.fault = "quota" if wait is not None else (rule.kind if rule else None)
-        if wait is not None:
-            return Outcome(429, quota_error(model, retry_delay(wait)).body())
+            record.fault = "quota" if refused is not None else (rule.kind if rule else None)
+        if refused is not None:
+            return Outcome(429, refused.body())
         if await self._sleep(delay):
             return Outcome(503, ApiError(503, "The stub is shutting down.").body())
         response_id = f"stub-{record.seq:08d}"
