@@ -21,8 +21,10 @@ class RateSettings:
     - ``creep``: from there, a step the same for every instance of a fleet, in calls a
       second gained per second of pacing, plus ``creep_share`` times the ceiling squared
       (see the package docstring for why the square);
-    - past ``probe_from`` times the ceiling without a 429, the step doubles every second
-      (a quota that was raised is found again in seconds);
+    - past ``probe_from`` times the ceiling without a 429, the step doubles every second,
+      up to ``probe_growth`` of the rate a second (a quota that was raised is found again
+      in seconds); a ceiling measured over less than ``min_window`` (a fresh instance's
+      first calls) is a guess, and the rate grows so from ``recover`` of it;
     - ``window``: the seconds over which the accepted rate is measured at a 429 (at least
       ``min_window``, and never across a pause);
     - ``held``: the ceiling is at least this share of what was sent meanwhile. A few calls
@@ -38,6 +40,8 @@ class RateSettings:
     creep_share: float = 0.0005
     held: float = 0.25
     probe_from: float = 1.1
+    probe_growth: float = 0.5
+    guess_growth: float = 0.2
     window: float = 3.0
     min_window: float = 1.0
     minimum: float = 1 / 30
@@ -47,8 +51,8 @@ class RateSettings:
             raise ValueError("need 0 < decrease <= recover <= 1")
         if self.creep < 0 or self.creep_share < 0 or self.creep + self.creep_share <= 0:
             raise ValueError("need creep >= 0, creep_share >= 0, and one of them > 0")
-        if self.recovery <= 0 or self.probe_from < 1 or self.minimum <= 0:
-            raise ValueError("need recovery > 0, probe_from >= 1, minimum > 0")
+        if self.recovery <= 0 or self.probe_from < 1 or self.minimum <= 0 or self.probe_growth <= 0:
+            raise ValueError("need recovery > 0, probe_from >= 1, minimum > 0, probe_growth > 0")
         if not 0 < self.min_window <= self.window:
             raise ValueError("need 0 < min_window <= window")
         if not 0 <= self.held <= 1:
@@ -72,6 +76,9 @@ class RateControl:
         self._since = -math.inf  # no measurement reaches back past this (a pause's end)
         self._first_start: float | None = None
         self._probe_since: float | None = None
+        # The last ceiling came from less than ``min_window`` of calls (a fresh instance's
+        # first few): a guess, which the rate grows away from as a probe, not a creep.
+        self._provisional = False
 
     # -- what happened --------------------------------------------------------------------
 
@@ -119,7 +126,9 @@ class RateControl:
         if rate is None or ceiling is None or not paced:
             return
         s = self.settings
-        if rate < s.recover * ceiling:
+        if self._provisional and rate >= s.recover * ceiling and s.guess_growth > 0:
+            gain = rate * s.guess_growth
+        elif rate < s.recover * ceiling:
             gain = (s.recover - s.decrease) * ceiling / s.recovery
         elif rate < s.probe_from * ceiling:
             gain = s.creep + s.creep_share * ceiling**2
@@ -129,8 +138,8 @@ class RateControl:
             if self._probe_since is None:
                 self._probe_since = now
             doublings = math.floor(min(now - self._probe_since, 20.0))
-            # At most half the rate a second: it grows by at most 65 % a second.
-            gain = min((s.creep + s.creep_share * ceiling**2) * 2**doublings, rate / 2)
+            base = s.creep + s.creep_share * ceiling**2
+            gain = min(base * 2**doublings, rate * s.probe_growth)
         # Gained per call, so per second of pacing at ``rate`` it is ``gain``.
         self.rate = rate + gain / rate
 
@@ -139,6 +148,7 @@ class RateControl:
     def accepted_rate(self, now: float) -> tuple[float, float, float]:
         """(calls a second the service let through, the window's start, its length)."""
         sent, refused, start, length = self._counts(now)
+        self._provisional = now - start < s.min_window
         return max(0, sent - refused) / length, start, length
 
     def _counts(self, now: float) -> tuple[int, int, float, float]:
@@ -156,6 +166,7 @@ class RateControl:
     def _cut(self, now: float, paced: bool) -> None:
         s = self.settings
         sent, refused, start, length = self._counts(now)
+        self._provisional = now - start < s.min_window
         floor = max(s.minimum, s.held * sent / length)
         ceiling = max(floor, (sent - refused) / length)
         if paced and self.rate is not None and sent:
