@@ -148,7 +148,6 @@ class RateControl:
     def accepted_rate(self, now: float) -> tuple[float, float, float]:
         """(calls a second the service let through, the window's start, its length)."""
         sent, refused, start, length = self._counts(now)
-        self._provisional = now - start < s.min_window
         return max(0, sent - refused) / length, start, length
 
     def _counts(self, now: float) -> tuple[int, int, float, float]:
