@@ -58,7 +58,8 @@ import aiohttp
 from bench import data, report
 from bench.data import BENCH, Planned
 from bench.stack import Stack, StubProcess
-from captioner.captions import DEFAULT_PROMPT, CaptionSpec
+from captioner.captions import DEFAULT_PROMPT
+from captioner.settings import Settings
 from captioner_dev.eventarc import binary_event
 from captioner_dev.functions import FunctionServer, _process_tree
 from captioner_dev.gcs import FakeGcs
@@ -74,10 +75,13 @@ LATENCY = LatencyModel(median=1.2, sigma=0.6, seed=16, cap=8.0)
 REDELIVERY_DELAY = 1.0
 TAG = " [fleet instance {}]"
 OUT = BENCH / "out" / "fleet"
-# Input tokens of one call: a thumbnail is one tile (258 tokens, Gemini 2.x) and the prompt;
-# a token quota of Q "requests a second" is the tokens of Q such calls.
+# Input tokens of one call: a thumbnail is one tile (258 tokens, Gemini 2.x) and the prompt
+# the default rule sends (structured: the JSON fields asked for); a token quota of Q
+# "requests a second" is the tokens of Q such calls.
 TOKENS_PER_CALL = 258 + text_tokens(
-    CaptionSpec(DEFAULT_PROMPT + TAG.format(0), structured=False).full_prompt()
+    Settings.from_env({"CAPTION_PROMPT": DEFAULT_PROMPT + TAG.format(0)})
+    .rule_book()
+    .default.full_prompt()
 )
 
 
@@ -613,10 +617,17 @@ def _single_request(
     if quota:
         figures["shape"] = shape
         figures["of_quota"] = figures["throughput"] / quota
+        if shape is not None and QuotaShape(shape).counts_tokens:
+            accepted = [
+                r for r in records if r.get("action") == "generateContent" and r["status"] == 200
+            ]
+            tokens = sum(r["prompt_tokens"] for r in accepted)
+            figures["of_quota"] = tokens / TOKENS_PER_CALL / wall / quota
     _progress(
         f"{label}: {wall:.2f} s, efficiency {figures['efficiency']:.2f}, "
         f"{figures['throughput']:.1f}/s, 429s {figures['refused_429']}/"
-        f"{figures['calls']}, captioned {figures['captioned']}, lead "
+        f"{figures['calls']}, captioned {figures['captioned']}, "
+        f"{figures.get('of_quota', 0):.2f} of Q, lead "
         f"{figures['lead_s']:.2f} s, tail {figures['tail_s']:.2f} s, load {load[0]:.2f}"
     )
     return figures

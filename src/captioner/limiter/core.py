@@ -70,7 +70,7 @@ class AdaptiveLimiter:
         *,
         initial: int | None = None,
         slow_start_gain: float = 2.0,
-        slow_start_pace: float = 4.0,
+        slow_start_pace: float = 2.0,
         opening: float = 0.1,
         burst: float = 0.05,
         max_pause: float = 30.0,

@@ -6,6 +6,7 @@ tests and bench/fleet_sim.py drive it in simulated time.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -115,7 +116,11 @@ class RateControl:
         if now - self._last_cut < self.settings.min_window:
             # A cut takes a window to show: a quota that counts per second still holds the
             # calls sent before it. (With RetryInfo the pause covers this; without, as on
-            # Vertex AI, three cuts in a row would take the rate to a third.)
+            # Vertex AI, three cuts in a row would take the rate to a third.) Nor is the call
+            # measured at the next cut: it was refused for what was sent before this one.
+            self._refusals.pop()
+            with contextlib.suppress(ValueError):
+                self._starts.remove(started_at)
             return False
         self._cut(now, paced)
         return True
@@ -153,7 +158,9 @@ class RateControl:
     def _counts(self, now: float) -> tuple[int, int, float, float]:
         s = self.settings
         first = self._first_start if self._first_start is not None else now
-        start = max(now - s.window, first, self._since)
+        # Never across a pause, nor back past the last cut: calls sent at another rate (an
+        # opening's refusals) say nothing of this one.
+        start = max(now - s.window, first, self._since, self._last_cut)
         length = max(s.min_window, now - start)
         sent = sum(1 for t in self._starts if t >= start)
         refused = sum(1 for t in self._refusals if t >= start)
