@@ -356,7 +356,11 @@ def analyse(run: FleetRun, fed: Feed, records: list[dict[str, Any]]) -> dict[str
         tag = TAG.format(index)
         sent = sorted(r["received_at"] for r in calls if tag in r.get("prompt", ""))
         sent = [t for t in sent if t <= until]
-        gaps.append(max((b - a for a, b in pairwise(sent)), default=0.0))
+        gap = max(((b - a, a) for a, b in pairwise(sent)), default=(0.0, t0))
+        gaps.append(gap[0])
+        per_instance[index]["longest_gap"] = {"seconds": gap[0], "from_s": gap[1] - t0}
+        # When each call of this instance arrived (s from the first event), to look into.
+        per_instance[index]["sent_s"] = [round(t - t0, 3) for t in sent]
     refused_at = sorted(r["received_at"] for r in refused)
     first_quota = run.quota
     reach_until = fed.halved_at if fed.halved_at is not None else last_sent
