@@ -31,7 +31,9 @@ class RateSettings:
     - ``held``: the ceiling is at least this share of what was sent meanwhile. A few calls
       measured over a second or two say little: an instance of a fleet whose opening calls
       were all refused (the others' took the quota's first second) would read a share of
-      nothing and stop calling.
+      nothing and stop calling;
+    - ``min_calls``: fewer calls than this in the window measure nothing: the rate is cut by
+      one step of ``decrease`` instead.
     """
 
     decrease: float = 0.85
@@ -40,6 +42,7 @@ class RateSettings:
     creep: float = 0.005
     creep_share: float = 0.0005
     held: float = 0.25
+    min_calls: int = 10
     probe_from: float = 1.1
     probe_growth: float = 0.5
     guess_growth: float = 0.2
@@ -80,6 +83,7 @@ class RateControl:
         # The last ceiling came from less than ``min_window`` of calls (a fresh instance's
         # first few): a guess, which the rate grows away from as a probe, not a creep.
         self._provisional = False
+        self._held_back = -math.inf  # when a refusal was last let pass without a cut
 
     # -- what happened --------------------------------------------------------------------
 
@@ -121,6 +125,7 @@ class RateControl:
             self._refusals.pop()
             with contextlib.suppress(ValueError):
                 self._starts.remove(started_at)
+            self._held_back = now
             return False
         self._cut(now, paced)
         return True
@@ -129,6 +134,10 @@ class RateControl:
         """A call that started paced (at the rate, not below it) grows the rate."""
         rate, ceiling = self.rate, self.ceiling
         if rate is None or ceiling is None or not paced:
+            return
+        if now - self._held_back < self.settings.min_window:
+            # Refused again inside a cut's hold-off: the cut has not shown yet, and climbing
+            # back now would undo it (a quota halved took four cuts so).
             return
         s = self.settings
         if self._provisional and rate >= s.recover * ceiling and s.guess_growth > 0:
@@ -155,12 +164,10 @@ class RateControl:
         sent, refused, start, length = self._counts(now)
         return max(0, sent - refused) / length, start, length
 
-    def _counts(self, now: float) -> tuple[int, int, float, float]:
+    def _counts(self, now: float, since: float = -math.inf) -> tuple[int, int, float, float]:
         s = self.settings
         first = self._first_start if self._first_start is not None else now
-        # Never across a pause, nor back past the last cut: calls sent at another rate (an
-        # opening's refusals) say nothing of this one.
-        start = max(now - s.window, first, self._since, self._last_cut)
+        start = max(now - s.window, first, self._since, since)  # never across a pause
         length = max(s.min_window, now - start)
         sent = sum(1 for t in self._starts if t >= start)
         refused = sum(1 for t in self._refusals if t >= start)
@@ -169,16 +176,36 @@ class RateControl:
     def _spacing(self) -> float:
         return 1.0 / self.rate if self.rate else 0.0
 
-    def _cut(self, now: float, paced: bool) -> None:
+    def _measure(
+        self, now: float, paced: bool, since: float = -math.inf
+    ) -> tuple[float, float, int, float, float]:
+        """(ceiling, its floor, calls measured, window start, window length)."""
         s = self.settings
-        sent, refused, start, length = self._counts(now)
-        self._provisional = now - start < s.min_window
+        sent, refused, start, length = self._counts(now, since)
         floor = max(s.minimum, s.held * sent / length)
         ceiling = max(floor, (sent - refused) / length)
         if paced and self.rate is not None and sent:
             # Sent at the rate: the service refuses a little of it. The window's average
             # reads low while the rate was still climbing back.
             ceiling = max(ceiling, self.rate * (sent - refused) / sent)
+        return ceiling, floor, sent, start, length
+
+    def _cut(self, now: float, paced: bool) -> None:
+        s = self.settings
+        ceiling, floor, sent, start, length = self._measure(now, paced)
+        self._provisional = now - start < s.min_window
+        if self.rate is not None and sent < s.min_calls:
+            # Too few calls to measure by: a small share sends two or three a second, and
+            # one refusal among them is no measure of it (cut after cut, an instance of
+            # eight at 20/s fell to one call in 14 s). The cut is then one step of
+            # ``decrease`` below the rate.
+            ceiling = max(ceiling, s.decrease * self.rate)
+        else:
+            # Enough calls since the last cut measure what the service takes now (a quota
+            # that was halved), without the calls sent before it.
+            recent = self._measure(now, paced, since=self._last_cut)
+            if recent[2] >= s.min_calls and recent[0] < ceiling:
+                ceiling, floor, sent, start, length = recent
         self.ceiling = ceiling
         self._measured = (start, now, length, floor)
         current = self.rate if self.rate is not None else math.inf
