@@ -6,6 +6,7 @@
     .venv/bin/python -m bench.fleet_sim --halve
     .venv/bin/python -m bench.fleet_sim --held-out               # two shapes not tuned on
     .venv/bin/python -m bench.fleet_sim --baseline 2a89276       # the limiter of a commit
+    .venv/bin/python -m bench.fleet_sim --bound                  # paced senders, no limiter
 
 The real benchmark (bench/fleet.py) takes minutes a configuration and moves by several
 hundredths from run to run on a shared 2-core machine, too little signal to choose a
@@ -438,7 +439,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--halve", action="store_true", help="the quota halves mid-run")
     parser.add_argument("--single", action="store_true", help="the one-instance HTTP runs")
     parser.add_argument("--baseline", metavar="COMMIT", help="run the limiter of a commit")
+    parser.add_argument(
+        "--bound",
+        action="store_true",
+        help="what paced senders get through a sliding second, without any limiter",
+    )
     args = parser.parse_args(argv)
+    if args.bound:
+        print(bound_table())
+        return 0
     settings = _parse_settings(args.set)
     module = load_baseline(args.baseline) if args.baseline else None
     make = limiter_factory(settings, args.concurrency, module)
@@ -470,6 +479,34 @@ def main(argv: list[str] | None = None) -> int:
             runs = run_many(make, scenario, args.seeds)
             print(fleet_row(f"{instances} × {quota:g}/s", runs))
     return 0
+
+
+def bound_table(quota: float = 20.0, seconds: float = 300.0) -> str:
+    """What evenly paced senders that cannot see each other get through a quota counted
+    over one sliding second (no limiter, no feedback): each sends at its own fixed rate, at
+    a random phase, the rates a random split of the total."""
+    rows = ["| senders | sent a second | let through a second | refused |", "|---|---|---|---|"]
+    for senders in (1, 2, 4, 8):
+        for total in (0.85 * quota, 0.9 * quota, 0.95 * quota, quota):
+            rng = random.Random(3)
+            weights = [rng.uniform(0.7, 1.3) for _ in range(senders)]
+            rates = [total * w / sum(weights) for w in weights]
+            window = SlidingWindow(quota, 1.0)
+            due = [(rng.random() / rate, i) for i, rate in enumerate(rates)]
+            heapq.heapify(due)
+            passed = refused = 0
+            while due[0][0] < seconds:
+                at, i = heapq.heappop(due)
+                if window.take(at) is None:
+                    passed += 1
+                else:
+                    refused += 1
+                heapq.heappush(due, (at + 1 / rates[i], i))
+            rows.append(
+                f"| {senders} | {total:.1f} | {passed / seconds:.2f} "
+                f"| {100 * refused / (passed + refused):.1f} % |"
+            )
+    return "\n".join(rows)
 
 
 def single_table(make: Any, shapes: list[str], seeds: int) -> str:
