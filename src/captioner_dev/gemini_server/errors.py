@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from captioner_dev.gemini_server.config import FaultRule, format_duration
+from captioner_dev.gemini_server.quota import QuotaShape
 from captioner_dev.gemini_server.wire import ApiError, model_version
 
 # The Gemini API's per-minute 429, with QuotaFailure, Help and RetryInfo details in this order
@@ -90,6 +91,18 @@ def token_quota_error(model: str, retry_delay: float, *, value: str) -> ApiError
 def vertex_quota_error() -> ApiError:
     """Vertex AI's pay-as-you-go 429: no details, no RetryInfo."""
     return ApiError(429, _VERTEX_QUOTA_MESSAGE)
+
+
+def quota_refusal(
+    shape: QuotaShape, model: str, delay: float, *, rps: float | None, tpm: float | None
+) -> ApiError:
+    """The 429 a quota of ``shape`` answers with, naming ``delay`` where it names one: the
+    request shapes name the Gemini API's per-minute request quota and its value."""
+    if shape is QuotaShape.VERTEX:
+        return vertex_quota_error()
+    if shape is QuotaShape.TPM:
+        return token_quota_error(model, delay, value=f"{tpm or 0:.0f}")
+    return quota_error(model, delay, value=f"{(rps or 0) * 60:.0f}")
 
 
 def bad_key_error() -> ApiError:

@@ -30,6 +30,7 @@ from captioner_dev.gemini_server.tokens import thinking_tokens_for
 from captioner_dev.gemini_server.wire import (
     MODEL_PATH,
     ApiError,
+    ParsedRequest,
     dumps,
     json_error,
     parse_generate_request,
@@ -223,24 +224,10 @@ class GeminiStub(StubState):
             thoughts = thinking_tokens_for(model, parsed.generation_config)
         except ApiError as error:
             return Outcome(error.code, error.body())
-        haystacks = [parsed.prompt, parsed.system_instruction]
-        for image in parsed.images:
-            haystacks += [image.record.sha256, f"[img:{image.record.fingerprint}]"]
-        tokens = 0
-        if self.quota_counts_tokens:
-            # A tokens-per-minute quota charges the call its input tokens (the usage the
-            # answer would report), so they are counted before it is let through.
-            try:
-                tokens = (await self._answerer.prompt_tokens(parsed, model)).total
-            except ApiError as error:
-                return Outcome(error.code, error.body())
-        with self._lock:
-            # Quota is decided on arrival, like the real front end, so rejections are fast.
-            refused = self._take_quota(model, tokens)
-            rule = None if refused is not None else self._take_fault(haystacks)
-            delay = 0.0 if refused is not None else self._sample_latency()
-            record.latency = delay
-            record.fault = "quota" if refused is not None else (rule.kind if rule else None)
+        try:
+            refused, rule, delay = await self._admit(parsed, model, record)
+        except ApiError as error:
+            return Outcome(error.code, error.body())
         if refused is not None:
             return Outcome(429, refused.body())
         if await self._sleep(delay):
@@ -252,6 +239,27 @@ class GeminiStub(StubState):
             return await self._answerer.success(parsed, model, response_id, thoughts)
         except ApiError as error:
             return Outcome(error.code, error.body())
+
+    async def _admit(
+        self, parsed: ParsedRequest, model: str, record: RequestRecord
+    ) -> tuple[ApiError | None, FaultRule | None, float]:
+        """The quota's 429 (decided on arrival, like the real front end, so refusals are
+        fast), else the fault rule that applies and the latency to answer after."""
+        haystacks = [parsed.prompt, parsed.system_instruction]
+        for image in parsed.images:
+            haystacks += [image.record.sha256, f"[img:{image.record.fingerprint}]"]
+        tokens = 0
+        if self.quota_counts_tokens:
+            # A tokens-per-minute quota charges the call its input tokens (the usage the
+            # answer would report), so they are counted before it is let through.
+            tokens = (await self._answerer.prompt_tokens(parsed, model)).total
+        with self._lock:
+            refused = self._take_quota(model, tokens)
+            rule = None if refused is not None else self._take_fault(haystacks)
+            delay = 0.0 if refused is not None else self._sample_latency()
+            record.latency = delay
+            record.fault = "quota" if refused is not None else (rule.kind if rule else None)
+        return refused, rule, delay
 
     async def _http_health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "calls": self.calls})

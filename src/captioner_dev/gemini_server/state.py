@@ -23,7 +23,7 @@ from captioner_dev.gemini_server.config import (
     latency_to_json,
     parse_duration,
 )
-from captioner_dev.gemini_server.errors import quota_error, token_quota_error, vertex_quota_error
+from captioner_dev.gemini_server.errors import quota_refusal
 from captioner_dev.gemini_server.quota import Quota, QuotaShape, make_quota
 from captioner_dev.gemini_server.records import RequestRecord
 from captioner_dev.gemini_server.wire import ApiError
@@ -247,18 +247,11 @@ class StubState:
         """Counts one call (of ``tokens`` input tokens, for the token shapes): None when it is
         let through, else the 429 its shape answers with. Called under the lock."""
         quota, shape = self._quota, self._quota_shape
-        if quota is None:
+        wait = None if quota is None else quota.take(time.monotonic(), tokens or 1)
+        if quota is None or wait is None:
             return None
-        wait = quota.take(time.monotonic(), tokens if shape.counts_tokens else 1)
-        if wait is None:
-            return None
-        if shape is QuotaShape.VERTEX:
-            return vertex_quota_error()
         delay = quota.retry_delay(wait)
-        if shape is QuotaShape.TPM:
-            return token_quota_error(model, delay, value=f"{self._quota_tpm or 0:.0f}")
-        # The request shapes name the Gemini API's per-minute request quota and its value.
-        return quota_error(model, delay, value=f"{(self._quota_rps or 0) * 60:.0f}")
+        return quota_refusal(shape, model, delay, rps=self._quota_rps, tpm=self._quota_tpm)
 
     @property
     def quota_counts_tokens(self) -> bool:
