@@ -176,6 +176,9 @@ class Scenario:
     hold: int = MAXIMUM
     latency: float | None = None  # fixed; None: the stand-in's lognormal
     prepare: float = PREPARE
+    # Each call reaches the quota up to this much later than it left, at random (the HTTP
+    # hops and a busy event loop on either side): even pacing arrives less even.
+    jitter: float = 0.0
 
 
 def _latency(rng: random.Random, fixed: float | None) -> float:
@@ -222,6 +225,7 @@ async def simulate(
     accepted_at: list[tuple[float, float]] = []  # (when, cost)
     done = 0
     backlog_empty = halved_at = None
+    last_arrival = 0.0  # the quota sees calls in the order it receives them
     while done < s.images:
         for who, instance in enumerate(fleet):
             while instance.ready and instance.ready[0][0] <= clock.now:
@@ -232,7 +236,9 @@ async def simulate(
                 instance.gap = max(instance.gap, clock.now - waited_from)
                 instance.last_start = clock.now
                 handle = await instance.driver.start()
-                wait = quota.take(clock.now, event.cost)
+                arrival = clock.now + rng.uniform(0, s.jitter) if s.jitter else clock.now
+                wait = quota.take(max(arrival, last_arrival), event.cost)
+                last_arrival = max(arrival, last_arrival)
                 retry = None
                 if wait is None:
                     took = _latency(rng, s.latency)
@@ -437,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--halve", action="store_true", help="the quota halves mid-run")
+    parser.add_argument(
+        "--jitter", type=float, default=0.0, help="calls reach the quota up to this late (s)"
+    )
     parser.add_argument("--single", action="store_true", help="the one-instance HTTP runs")
     parser.add_argument("--baseline", metavar="COMMIT", help="run the limiter of a commit")
     parser.add_argument(
@@ -475,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                 images=images_for(shape, quota, args.images),
                 halve=args.halve,
                 hold=args.concurrency,
+                jitter=args.jitter,
             )
             runs = run_many(make, scenario, args.seeds)
             print(fleet_row(f"{instances} × {quota:g}/s", runs))
