@@ -235,6 +235,15 @@ def test_an_instance_whose_opening_calls_were_all_refused_keeps_calling() -> Non
     assert grown > 1.5 * rate  # and, a guess, it grows away from it
 
 
+def test_a_fresh_instance_whose_first_call_is_refused_learns_no_rate_from_it() -> None:
+    # One call refused would read a quota of a call every four seconds.
+    limiter, clock = _limiter(32, initial=8, rng=lambda: 0.0)
+    _end(limiter, _start_when_ready(limiter, clock), ok=False, retry=0.2)
+    assert limiter.stats.rate is None
+    assert limiter.stats.decreases == 0
+    assert limiter.ready_at() == pytest.approx(clock.now + 0.2)  # the pause it named
+
+
 def test_the_rate_never_falls_below_one_call_per_max_pause() -> None:
     limiter, clock = _limiter(4, opening=0.0)
     for _ in range(40):

@@ -33,7 +33,8 @@ class RateSettings:
       were all refused (the others' took the quota's first second) would read a share of
       nothing and stop calling;
     - ``min_calls``: fewer calls than this in the window measure nothing: the rate is cut by
-      one step of ``decrease`` instead.
+      one step of ``decrease`` instead; before any rate, fewer than ``first_calls`` set
+      none (a fresh instance's first call refused says nothing of its share).
     """
 
     decrease: float = 0.85
@@ -43,6 +44,7 @@ class RateSettings:
     creep_share: float = 0.0005
     held: float = 0.25
     min_calls: int = 10
+    first_calls: int = 3
     probe_from: float = 1.1
     probe_growth: float = 0.5
     guess_growth: float = 0.2
@@ -59,8 +61,8 @@ class RateSettings:
             raise ValueError("need recovery > 0, probe_from >= 1, minimum > 0, probe_growth > 0")
         if not 0 < self.min_window <= self.window:
             raise ValueError("need 0 < min_window <= window")
-        if not 0 <= self.held <= 1:
-            raise ValueError("need 0 <= held <= 1")
+        if not 0 <= self.held <= 1 or self.min_calls < 1 or self.first_calls < 1:
+            raise ValueError("need 0 <= held <= 1, min_calls >= 1, first_calls >= 1")
 
 
 class RateControl:
@@ -104,6 +106,7 @@ class RateControl:
     def refused(self, started_at: float, now: float, paced: bool = False) -> bool:
         """A 429 for a call started at ``started_at`` (``paced``: it left at the rate, the
         pace holding it back); True when it lowered the rate."""
+        s = self.settings
         self._refusals.append(started_at)
         if started_at <= self._last_cut:
             # Sent under the rate before the cut, so it says nothing new (TCP's one cut per
@@ -126,6 +129,11 @@ class RateControl:
             with contextlib.suppress(ValueError):
                 self._starts.remove(started_at)
             self._held_back = now
+            return False
+        if self.rate is None and self._counts(now)[0] < s.first_calls:
+            # A fresh instance's first call or two, refused: no rate to learn from one
+            # call (it would read a quota of a call every few seconds). The pause it names,
+            # or the next refusals, tell more.
             return False
         self._cut(now, paced)
         return True
