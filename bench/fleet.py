@@ -1,7 +1,7 @@
 """Fleet benchmark: many function instances, each with its own limiter, against one quota.
 
-    .venv/bin/python -m bench.fleet                       # the fleet matrix (~15 min)
-    .venv/bin/python -m bench.fleet --instances 4,8 --quota 50 --images 2000
+    .venv/bin/python -m bench.fleet                       # every shape, 1-8 × 20, 50/s (hours)
+    .venv/bin/python -m bench.fleet --shapes vertex --instances 4,8 --quota 50
     .venv/bin/python -m bench.fleet --halve               # the quota halves mid-run
     .venv/bin/python -m bench.fleet --single              # one instance over HTTP
     .venv/bin/python -m bench.fleet --smoke               # 2 instances, 20 images, seconds
@@ -11,8 +11,11 @@ with its own AdaptiveLimiter, all drawing on one project quota. Here:
 
 - N ``functions-framework --target caption_on_upload`` processes (as
   ``captioner_dev.functions.FunctionServer`` runs them), started together (a cold fleet);
-- one Gemini stand-in with one token bucket of ``quota_rps`` (429 RESOURCE_EXHAUSTED with
-  QuotaFailure and RetryInfo, as the Gemini API answers), and a lognormal latency;
+- one Gemini stand-in with one quota of the shape asked (``--shapes``, see
+  captioner_dev/gemini_server/quota.py: a token bucket, a sliding second, the Gemini API's
+  requests or input tokens per synchronized minute, Vertex AI's tokens with second-level
+  spikes throttled and no RetryInfo), of ``--quota`` requests a second (for the token shapes,
+  the input tokens of that many calls), and a lognormal latency;
 - a feeder that delivers ``object.v1.finalized`` events as Eventarc does (binary-mode
   CloudEvents, see ``captioner_dev.eventarc``): every instance serves up to
   ``--request-concurrency`` deliveries at once (Cloud Run's per-instance concurrency) and
@@ -23,9 +26,14 @@ Images are small JPEG thumbnails (≤ 320 px, 6–24 KB) so that decoding does n
 2-core machine the bottleneck: the subject is the quota, not prepare's CPU. Each instance
 tags its prompt with its number so the stand-in's request log tells the instances apart.
 
-The single-instance part (``--single``) is the HTTP backfill of issue 16: 210 images under a
-prefix, ``CAPTION_MAX_CONCURRENCY=32``, a fixed 0.5 s latency: the first request of a fresh
-instance, then later requests on the warm one, then the same under a quota of 20/s.
+The single-instance part (``--single``): 210 images under a prefix, one ``caption_http``
+backfill request, ``CAPTION_MAX_CONCURRENCY=32``: without a quota at a fixed 0.5 s latency,
+the first request of a fresh instance and later ones on the warm instance (issue 16); then,
+on each shape, a fresh instance's backfill at a fixed 0.2 s latency under 20/s (issue 23).
+
+A per-minute quota (``minute``, ``tpm``) is met over minutes, so those runs caption at
+least 80 seconds of quota (4,000 images at 50/s). ``of Q`` is counted in the quota's own
+unit (input tokens for the token shapes).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +59,13 @@ from bench import data, report
 from bench.data import BENCH, Planned
 from bench.stack import Stack, StubProcess
 from captioner.captions import DEFAULT_PROMPT
+from captioner.settings import Settings
 from captioner_dev.eventarc import binary_event
 from captioner_dev.functions import FunctionServer, _process_tree
 from captioner_dev.gcs import FakeGcs
 from captioner_dev.gemini_server import LatencyModel
+from captioner_dev.gemini_server.quota import QUOTA_SHAPES, QuotaShape
+from captioner_dev.gemini_server.tokens import text_tokens
 
 BUCKET = "bench-fleet"
 PREFIX = "fleet/"
@@ -63,6 +75,30 @@ LATENCY = LatencyModel(median=1.2, sigma=0.6, seed=16, cap=8.0)
 REDELIVERY_DELAY = 1.0
 TAG = " [fleet instance {}]"
 OUT = BENCH / "out" / "fleet"
+# Input tokens of one call: a thumbnail is one tile (258 tokens, Gemini 2.x) and the prompt
+# the default rule sends (structured: the JSON fields asked for); a token quota of Q
+# "requests a second" is the tokens of Q such calls.
+TOKENS_PER_CALL = 258 + text_tokens(
+    Settings.from_env({"CAPTION_PROMPT": DEFAULT_PROMPT + TAG.format(0)})
+    .rule_book()
+    .default.full_prompt()
+)
+
+
+def quota_config(shape: str, quota: float | None) -> dict[str, Any]:
+    """The stand-in's quota settings for ``quota`` calls a second of ``shape``."""
+    if quota is None:
+        return {"quota_shape": shape, "quota_rps": None, "quota_tpm": None}
+    if QuotaShape(shape).counts_tokens:
+        return {"quota_shape": shape, "quota_rps": None, "quota_tpm": quota * 60 * TOKENS_PER_CALL}
+    return {"quota_shape": shape, "quota_rps": quota, "quota_tpm": None}
+
+
+def images_for(shape: str, quota: float, images: int) -> int:
+    """A per-minute quota is met over minutes: at least 80 seconds of quota."""
+    if shape in (QuotaShape.MINUTE, QuotaShape.TPM):
+        return max(images, int(80 * quota))
+    return images
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +109,16 @@ class FleetRun:
     halve: bool = False
     concurrency: int = 32  # CAPTION_MAX_CONCURRENCY per instance
     request_concurrency: int = 32  # deliveries one instance serves at once
+    shape: str = "bucket"
 
     @property
     def key(self) -> str:
         halved = "-halved" if self.halve else ""
-        return f"n{self.instances}-q{self.quota:g}{halved}-{self.images}"
+        return f"{self.shape}-n{self.instances}-q{self.quota:g}{halved}-{self.images}"
+
+    @property
+    def in_tokens(self) -> bool:
+        return QuotaShape(self.shape).counts_tokens
 
 
 @dataclass(slots=True)
@@ -165,10 +206,10 @@ async def feed(
     events: Sequence[tuple[str, dict[str, str], bytes]],
     *,
     request_concurrency: int,
-    halve: tuple[str, float] | None = None,
+    halve: tuple[str, dict[str, Any]] | None = None,
 ) -> Feed:
     """Deliver every event to some instance, at most ``request_concurrency`` at a time on
-    each; when ``halve`` is (stand-in URL, new quota), change the quota once half are done.
+    each; when ``halve`` is (stand-in URL, quota settings), set them once half are done.
 
     Times are ``time.time()``, the clock of the stand-in's request log."""
     pending: asyncio.Queue[tuple[str, dict[str, str], bytes]] = asyncio.Queue()
@@ -183,8 +224,8 @@ async def feed(
 
     async def change_quota(session: aiohttp.ClientSession) -> None:
         assert halve is not None
-        stub_url, quota = halve
-        async with session.post(f"{stub_url}/_stub/config", json={"quota_rps": quota}) as answer:
+        stub_url, settings = halve
+        async with session.post(f"{stub_url}/_stub/config", json=settings) as answer:
             answer.raise_for_status()
         result.halved_at = time.time()
 
@@ -242,6 +283,12 @@ async def feed(
     return result
 
 
+def _weighed_rate(points: Sequence[tuple[float, float]], start: float, end: float) -> float:
+    if end <= start:
+        return 0.0
+    return sum(w for t, w in points if start <= t < end) / (end - start)
+
+
 def _rate_at(times: Sequence[float], start: float, end: float) -> float:
     if end <= start:
         return 0.0
@@ -294,6 +341,26 @@ def analyse(run: FleetRun, fed: Feed, records: list[dict[str, Any]]) -> dict[str
     share = len(accepted) / run.instances
     counts = [p["accepted"] for p in per_instance]
     accepted_at = sorted(r["received_at"] for r in accepted)
+    # In the quota's unit, as calls: a token quota's calls weigh their tokens over a
+    # nominal call's (the stand-in charged what it reports as prompt tokens).
+    weighed = [
+        (r["received_at"], r["prompt_tokens"] / TOKENS_PER_CALL if run.in_tokens else 1.0)
+        for r in accepted
+    ]
+    until = fed.backlog_empty if fed.backlog_empty > t0 else t_end
+    latency = sum(r["latency"] for r in accepted) / len(accepted) if accepted else 0.0
+    # What the fleet could carry at all: calls in flight over their mean latency.
+    capacity = run.instances * run.concurrency / latency if latency else float("inf")
+    gaps = []
+    for index in range(run.instances):
+        tag = TAG.format(index)
+        sent = sorted(r["received_at"] for r in calls if tag in r.get("prompt", ""))
+        sent = [t for t in sent if t <= until]
+        gap = max(((b - a, a) for a, b in pairwise(sent)), default=(0.0, t0))
+        gaps.append(gap[0])
+        per_instance[index]["longest_gap"] = {"seconds": gap[0], "from_s": gap[1] - t0}
+        # When each call of this instance arrived (s from the first event), to look into.
+        per_instance[index]["sent_s"] = [round(t - t0, 3) for t in sent]
     refused_at = sorted(r["received_at"] for r in refused)
     first_quota = run.quota
     reach_until = fed.halved_at if fed.halved_at is not None else last_sent
@@ -302,13 +369,19 @@ def analyse(run: FleetRun, fed: Feed, records: list[dict[str, Any]]) -> dict[str
         "images": len({d.name for d in ok}),
         "wall_s": wall,
         "throughput": len(ok) / wall if wall > 0 else 0.0,
-        "of_quota": len(ok) / allowed if allowed > 0 else 0.0,
+        "of_quota": sum(w for _, w in weighed) / allowed if allowed > 0 else 0.0,
         # The quota used while every instance still had events waiting: the limiters'
         # sharing, without the drain at the end (each instance finishing the up to 32
         # deliveries it holds, and the last answers' latency).
-        "of_quota_while_backlog": _rate_at(accepted_at, t0, fed.backlog_empty) / run.quota
+        "of_quota_while_backlog": _weighed_rate(weighed, t0, fed.backlog_empty) / run.quota
         if fed.halved_at is None and fed.backlog_empty > t0
         else None,
+        "capacity_per_s": capacity,
+        "of_reachable_while_backlog": _weighed_rate(weighed, t0, fed.backlog_empty)
+        / min(run.quota, capacity)
+        if fed.halved_at is None and fed.backlog_empty > t0
+        else None,
+        "longest_gap_s": max(gaps, default=0.0),
         "drain_s": t_end - fed.backlog_empty if fed.backlog_empty else None,
         "calls": len(calls),
         "accepted": len(accepted),
@@ -379,7 +452,7 @@ def run_fleet(stack: Stack, run: FleetRun, planned: list[Planned], latency: Any)
     for item in planned:
         headers, body = binary_event(resources[item.name])
         events.append((item.name, headers, body))
-    stack.stub.configure(latency=latency, quota_rps=run.quota)
+    stack.stub.configure(latency=latency, **quota_config(run.shape, run.quota))
     servers = [
         FunctionServer(
             "caption_on_upload",
@@ -394,9 +467,10 @@ def run_fleet(stack: Stack, run: FleetRun, planned: list[Planned], latency: Any)
         pids = _tree_pids(servers)
         stack_pids = list(stack.pids().values())
         cpu_before = _cpu_seconds(pids), _cpu_seconds(stack_pids)
-        # The stand-in's bucket is full at the first event, as after any quiet spell.
-        stack.stub.configure(latency=latency, quota_rps=run.quota)
-        halve = (stack.stub.base_url, run.quota / 2) if run.halve else None
+        # The stand-in's quota starts afresh at the first event (a full bucket, an empty
+        # window, a minute that begins), as after any quiet spell.
+        stack.stub.configure(latency=latency, **quota_config(run.shape, run.quota))
+        halve = (stack.stub.base_url, quota_config(run.shape, run.quota / 2)) if run.halve else None
         fed = asyncio.run(
             feed(
                 [f"{server.url}/" for server in servers],
@@ -406,7 +480,7 @@ def run_fleet(stack: Stack, run: FleetRun, planned: list[Planned], latency: Any)
             )
         )
         cpu_after = _cpu_seconds(pids), _cpu_seconds(stack_pids)
-        peak = max(server.peak_rss_mib() for server in servers)
+        peak = _peak_rss(servers)
     finally:
         for server in servers:
             server.stop()
@@ -424,6 +498,15 @@ def run_fleet(stack: Stack, run: FleetRun, planned: list[Planned], latency: Any)
     return figures
 
 
+def _peak_rss(servers: Sequence[FunctionServer]) -> float | None:
+    """The largest instance's peak RSS, or None when a process of the tree ended between
+    listing it and reading its /proc status (it happened once in 40 runs)."""
+    try:
+        return max(server.peak_rss_mib() for server in servers)
+    except RuntimeError:
+        return None
+
+
 def _maybe(value: float | None, spec: str = ".2f") -> str:
     return "–" if value is None else format(value, spec)
 
@@ -437,8 +520,9 @@ def _summary_line(f: dict[str, Any]) -> str:
         f"429s {f['refused_429']}/{f['calls']} ({100 * f['refused_fraction']:.1f} %), "
         f"share min/max {f['share_min_over_fair']:.2f}/{f['share_max_over_fair']:.2f} of fair, "
         f"90 % of Q after {'never' if t90 is None else f'{t90:.1f} s'}, "
-        f"redeliveries {f['redeliveries']}, cores fleet/stack "
-        f"{f['cores_used']['fleet']:.2f}/{f['cores_used']['stack']:.2f}"
+        f"redeliveries {f['redeliveries']}, longest gap {f['longest_gap_s']:.1f} s, "
+        f"cores fleet/stack {f['cores_used']['fleet']:.2f}/{f['cores_used']['stack']:.2f}, "
+        f"load {f['load_average_at_start'][0]:.2f}"
     )
     if "halved_at_s" in f:
         settle = f["time_to_settle_after_halving_s"]
@@ -503,33 +587,63 @@ def _single_figures(
 
 
 def run_single(
-    stack: Stack, planned: list[Planned], *, later: int = 3, quota: float = 20.0
+    stack: Stack,
+    planned: list[Planned],
+    *,
+    later: int = 3,
+    quota: float = 20.0,
+    shapes: Sequence[str] = QUOTA_SHAPES,
 ) -> list[dict[str, Any]]:
-    """210 images over HTTP at concurrency 32, fixed 0.5 s latency: fresh, warm, quota."""
+    """210 images over HTTP at concurrency 32: without a quota at a fixed 0.5 s latency, a
+    fresh instance's first request and ``later`` warm ones; then on each shape a fresh
+    instance's request at a fixed 0.2 s latency under ``quota``."""
     concurrency = 32
     results = []
     stack.upload(BUCKET, planned, concurrency=16)
     env = _instance_env(stack, 0, concurrency, CAPTION_ALLOWED_BUCKETS=BUCKET)
-    for quota_rps in (None, quota):
+    with FunctionServer("caption_http", env=env) as server:
+        for call in range(1 + later):
+            stack.stub.configure(latency=0.5)
+            label = "first request" if call == 0 else f"warm request {call}"
+            results.append(_single_request(stack, server.url, label, concurrency, None))
+    for shape in shapes:
         with FunctionServer("caption_http", env=env) as server:
-            for call in range(1 + (later if quota_rps is None else 1)):
-                stack.stub.configure(latency=0.5, quota_rps=quota_rps)
-                wall, answer, started = _http_backfill(server.url, SINGLE_PREFIX)
-                label = ("first request" if call == 0 else f"warm request {call}") + (
-                    f", quota {quota_rps:g}/s" if quota_rps else ""
-                )
-                records = stack.stub.requests()
-                figures = _single_figures(label, wall, answer, records, concurrency, started)
-                if quota_rps:
-                    figures["of_quota"] = figures["throughput"] / quota_rps
-                results.append(figures)
-                _progress(
-                    f"{label}: {wall:.2f} s, efficiency {figures['efficiency']:.2f}, "
-                    f"{figures['throughput']:.1f}/s, 429s {figures['refused_429']}/"
-                    f"{figures['calls']}, captioned {figures['captioned']}, lead "
-                    f"{figures['lead_s']:.2f} s, tail {figures['tail_s']:.2f} s"
-                )
+            stack.stub.configure(latency=0.2, **quota_config(shape, quota))
+            label = f"first request, {shape} {quota:g}/s, 0.2 s"
+            results.append(_single_request(stack, server.url, label, concurrency, quota, shape))
     return results
+
+
+def _single_request(
+    stack: Stack,
+    url: str,
+    label: str,
+    concurrency: int,
+    quota: float | None,
+    shape: str | None = None,
+) -> dict[str, Any]:
+    load = os.getloadavg()
+    wall, answer, started = _http_backfill(url, SINGLE_PREFIX)
+    records = stack.stub.requests()
+    figures = _single_figures(label, wall, answer, records, concurrency, started)
+    figures["load_average_at_start"] = load
+    if quota:
+        figures["shape"] = shape
+        figures["of_quota"] = figures["throughput"] / quota
+        if shape is not None and QuotaShape(shape).counts_tokens:
+            accepted = [
+                r for r in records if r.get("action") == "generateContent" and r["status"] == 200
+            ]
+            tokens = sum(r["prompt_tokens"] for r in accepted)
+            figures["of_quota"] = tokens / TOKENS_PER_CALL / wall / quota
+    _progress(
+        f"{label}: {wall:.2f} s, efficiency {figures['efficiency']:.2f}, "
+        f"{figures['throughput']:.1f}/s, 429s {figures['refused_429']}/"
+        f"{figures['calls']}, captioned {figures['captioned']}, "
+        f"{figures.get('of_quota', 0):.2f} of Q, lead "
+        f"{figures['lead_s']:.2f} s, tail {figures['tail_s']:.2f} s, load {load[0]:.2f}"
+    )
+    return figures
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,6 +652,9 @@ def run_single(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.fleet", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--shapes", default=",".join(QUOTA_SHAPES), help="comma-separated quota shapes"
     )
     parser.add_argument("--instances", default="1,2,4,8", help="comma-separated fleet sizes")
     parser.add_argument("--quota", default="20,50", help="comma-separated quotas (requests/s)")
@@ -549,13 +666,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON results file (default bench/out/fleet/)")
     args = parser.parse_args(argv)
 
+    shapes = [QuotaShape(shape).value for shape in args.shapes.split(",")]
     if args.smoke:
-        runs = [FleetRun(2, 20.0, 20, concurrency=8, request_concurrency=8)]
+        runs = [FleetRun(2, 20.0, 20, concurrency=8, request_concurrency=8, shape=shapes[0])]
         latency: Any = 0.05
     else:
         latency = asdict(LATENCY)
         runs = [
-            FleetRun(n, float(q), args.images, args.halve, args.concurrency, args.concurrency)
+            FleetRun(
+                n,
+                float(q),
+                images_for(shape, float(q), args.images),
+                args.halve,
+                args.concurrency,
+                args.concurrency,
+                shape,
+            )
+            for shape in shapes
             for q in args.quota.split(",")
             for n in (int(x) for x in args.instances.split(","))
         ]
@@ -573,7 +700,9 @@ def main(argv: list[str] | None = None) -> int:
         stack = Stack(gcs, stub)
         stack.create_bucket(BUCKET)
         if args.single:
-            document["single"] = run_single(stack, _thumbnails(catalogue, SINGLE_PREFIX, 210))
+            document["single"] = run_single(
+                stack, _thumbnails(catalogue, SINGLE_PREFIX, 210), shapes=shapes
+            )
         else:
             planned = _thumbnails(catalogue, PREFIX, max(run.images for run in runs))
             for run in runs:
@@ -584,18 +713,23 @@ def main(argv: list[str] | None = None) -> int:
                 _progress("  " + _summary_line(figures))
     out.write_text(json.dumps(document, indent=2) + "\n")
     _progress(f"written {out}")
-    if document["fleet"]:
-        print(markdown_table(document["fleet"]))
+    for shape in shapes:
+        mine = [f for f in document["fleet"] if f["run"]["shape"] == shape]
+        if mine:
+            print(f"\n{shape}\n")
+            print(markdown_table(mine))
     return 0
 
 
 def markdown_table(fleet: list[dict[str, Any]]) -> str:
+    """One row a run; ``of reachable`` is the rate while the backlog lasted over the lower of
+    the quota and what the fleet's calls in flight can carry at the measured latency."""
     rows = [
         "| instances | quota | images | wall (s) | images/s | of Q | of Q while backlog "
-        "| drain (s) | 429s (of calls) "
+        "| of reachable | drain (s) | 429s (of calls) "
         "| share min / max of fair | 90 % of Q after | after halving: settled, 429s, of Q/2 "
-        "| redeliveries | cores fleet / stack | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| longest gap (s) | cores fleet / stack | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for f in fleet:
         r = f["run"]
@@ -612,11 +746,12 @@ def markdown_table(fleet: list[dict[str, Any]]) -> str:
         rows.append(
             f"| {r['instances']} | {quota} | {r['images']} | {f['wall_s']:.1f} | "
             f"{f['throughput']:.1f} | {f['of_quota']:.2f} | "
-            f"{_maybe(f.get('of_quota_while_backlog'))} | {_maybe(f.get('drain_s'), '.1f')} | "
-            f"{f['refused_429']} "
+            f"{_maybe(f.get('of_quota_while_backlog'))} | "
+            f"{_maybe(f.get('of_reachable_while_backlog'))} | "
+            f"{_maybe(f.get('drain_s'), '.1f')} | {f['refused_429']} "
             f"({100 * f['refused_fraction']:.1f} %) | {f['share_min_over_fair']:.2f} / "
             f"{f['share_max_over_fair']:.2f} | {'never' if t90 is None else f'{t90:.1f} s'} | "
-            f"{halving} | {f['redeliveries']} | {f['cores_used']['fleet']:.2f} / "
+            f"{halving} | {f['longest_gap_s']:.1f} | {f['cores_used']['fleet']:.2f} / "
             f"{f['cores_used']['stack']:.2f} | {f['load_average_at_start'][0]:.2f} |"
         )
     return "\n".join(rows)

@@ -67,12 +67,25 @@ class StubProcess(LoggedProcess):
     def process(self) -> subprocess.Popen[bytes] | None:
         return self._process
 
-    def configure(self, *, latency: Any, quota_rps: float | None = None) -> None:
-        """Clear the request log, then set the latency (a LatencyModel dict or seconds)."""
+    def configure(
+        self,
+        *,
+        latency: Any,
+        quota_rps: float | None = None,
+        quota_shape: str = "bucket",
+        quota_tpm: float | None = None,
+    ) -> None:
+        """Clear the request log, then set the latency (a LatencyModel dict or seconds) and
+        the quota (captioner_dev/gemini_server/quota.py: requests a second for the request
+        shapes, input tokens a minute for ``tpm`` and ``vertex``), started afresh."""
         _http_json("POST", f"{self.base_url}/_stub/reset", {})
-        _http_json(
-            "POST", f"{self.base_url}/_stub/config", {"latency": latency, "quota_rps": quota_rps}
-        )
+        config = {
+            "latency": latency,
+            "quota_rps": quota_rps,
+            "quota_shape": quota_shape,
+            "quota_tpm": quota_tpm,
+        }
+        _http_json("POST", f"{self.base_url}/_stub/config", config)
 
     def requests(self) -> list[dict[str, Any]]:
         records: list[dict[str, Any]] = _http_json("GET", f"{self.base_url}/_stub/requests")

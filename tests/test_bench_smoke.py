@@ -71,12 +71,25 @@ def test_fleet_benchmark_smoke_mode_feeds_two_instances_against_one_quota(tmp_pa
 
 
 def test_fleet_simulation_runs_the_real_limiter_and_prints_its_table() -> None:
-    process = run_bench("bench.fleet_sim", "--seeds", "1", "--images", "300", timeout=120)
+    process = run_bench(
+        "bench.fleet_sim",
+        "--seeds",
+        "1",
+        "--images",
+        "300",
+        "--shapes",
+        "sliding-second,vertex",
+        "--fleets",
+        "1x20,4x20,8x20,4x50,8x50",
+        timeout=120,
+    )
     rows = [line for line in process.stdout.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| fleet | of Q (min) |")
-    assert len(rows) == 1 + 5  # the header, then 1 x 20/s ... 8 x 50/s
-    # Every image was captioned: the quota used can neither be zero nor beat the quota.
-    for row in rows[1:]:
+    assert [row for row in rows if row.startswith("| fleet | of Q (min) |")] == [rows[0]] * 2
+    fleets = [row for row in rows if not row.startswith("| fleet")]
+    assert len(fleets) == 2 * 5  # for each shape, 1 x 20/s ... 8 x 50/s
+    # Every image was captioned: the quota used can neither be zero nor beat the quota
+    # (counted per second, it lends nothing ahead).
+    for row in fleets:
         of_q = float(row.split("|")[2].split()[0])
         assert 0.3 < of_q <= 1.05, row
 
@@ -88,3 +101,16 @@ def test_the_cost_estimate_is_within_ten_percent_of_what_the_stand_in_charges() 
     process = run_bench("bench.estimate", "--images", "3", timeout=120)
     assert "| `gemini-2.5-flash` |" in process.stdout
     assert "worst difference:" in process.stdout
+
+
+def test_fleet_simulation_runs_the_one_instance_cases_on_every_shape() -> None:
+    process = run_bench("bench.fleet_sim", "--seeds", "1", "--single", timeout=120)
+    rows = [line for line in process.stdout.splitlines() if line.startswith("| backfill, ")]
+    assert [row.split(",")[1].split("|")[0].strip() for row in rows] == [
+        "bucket",
+        "sliding-second",
+        "minute",
+        "tpm",
+        "vertex",
+    ]
+    assert "| first request, no quota: efficiency" in process.stdout

@@ -539,6 +539,8 @@ async def test_http_control_endpoints(
     assert stub.config_json() == {
         "latency": None,
         "quota_rps": None,
+        "quota_shape": "bucket",
+        "quota_tpm": None,
         "faults": [],
         "bad_key_prefix": "bad",
     }

@@ -1,4 +1,5 @@
-"""The command line: ``python -m captioner_dev.gemini_server --port N --host H``."""
+"""The command line: ``python -m captioner_dev.gemini_server --port N --host H``; a quota with
+``--quota-shape S --quota-rps R`` (or ``--quota-tpm T`` for the token shapes)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from captioner_dev.gemini_server.config import (
     LatencyModel,
     StubConfigError,
 )
+from captioner_dev.gemini_server.quota import QUOTA_SHAPES, QuotaShape
 from captioner_dev.gemini_server.server import GeminiStub
 
 
@@ -28,7 +30,22 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency-sigma", type=float, default=0.6)
     parser.add_argument("--latency-cap", type=float, default=8.0)
     parser.add_argument("--seed", type=int, help="seed for the latency distribution")
-    parser.add_argument("--quota-rps", type=float, help="token-bucket quota, requests/second")
+    parser.add_argument(
+        "--quota-rps", type=float, help="requests/second of the request shapes (--quota-shape)"
+    )
+    parser.add_argument(
+        "--quota-tpm",
+        type=float,
+        help="input tokens/minute of the token shapes (tpm, vertex)",
+    )
+    parser.add_argument(
+        "--quota-shape",
+        choices=QUOTA_SHAPES,
+        default=QuotaShape.BUCKET.value,
+        help="how the quota counts (see captioner_dev/gemini_server/quota.py): a token bucket, "
+        "a sliding one-second window, the Gemini API's per-minute requests or input tokens, "
+        "or Vertex AI's tokens with second-level spikes throttled and no RetryInfo",
+    )
     parser.add_argument(
         "--bad-key-prefix",
         default=DEFAULT_BAD_KEY_PREFIX,
@@ -47,7 +64,11 @@ async def _serve(args: argparse.Namespace) -> None:
             cap=args.latency_cap,
         )
     stub = GeminiStub(
-        latency=latency, quota_rps=args.quota_rps, bad_key_prefix=args.bad_key_prefix or None
+        latency=latency,
+        quota_rps=args.quota_rps,
+        quota_shape=args.quota_shape,
+        quota_tpm=args.quota_tpm,
+        bad_key_prefix=args.bad_key_prefix or None,
     )
     done = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from captioner_dev.gemini_server.config import FaultRule, format_duration
+from captioner_dev.gemini_server.quota import QuotaShape
 from captioner_dev.gemini_server.wire import ApiError, model_version
 
 # The Gemini API's per-minute 429, with QuotaFailure, Help and RetryInfo details in this order
@@ -34,14 +35,21 @@ BLOCKED_RATINGS: Final = [
 
 
 _QUOTA_METRIC: Final = "generativelanguage.googleapis.com/generate_content_free_tier_requests"
+# The input-tokens-per-minute quota's names (RooCodeInc/Roo-Code#3883).
+_TOKEN_QUOTA_METRIC: Final = (
+    "generativelanguage.googleapis.com/generate_content_free_tier_input_token_count"
+)
+_TOKEN_QUOTA_ID: Final = "GenerateContentInputTokensPerModelPerMinute-FreeTier"
 
 
-def _quota_failure(model: str, quota_id: str, value: str) -> dict[str, Any]:
+def _quota_failure(
+    model: str, quota_id: str, value: str, metric: str = _QUOTA_METRIC
+) -> dict[str, Any]:
     return {
         "@type": "type.googleapis.com/google.rpc.QuotaFailure",
         "violations": [
             {
-                "quotaMetric": _QUOTA_METRIC,
+                "quotaMetric": metric,
                 "quotaId": quota_id,
                 "quotaDimensions": {"location": "global", "model": model_version(model)},
                 "quotaValue": value,
@@ -50,19 +58,51 @@ def _quota_failure(model: str, quota_id: str, value: str) -> dict[str, Any]:
     }
 
 
-def quota_error(model: str, retry_delay: float | None, *, per_day: bool = False) -> ApiError:
+def quota_error(
+    model: str, retry_delay: float | None, *, per_day: bool = False, value: str | None = None
+) -> ApiError:
+    """The Gemini API's 429 for a requests quota (per minute, or per day); ``value`` is the
+    limit it names (QuotaFailure's ``quotaValue``)."""
     quota_id = (
         "GenerateRequestsPerDayPerProjectPerModel-FreeTier"
         if per_day
         else "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"
     )
     details: list[Mapping[str, Any]] = [
-        _quota_failure(model, quota_id, "250" if per_day else "10"),
+        _quota_failure(model, quota_id, value or ("250" if per_day else "10")),
         _QUOTA_HELP,
     ]
     if retry_delay is not None:
         details.append(retry_info(retry_delay))
     return ApiError(429, _QUOTA_MESSAGE, details)
+
+
+def token_quota_error(model: str, retry_delay: float, *, value: str) -> ApiError:
+    """The Gemini API's 429 for its input-tokens-per-minute quota (RooCodeInc/Roo-Code#3883:
+    QuotaFailure, Help, RetryInfo, in this order)."""
+    details: list[Mapping[str, Any]] = [
+        _quota_failure(model, _TOKEN_QUOTA_ID, value, _TOKEN_QUOTA_METRIC),
+        _QUOTA_HELP,
+        retry_info(retry_delay),
+    ]
+    return ApiError(429, _QUOTA_MESSAGE, details)
+
+
+def vertex_quota_error() -> ApiError:
+    """Vertex AI's pay-as-you-go 429: no details, no RetryInfo."""
+    return ApiError(429, _VERTEX_QUOTA_MESSAGE)
+
+
+def quota_refusal(
+    shape: QuotaShape, model: str, delay: float, *, rps: float | None, tpm: float | None
+) -> ApiError:
+    """The 429 a quota of ``shape`` answers with, naming ``delay`` where it names one: the
+    request shapes name the Gemini API's per-minute request quota and its value."""
+    if shape is QuotaShape.VERTEX:
+        return vertex_quota_error()
+    if shape is QuotaShape.TPM:
+        return token_quota_error(model, delay, value=f"{tpm or 0:.0f}")
+    return quota_error(model, delay, value=f"{(rps or 0) * 60:.0f}")
 
 
 def bad_key_error() -> ApiError:
@@ -96,7 +136,7 @@ def fault_error(rule: FaultRule, model: str) -> ApiError | None:
     if kind == "429_per_day":
         return quota_error(model, rule.retry_delay, per_day=True)
     if kind == "429_vertex":
-        return ApiError(429, _VERTEX_QUOTA_MESSAGE)
+        return vertex_quota_error()
     if kind == "bad_key":
         return bad_key_error()
     if kind == "failed_precondition":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -21,16 +21,17 @@ from captioner_dev.gemini_server.config import (
     Latency,
     StubConfigError,
 )
-from captioner_dev.gemini_server.errors import bad_key_error, quota_error
+from captioner_dev.gemini_server.errors import bad_key_error
 from captioner_dev.gemini_server.flex import SHED_MESSAGE, FlexSettings, tier_of
 from captioner_dev.gemini_server.oauth import TOKEN_PATH, TokenIssuer, vertex_needs_a_bearer
-from captioner_dev.gemini_server.quota import retry_delay
+from captioner_dev.gemini_server.quota import QuotaShape
 from captioner_dev.gemini_server.records import RequestRecord
 from captioner_dev.gemini_server.state import StubState
 from captioner_dev.gemini_server.tokens import thinking_tokens_for
 from captioner_dev.gemini_server.wire import (
     MODEL_PATH,
     ApiError,
+    ParsedRequest,
     dumps,
     json_error,
     parse_generate_request,
@@ -48,11 +49,18 @@ class GeminiStub(StubState):
         *,
         latency: Latency = None,
         quota_rps: float | None = None,
+        quota_shape: QuotaShape | str = QuotaShape.BUCKET,
+        quota_tpm: float | None = None,
         faults: Sequence[FaultRule] = (),
         bad_key_prefix: str | None = DEFAULT_BAD_KEY_PREFIX,
     ) -> None:
         super().__init__(
-            latency=latency, quota_rps=quota_rps, faults=faults, bad_key_prefix=bad_key_prefix
+            latency=latency,
+            quota_rps=quota_rps,
+            quota_shape=quota_shape,
+            quota_tpm=quota_tpm,
+            faults=faults,
+            bad_key_prefix=bad_key_prefix,
         )
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
@@ -199,8 +207,10 @@ class GeminiStub(StubState):
         except ApiError as error:
             return Outcome(error.code, error.body())
         record.service_tier = tier_of(body, request.headers)
-        if record.service_tier == "flex" and (refused := await self._flex_wait(record)):
-            return refused
+        if record.service_tier == "flex" and (
+            shed := await _flex_wait(self.flex, self._sleep, record)
+        ):
+            return shed
         with self._lock:
             record.images = [image.record for image in parsed.images]
             record.file_uris = list(parsed.file_uris)
@@ -214,18 +224,12 @@ class GeminiStub(StubState):
             thoughts = thinking_tokens_for(model, parsed.generation_config)
         except ApiError as error:
             return Outcome(error.code, error.body())
-        haystacks = [parsed.prompt, parsed.system_instruction]
-        for image in parsed.images:
-            haystacks += [image.record.sha256, f"[img:{image.record.fingerprint}]"]
-        with self._lock:
-            # Quota is decided on arrival, like the real front end, so rejections are fast.
-            wait = self._take_quota()
-            rule = None if wait is not None else self._take_fault(haystacks)
-            delay = 0.0 if wait is not None else self._sample_latency()
-            record.latency = delay
-            record.fault = "quota" if wait is not None else (rule.kind if rule else None)
-        if wait is not None:
-            return Outcome(429, quota_error(model, retry_delay(wait)).body())
+        try:
+            refused, rule, delay = await self._admit(parsed, model, record)
+        except ApiError as error:
+            return Outcome(error.code, error.body())
+        if refused is not None:
+            return Outcome(429, refused.body())
         if await self._sleep(delay):
             return Outcome(503, ApiError(503, "The stub is shutting down.").body())
         response_id = f"stub-{record.seq:08d}"
@@ -236,14 +240,26 @@ class GeminiStub(StubState):
         except ApiError as error:
             return Outcome(error.code, error.body())
 
-    async def _flex_wait(self, record: RequestRecord) -> Outcome | None:
-        """Best effort: a shed request is refused at once; the others wait their minutes."""
-        if self.flex.sheds():
-            record.fault = "flex-shed"
-            return Outcome(503, ApiError(503, SHED_MESSAGE).body())
-        if await self._sleep(self.flex.delay()):
-            return Outcome(503, ApiError(503, "The stub is shutting down.").body())
-        return None
+    async def _admit(
+        self, parsed: ParsedRequest, model: str, record: RequestRecord
+    ) -> tuple[ApiError | None, FaultRule | None, float]:
+        """The quota's 429 (decided on arrival, like the real front end, so refusals are
+        fast), else the fault rule that applies and the latency to answer after."""
+        haystacks = [parsed.prompt, parsed.system_instruction]
+        for image in parsed.images:
+            haystacks += [image.record.sha256, f"[img:{image.record.fingerprint}]"]
+        tokens = 0
+        if self.quota_counts_tokens:
+            # A tokens-per-minute quota charges the call its input tokens (the usage the
+            # answer would report), so they are counted before it is let through.
+            tokens = (await self._answerer.prompt_tokens(parsed, model)).total
+        with self._lock:
+            refused = self._take_quota(model, tokens)
+            rule = None if refused is not None else self._take_fault(haystacks)
+            delay = 0.0 if refused is not None else self._sample_latency()
+            record.latency = delay
+            record.fault = "quota" if refused is not None else (rule.kind if rule else None)
+        return refused, rule, delay
 
     async def _http_health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "calls": self.calls})
@@ -319,3 +335,15 @@ async def _read_json(request: web.Request) -> Any:
         raise ApiError(
             400, f"Invalid JSON payload received. {exc.__class__.__name__}: {exc}"
         ) from exc
+
+
+async def _flex_wait(
+    flex: FlexSettings, sleep: Callable[[float], Awaitable[bool]], record: RequestRecord
+) -> Outcome | None:
+    """Best effort: a shed request is refused at once; the others wait their minutes."""
+    if flex.sheds():
+        record.fault = "flex-shed"
+        return Outcome(503, ApiError(503, SHED_MESSAGE).body())
+    if await sleep(flex.delay()):
+        return Outcome(503, ApiError(503, "The stub is shutting down.").body())
+    return None

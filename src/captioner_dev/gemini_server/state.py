@@ -23,8 +23,10 @@ from captioner_dev.gemini_server.config import (
     latency_to_json,
     parse_duration,
 )
-from captioner_dev.gemini_server.quota import TokenBucket
+from captioner_dev.gemini_server.errors import quota_refusal
+from captioner_dev.gemini_server.quota import Quota, QuotaShape, make_quota
 from captioner_dev.gemini_server.records import RequestRecord
+from captioner_dev.gemini_server.wire import ApiError
 
 
 class StubState:
@@ -35,6 +37,8 @@ class StubState:
         *,
         latency: Latency = None,
         quota_rps: float | None = None,
+        quota_shape: QuotaShape | str = QuotaShape.BUCKET,
+        quota_tpm: float | None = None,
         faults: Sequence[FaultRule] = (),
         bad_key_prefix: str | None = DEFAULT_BAD_KEY_PREFIX,
     ) -> None:
@@ -42,13 +46,21 @@ class StubState:
         self._bad_key_prefix: str | None = None
         self._latency: Latency = None
         self._rng = random.Random()
-        self._quota: TokenBucket | None = None
+        self._quota: Quota | None = None
+        self._quota_shape = QuotaShape.BUCKET
+        self._quota_rps: float | None = None
+        self._quota_tpm: float | None = None
         self._faults: list[FaultRule] = []
         self._requests: list[RequestRecord] = []
         self._calls = 0
         self._seq = 0
         self.configure(
-            latency=latency, quota_rps=quota_rps, faults=list(faults), bad_key_prefix=bad_key_prefix
+            latency=latency,
+            quota_rps=quota_rps,
+            quota_shape=quota_shape,
+            quota_tpm=quota_tpm,
+            faults=list(faults),
+            bad_key_prefix=bad_key_prefix,
         )
 
     def configure(
@@ -56,28 +68,51 @@ class StubState:
         *,
         latency: Latency | Unset = UNSET,
         quota_rps: float | Unset | None = UNSET,
+        quota_shape: QuotaShape | str | Unset = UNSET,
+        quota_tpm: float | Unset | None = UNSET,
         faults: Sequence[FaultRule] | Unset = UNSET,
         add_faults: Sequence[FaultRule] = (),
         bad_key_prefix: str | Unset | None = UNSET,
     ) -> None:
         """Changes only the settings passed: ``faults`` replaces the rules, ``add_faults`` adds.
 
+        The quota (quota.py) is ``quota_rps`` requests a second for the request shapes
+        (``bucket``, ``sliding-second``, ``minute``) or ``quota_tpm`` input tokens a minute for
+        the token shapes (``tpm``, ``vertex``); setting any of the three starts it afresh (a
+        full bucket, an empty window, the first minute starting now).
+
         An API key (``x-goog-api-key`` or ``?key=``) starting with ``bad_key_prefix`` is
         refused as the Gemini API refuses an invalid key (None: every key is good).
         """
         if isinstance(bad_key_prefix, str) and not bad_key_prefix:
             raise StubConfigError("bad_key_prefix must be a non-empty string or null")
-        if not isinstance(quota_rps, Unset) and quota_rps is not None and quota_rps <= 0:
-            raise StubConfigError("quota_rps must be > 0 or None")
+        for name, value in (("quota_rps", quota_rps), ("quota_tpm", quota_tpm)):
+            if isinstance(value, int | float) and value <= 0:
+                raise StubConfigError(f"{name} must be > 0 or None")
+        if isinstance(quota_shape, str):
+            try:
+                quota_shape = QuotaShape(quota_shape)
+            except ValueError:
+                shapes = ", ".join(shape.value for shape in QuotaShape)
+                raise StubConfigError(
+                    f"unknown quota_shape {quota_shape!r}; use one of {shapes}"
+                ) from None
         if isinstance(latency, int | float) and latency < 0:
             raise StubConfigError("latency must be >= 0")
         with self._lock:
             if not isinstance(latency, Unset):
                 self._latency = latency
                 self._rng = latency.rng() if isinstance(latency, LatencyModel) else random.Random()
+            changed = False
             if not isinstance(quota_rps, Unset):
-                self._quota = (
-                    None if quota_rps is None else TokenBucket(quota_rps, time.monotonic())
+                self._quota_rps, changed = quota_rps, True
+            if not isinstance(quota_tpm, Unset):
+                self._quota_tpm, changed = quota_tpm, True
+            if not isinstance(quota_shape, Unset):
+                self._quota_shape, changed = quota_shape, True
+            if changed:
+                self._quota = make_quota(
+                    self._quota_shape, time.monotonic(), rps=self._quota_rps, tpm=self._quota_tpm
                 )
             if not isinstance(faults, Unset):
                 self._faults = list(faults)
@@ -113,11 +148,21 @@ class StubState:
     @property
     def quota_rps(self) -> float | None:
         with self._lock:
-            return None if self._quota is None else self._quota.rate
+            return self._quota_rps
 
     @quota_rps.setter
     def quota_rps(self, value: float | None) -> None:
         self.configure(quota_rps=value)
+
+    @property
+    def quota_shape(self) -> QuotaShape:
+        with self._lock:
+            return self._quota_shape
+
+    @property
+    def quota_tpm(self) -> float | None:
+        with self._lock:
+            return self._quota_tpm
 
     @property
     def faults(self) -> list[FaultRule]:
@@ -147,14 +192,21 @@ class StubState:
             self._calls = 0
             self._seq = 0
         self.configure(
-            latency=None, quota_rps=None, faults=[], bad_key_prefix=DEFAULT_BAD_KEY_PREFIX
+            latency=None,
+            quota_rps=None,
+            quota_shape=QuotaShape.BUCKET,
+            quota_tpm=None,
+            faults=[],
+            bad_key_prefix=DEFAULT_BAD_KEY_PREFIX,
         )
 
     def config_json(self) -> dict[str, Any]:
         with self._lock:
             return {
                 "latency": latency_to_json(self._latency),
-                "quota_rps": None if self._quota is None else self._quota.rate,
+                "quota_rps": self._quota_rps,
+                "quota_shape": self._quota_shape.value,
+                "quota_tpm": self._quota_tpm,
                 "faults": [rule.to_json() for rule in self._faults],
                 "bad_key_prefix": self._bad_key_prefix,
             }
@@ -163,15 +215,21 @@ class StubState:
         """Applies a ``POST /_stub/config`` body (see configure)."""
         if not isinstance(data, Mapping):
             raise StubConfigError("the config must be a JSON object")
-        unknown = set(data) - {"latency", "quota_rps", "faults", "add_faults", "bad_key_prefix"}
+        known = {"latency", "quota_rps", "quota_shape", "quota_tpm", "faults", "add_faults"}
+        unknown = set(data) - known - {"bad_key_prefix"}
         if unknown:
             raise StubConfigError(f"unknown config keys: {sorted(unknown)}")
         kwargs: dict[str, Any] = {}
         if "latency" in data:
             kwargs["latency"] = latency_from_json(data["latency"])
-        if "quota_rps" in data:
-            quota = data["quota_rps"]
-            kwargs["quota_rps"] = None if quota is None else parse_duration(quota)
+        for key in ("quota_rps", "quota_tpm"):
+            if key in data:
+                quota = data[key]
+                kwargs[key] = None if quota is None else parse_duration(quota)
+        if "quota_shape" in data:
+            if not isinstance(data["quota_shape"], str):
+                raise StubConfigError("quota_shape must be a string")
+            kwargs["quota_shape"] = data["quota_shape"]
         if "bad_key_prefix" in data:
             prefix = data["bad_key_prefix"]
             if prefix is not None and not isinstance(prefix, str):
@@ -185,9 +243,21 @@ class StubState:
                 kwargs[key] = [FaultRule.from_json(rule) for rule in rules]
         self.configure(**kwargs)
 
-    def _take_quota(self) -> float | None:
-        """Spends one token; returns None when allowed, else the seconds until a token is free."""
-        return None if self._quota is None else self._quota.take(time.monotonic())
+    def _take_quota(self, model: str, tokens: int) -> ApiError | None:
+        """Counts one call (of ``tokens`` input tokens, for the token shapes): None when it is
+        let through, else the 429 its shape answers with. Called under the lock."""
+        quota, shape = self._quota, self._quota_shape
+        wait = None if quota is None else quota.take(time.monotonic(), tokens or 1)
+        if quota is None or wait is None:
+            return None
+        delay = quota.retry_delay(wait)
+        return quota_refusal(shape, model, delay, rps=self._quota_rps, tpm=self._quota_tpm)
+
+    @property
+    def quota_counts_tokens(self) -> bool:
+        """The quota is in tokens: a call's prompt tokens are needed before it is decided."""
+        with self._lock:
+            return self._quota is not None and self._quota_shape.counts_tokens
 
     def _take_fault(self, haystacks: Sequence[str]) -> FaultRule | None:
         for index, rule in enumerate(self._faults):
