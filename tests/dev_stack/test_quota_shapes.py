@@ -20,7 +20,7 @@ import pytest
 from google import genai
 from google.genai import errors, types
 
-from captioner.adapters.gemini import _classify
+from captioner.adapters.gemini_errors import classify
 from captioner.errors import TransientError
 from captioner_dev import PHOTOS
 from captioner_dev.gemini_server import GeminiStub
@@ -173,10 +173,10 @@ async def test_a_per_minute_quota_answers_the_gemini_apis_429_with_the_rest_of_t
     assert failure["violations"][0]["quotaValue"] == "3"
     assert re.fullmatch(r"5[89]s", retry["retryDelay"])
     # The describer waits what it names, up to CAPTION_RETRY_MAX_WAIT.
-    classified = _classify(error, 120.0)
+    classified = classify(error, 120.0)
     assert isinstance(classified, TransientError)
     assert classified.retry_after in (58.0, 59.0)
-    capped = _classify(error, 30.0)
+    capped = classify(error, 30.0)
     assert isinstance(capped, TransientError)
     assert capped.retry_after == 30.0
 
@@ -214,7 +214,7 @@ async def test_vertex_answers_a_spike_with_a_bare_429_the_describer_retries_with
     assert error.message is not None
     assert error.message.startswith("Resource exhausted. Please try again later.")
     assert not error.details["error"].get("details")  # no RetryInfo, nothing at all
-    classified = _classify(error)
+    classified = classify(error)
     assert isinstance(classified, TransientError)
     assert classified.retry_after is None
 

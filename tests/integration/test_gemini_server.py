@@ -29,13 +29,13 @@ MODEL = "gemini-2.5-flash"
 async def test_the_product_classifies_each_real_error_shape(
     stub: GeminiStub, client: genai.Client, kind: Any, outcome: str
 ) -> None:
-    from captioner.adapters.gemini import _classify
+    from captioner.adapters.gemini_errors import classify
 
     stub.add_fault(kind, count=1, retry_delay=3)
     with pytest.raises(errors.APIError) as caught:
         await client.aio.models.generate_content(model=MODEL, contents="hi")
 
-    classified = _classify(caught.value)
+    classified = classify(caught.value)
     assert type(classified).__name__ == outcome
     if kind == "429":
         assert getattr(classified, "retry_after", None) == 3.0

@@ -9,13 +9,8 @@ from typing import Any
 import pytest
 from google.genai import errors, types
 
-from captioner.adapters.gemini import (
-    DailyQuotaError,
-    GeminiDescriber,
-    _classify,
-    _description,
-    _next_quota_day,
-)
+from captioner.adapters.gemini import GeminiDescriber, _description
+from captioner.adapters.gemini_errors import DailyQuotaError, classify, next_quota_day
 from captioner.domain import PreparedImage
 from captioner.errors import ConfigurationError, PermanentError, TransientError
 
@@ -28,24 +23,24 @@ def api_error(code: int, status: str, details: list[dict[str, Any]] | None = Non
 
 @pytest.mark.parametrize("code", [408, 429, 500, 502, 503, 504])
 def test_rate_limits_and_server_errors_are_transient(code: int) -> None:
-    assert isinstance(_classify(api_error(code, "X")), TransientError)
+    assert isinstance(classify(api_error(code, "X")), TransientError)
 
 
 @pytest.mark.parametrize("code", [401, 403, 404])
 def test_configuration_errors_are_transient_so_no_image_is_marked_failed(code: int) -> None:
-    assert isinstance(_classify(api_error(code, "X")), TransientError)
+    assert isinstance(classify(api_error(code, "X")), TransientError)
 
 
 @pytest.mark.parametrize("code", [400, 413, 422])
 def test_other_client_errors_are_permanent(code: int) -> None:
-    exc = _classify(api_error(code, "INVALID_ARGUMENT"))
+    exc = classify(api_error(code, "INVALID_ARGUMENT"))
     assert isinstance(exc, PermanentError)
     assert exc.reason == f"gemini-{code}"
 
 
 def test_retry_info_delay_is_read_from_a_429() -> None:
     detail = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}
-    exc = _classify(api_error(429, "RESOURCE_EXHAUSTED", [detail]))
+    exc = classify(api_error(429, "RESOURCE_EXHAUSTED", [detail]))
     assert isinstance(exc, TransientError)
     assert exc.retry_after == 7.0
 
@@ -222,7 +217,7 @@ MINUTE_QUOTA = [
 
 
 def test_a_bad_api_key_400_is_a_configuration_error_never_recorded_on_the_image() -> None:
-    exc = _classify(api_error(400, "INVALID_ARGUMENT", BAD_KEY))
+    exc = classify(api_error(400, "INVALID_ARGUMENT", BAD_KEY))
     assert isinstance(exc, ConfigurationError)
     assert isinstance(exc, TransientError)  # nothing is recorded; the event comes back
     assert "GEMINI_API_KEY" in str(exc)
@@ -230,7 +225,7 @@ def test_a_bad_api_key_400_is_a_configuration_error_never_recorded_on_the_image(
 
 def test_an_expired_api_key_is_a_configuration_error() -> None:
     details = [{**BAD_KEY[0], "reason": "API_KEY_EXPIRED"}]
-    assert isinstance(_classify(api_error(400, "INVALID_ARGUMENT", details)), ConfigurationError)
+    assert isinstance(classify(api_error(400, "INVALID_ARGUMENT", details)), ConfigurationError)
 
 
 @pytest.mark.parametrize(
@@ -244,7 +239,7 @@ def test_an_expired_api_key_is_a_configuration_error() -> None:
     ],
 )
 def test_project_setup_errors_are_configuration_errors(code: int, status: str) -> None:
-    assert isinstance(_classify(api_error(code, status)), ConfigurationError)
+    assert isinstance(classify(api_error(code, status)), ConfigurationError)
 
 
 @pytest.mark.parametrize(
@@ -262,7 +257,7 @@ def test_project_setup_errors_are_configuration_errors(code: int, status: str) -
 )
 def test_a_400_about_a_setting_we_sent_is_a_configuration_error(message: str) -> None:
     body = {"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}}
-    assert isinstance(_classify(errors.ClientError(400, body)), ConfigurationError)
+    assert isinstance(classify(errors.ClientError(400, body)), ConfigurationError)
 
 
 def test_a_400_about_the_image_stays_permanent() -> None:
@@ -273,24 +268,24 @@ def test_a_400_about_the_image_stays_permanent() -> None:
             "status": "INVALID_ARGUMENT",
         }
     }
-    exc = _classify(errors.ClientError(400, body))
+    exc = classify(errors.ClientError(400, body))
     assert isinstance(exc, PermanentError)
     assert exc.reason == "gemini-400"
 
 
 def test_499_cancelled_under_load_is_transient() -> None:
-    exc = _classify(api_error(499, "CANCELLED"))
+    exc = classify(api_error(499, "CANCELLED"))
     assert type(exc) is TransientError
 
 
 def test_a_per_day_quota_429_stops_asking_instead_of_waiting() -> None:
-    exc = _classify(api_error(429, "RESOURCE_EXHAUSTED", DAILY_QUOTA))
+    exc = classify(api_error(429, "RESOURCE_EXHAUSTED", DAILY_QUOTA))
     assert isinstance(exc, DailyQuotaError)
     assert "GenerateRequestsPerDayPerProjectPerModel-FreeTier" in str(exc)
 
 
 def test_a_per_minute_quota_429_is_waited_out_with_its_delay() -> None:
-    exc = _classify(api_error(429, "RESOURCE_EXHAUSTED", MINUTE_QUOTA))
+    exc = classify(api_error(429, "RESOURCE_EXHAUSTED", MINUTE_QUOTA))
     assert type(exc) is TransientError
     assert exc.retry_after == 12.0
 
@@ -298,7 +293,7 @@ def test_a_per_minute_quota_429_is_waited_out_with_its_delay() -> None:
 @pytest.mark.parametrize("delay", ["100000s", "86400s", "3601.5s"])
 def test_a_huge_retry_delay_is_capped_at_the_maximum_wait(delay: str) -> None:
     detail = {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}
-    exc = _classify(api_error(429, "RESOURCE_EXHAUSTED", [detail]), max_wait=2.5)
+    exc = classify(api_error(429, "RESOURCE_EXHAUSTED", [detail]), max_wait=2.5)
     assert isinstance(exc, TransientError)
     assert exc.retry_after == 2.5
 
@@ -310,7 +305,7 @@ def test_the_next_quota_day_is_the_next_pacific_midnight() -> None:
     pacific = ZoneInfo("America/Los_Angeles")
     now = datetime(2026, 11, 25, 23, 0, tzinfo=pacific)
     before = time.monotonic()
-    until = _next_quota_day(now)
+    until = next_quota_day(now)
     assert 3590 <= until - before <= 3610  # an hour to midnight
 
 

@@ -14,12 +14,8 @@ against the CRC32C that Cloud Storage holds, as Google's clients do.
 from __future__ import annotations
 
 import asyncio
-import base64
-import gzip
-import io
 import json
 import os
-import zlib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -28,9 +24,9 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
-import google_crc32c
 
 from captioner.adapters.bodies import read_capped
+from captioner.adapters.storage_media import Media, crc32c, decoded
 from captioner.domain import ObjectInfo, first_unencodable
 from captioner.errors import (
     ConfigurationError,
@@ -194,22 +190,22 @@ class StorageClient:
         params = {"alt": "media", "generation": str(generation)}
         what = f"gs://{bucket}/{name}#{generation}"
 
-        async def once() -> _Media:
+        async def once() -> Media:
             async with self._request(
                 "GET", url, params=params, headers=_MEDIA_HEADERS, decompress=False
             ) as response:
                 await _raise_for_status(response, what, _GET, bucket)
-                return _Media.of(response, await read_capped(response, max_bytes))
+                return Media.of(response, await read_capped(response, max_bytes))
 
         mismatch = ""
         for _ in range(2):  # damage on the way seldom strikes twice; more would hide a fault
-            media: _Media = await self._retry(once)
+            media: Media = await self._retry(once)
             expected = media.crc32c
             if expected is None and not media.transcoded:
                 expected = await self._stored_crc32c(bucket, name, generation)
-            actual = _crc32c(media.body)
+            actual = crc32c(media.body)
             if expected is None or media.transcoded or actual == expected:
-                return await _decoded(media, max_bytes)
+                return await decoded(media, max_bytes)
             mismatch = f"CRC32C {actual} received, {expected} stored"
         raise TransientError(
             f"{what}: the bytes received twice did not match the object's checksum "
@@ -431,7 +427,7 @@ class _Request:
         # its Content-Encoding says, or that is not the JSON the API speaks (a proxy's
         # HTML page) may be fine on the next try (transient). Media bytes arrive
         # undecoded; whether their encoding is broken is decided once their checksum
-        # says they are the stored bytes (_decoded).
+        # says they are the stored bytes (decoded).
         method = self._args[0]
         if isinstance(exc, aiohttp.ClientError | TimeoutError):
             raise TransientError(
@@ -462,68 +458,6 @@ class ListPage:
             token if isinstance(token, str) and token else None,
             tuple(str(p) for p in prefixes) if isinstance(prefixes, list) else (),
         )
-
-
-@dataclass(frozen=True, slots=True)
-class _Media:
-    """A media download as it arrived, before its Content-Encoding is undone."""
-
-    body: bytes
-    encoding: str  # the answer's Content-Encoding, lower case; "" for none
-    crc32c: str | None  # the stored object's, from x-goog-hash (base64, big-endian)
-    # Decompressed by Cloud Storage although we asked for the stored bytes: the
-    # checksum describes the compressed bytes, not these, so they cannot be checked.
-    transcoded: bool
-
-    @classmethod
-    def of(cls, response: aiohttp.ClientResponse, body: bytes) -> _Media:
-        encoding = response.headers.get("Content-Encoding", "").strip().lower()
-        stored = response.headers.get("x-goog-stored-content-encoding", "").strip().lower()
-        return cls(
-            body=body,
-            encoding=encoding,
-            crc32c=_crc32c_header(response.headers.getall("x-goog-hash", [])),
-            transcoded=stored == "gzip" and encoding != "gzip",
-        )
-
-
-def _crc32c_header(values: list[str]) -> str | None:
-    """The ``crc32c=`` value of ``x-goog-hash`` (one header or several, comma-separated)."""
-    for value in values:
-        for part in value.split(","):
-            label, _, digest = part.strip().partition("=")
-            if label.lower() == "crc32c" and digest:
-                return digest
-    return None
-
-
-def _crc32c(data: bytes) -> str:
-    return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode("ascii")
-
-
-async def _decoded(media: _Media, max_bytes: int) -> bytes:
-    """The object's bytes with a gzip Content-Encoding undone (the only compression Cloud
-    Storage serves); any other label is passed on as it is, for Pillow to judge."""
-    if media.encoding not in ("gzip", "x-gzip"):
-        return media.body
-    return await asyncio.to_thread(_gunzip, media.body, max_bytes)
-
-
-def _gunzip(body: bytes, max_bytes: int) -> bytes:
-    try:
-        with gzip.GzipFile(fileobj=io.BytesIO(body)) as stream:
-            data = stream.read(max_bytes + 1)
-    except (OSError, EOFError, zlib.error) as exc:
-        # The checksum said these are the stored bytes: they will never decode.
-        raise PermanentError(
-            "bad-content-encoding",
-            f"the object's bytes do not decode as its Content-Encoding (gzip) says: {exc}",
-        ) from exc
-    if len(data) > max_bytes:
-        raise PermanentError(
-            "too-large", f"more than CAPTION_MAX_BYTES={max_bytes} bytes once decompressed"
-        )
-    return data
 
 
 def _no_such_bucket(bucket: str, emulator: bool) -> str:

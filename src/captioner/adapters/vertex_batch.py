@@ -27,13 +27,8 @@ from typing import TYPE_CHECKING, Any
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from captioner.adapters.gemini import (
-    NO_CREDENTIALS,
-    GeminiDescriber,
-    _classify,
-    _description,
-    make_client,
-)
+from captioner.adapters.gemini import GeminiDescriber, _description, make_client
+from captioner.adapters.gemini_errors import NO_CREDENTIALS, classify
 from captioner.adapters.storage import NO_STORAGE_CREDENTIALS, endpoint_from_env
 from captioner.batch_jobs import (
     LABEL,
@@ -156,7 +151,7 @@ def read_status(status: Any) -> Exception:
     details = inner.get("details")
     if isinstance(details, list):
         error["details"] = details
-    return _classify(genai_errors.APIError(http, {"error": error}))
+    return classify(genai_errors.APIError(http, {"error": error}))
 
 
 # google.rpc.Code → HTTP, as Google's APIs map them (google/rpc/code.proto).
@@ -237,7 +232,7 @@ def _answered_as_ours(not_found: str | None = None) -> Iterator[None]:
     except genai_errors.APIError as exc:
         if exc.code == 404 and not_found is not None:
             raise PermanentError("no-such-job", not_found) from exc
-        raise _classify(exc) from exc
+        raise classify(exc) from exc
     except google.auth.exceptions.DefaultCredentialsError:
         raise ConfigurationError(NO_CREDENTIALS) from None
     except google.auth.exceptions.RefreshError as exc:
