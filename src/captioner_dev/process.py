@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -19,6 +20,7 @@ class LoggedProcess:
         # Made when the child starts, not here: an object made but never started (Ctrl-C
         # between the two) must leave no file behind.
         self._log: IO[bytes] | None = None
+        self._log_path: Path | None = None
 
     def start(self) -> Self:
         raise NotImplementedError
@@ -26,10 +28,14 @@ class LoggedProcess:
     def _spawn(
         self, args: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None
     ) -> subprocess.Popen[bytes]:
-        if self._log is None:
-            self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
-                prefix=self._log_prefix, suffix=".log", delete=False
+        if self._log_path is None:
+            # The name is chosen and kept before the file exists, so that stop() removes
+            # it even when a Ctrl-C lands while it is being made (a NamedTemporaryFile
+            # interrupted after creating its file, before returning, left it behind).
+            self._log_path = Path(tempfile.gettempdir()) / (
+                f"{self._log_prefix}{secrets.token_hex(6)}.log"
             )
+            self._log = self._log_path.open("xb")
         self._process = subprocess.Popen(
             list(args), cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
@@ -39,9 +45,9 @@ class LoggedProcess:
         return self._process is None or self._process.poll() is not None
 
     def log_text(self) -> str:
-        if self._log is None:
+        if self._log_path is None or not self._log_path.exists():
             return ""
-        return Path(self._log.name).read_text(errors="replace")
+        return self._log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 10.0) -> None:
         try:
@@ -57,8 +63,10 @@ class LoggedProcess:
             # Even when a Ctrl-C lands while the child is being stopped.
             if self._log is not None:
                 self._log.close()
-                Path(self._log.name).unlink(missing_ok=True)
                 self._log = None
+            if self._log_path is not None:
+                self._log_path.unlink(missing_ok=True)
+                self._log_path = None
 
     def __enter__(self) -> Self:
         try:
