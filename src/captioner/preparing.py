@@ -28,7 +28,8 @@ bench/RESULTS.md, "Decode workers"):
 
 Two workers: one per core of a 2-core machine, so that one image stuck at its CPU
 limit does not stop the others; a third would cost ~45 MB of the 600 for no more
-throughput here. A process that may run on one CPU only (usable_cpus) gets one. A
+throughput here. A process that may run on one CPU only (usable_cpus: its affinity
+mask and its cgroup's CPU quota, as Cloud Run's `cpu = "1"` sets) gets one. A
 decode may use DECODE_CPU_SECONDS of CPU: the costliest accepted images take under
 2 s here (a 49 MP 16-bit RGBA PNG: 0.8-1.7 s).
 """
@@ -36,12 +37,14 @@ decode may use DECODE_CPU_SECONDS of CPU: the costliest accepted images take und
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from functools import partial
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from captioner.budget import Budget
@@ -76,11 +79,34 @@ DecodeCost = Callable[[bytes], int]
 Attempt = PreparedImage | int
 
 
-def usable_cpus() -> int:
+def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: its affinity mask, and no more than its cgroup's CPU
+    quota rounded up. A container limited to 1 vCPU (Cloud Run's `cpu` setting is such a
+    quota) may still see every core of its host in the mask."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = max(1, os.cpu_count() or 1)
+    quota = cgroup_cpu_quota(cgroup_root)
+    return cpus if quota is None else max(1, min(cpus, math.ceil(quota)))
+
+
+def cgroup_cpu_quota(root: Path) -> float | None:
+    """CPUs a second the cgroup may use (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``
+    over ``cpu.cfs_period_us``); None without a limit or where neither can be read."""
+    try:
+        if (v2 := root / "cpu.max").exists():
+            quota, _, period = v2.read_text().strip().partition(" ")
+        else:
+            v1 = root / "cpu"
+            quota = (v1 / "cpu.cfs_quota_us").read_text().strip()
+            period = (v1 / "cpu.cfs_period_us").read_text().strip()
+        if quota in ("max", "-1"):
+            return None
+        share = int(quota) / int(period or "100000")
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+    return share if share > 0 else None
 
 
 @runtime_checkable

@@ -4,11 +4,14 @@ worker's reply or death means for the image (no worker processes here)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from concurrent.futures import Future
+from pathlib import Path
 
 import pytest
 
+from captioner import preparing
 from captioner.domain import PreparedImage
 from captioner.errors import PermanentError, TransientError
 from captioner.preparing import Attempt, PreparePool, ProcessDecoder
@@ -147,3 +150,39 @@ async def test_an_answer_that_asks_for_no_more_than_it_had_is_refused_not_looped
     with pytest.raises(PermanentError) as info:
         await task
     assert info.value.reason == "too-large-to-decode"
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "100000 100000\n"}, 1.0),
+        ({"cpu.max": "58300 100000\n"}, 0.583),
+        ({"cpu.max": "400000 100000\n"}, 4.0),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "150000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.5),
+        ({}, None),
+        ({"cpu.max": "garbage\n"}, None),
+        ({"cpu.max": "0 100000\n"}, None),
+    ],
+)
+def test_the_cgroup_cpu_quota_is_read_from_v2_or_v1_and_a_missing_or_odd_file_is_no_limit(
+    tmp_path: Path, files: dict[str, str], quota: float | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert preparing.cgroup_cpu_quota(tmp_path) == quota
+
+
+def test_a_container_limited_to_one_cpu_gets_one_decode_worker_whatever_its_host_shows(
+    tmp_path: Path,
+) -> None:
+    """Cloud Run's `cpu = "1"` is a cgroup quota; the affinity mask may list every core of
+    the host, and a second worker would cost ~21 MB for no throughput."""
+    (tmp_path / "cpu.max").write_text("100000 100000\n")
+    assert preparing.usable_cpus(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("58300 100000\n")
+    assert preparing.usable_cpus(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert preparing.usable_cpus(tmp_path) == len(os.sched_getaffinity(0))
