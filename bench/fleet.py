@@ -61,11 +61,12 @@ from bench.stack import Stack, StubProcess
 from captioner.captions import DEFAULT_PROMPT
 from captioner.settings import Settings
 from captioner_dev.eventarc import binary_event
-from captioner_dev.functions import FunctionServer, _process_tree
+from captioner_dev.functions import FunctionServer
 from captioner_dev.gcs import FakeGcs
 from captioner_dev.gemini_server import LatencyModel
 from captioner_dev.gemini_server.quota import QUOTA_SHAPES, QuotaShape
 from captioner_dev.gemini_server.tokens import text_tokens
+from captioner_dev.proctree import descendants
 
 BUCKET = "bench-fleet"
 PREFIX = "fleet/"
@@ -198,7 +199,7 @@ def _cpu_seconds(pids: Sequence[int]) -> float:
 
 
 def _tree_pids(servers: Sequence[FunctionServer]) -> list[int]:
-    return [pid for server in servers for pid in _process_tree(server.pid)]
+    return [pid for server in servers for pid in [server.pid, *descendants(server.pid)]]
 
 
 async def feed(
@@ -498,13 +499,10 @@ def run_fleet(stack: Stack, run: FleetRun, planned: list[Planned], latency: Any)
     return figures
 
 
-def _peak_rss(servers: Sequence[FunctionServer]) -> float | None:
-    """The largest instance's peak RSS, or None when a process of the tree ended between
-    listing it and reading its /proc status (it happened once in 40 runs)."""
-    try:
-        return max(server.peak_rss_mib() for server in servers)
-    except RuntimeError:
-        return None
+def _peak_rss(servers: Sequence[FunctionServer]) -> float:
+    """The largest instance's peak RSS (a process of a tree that ended between listing it
+    and reading its /proc status, as happened once in 40 runs, counts as 0)."""
+    return max(server.peak_rss_mib() for server in servers)
 
 
 def _maybe(value: float | None, spec: str = ".2f") -> str:

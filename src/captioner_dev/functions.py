@@ -12,6 +12,7 @@ from pathlib import Path
 
 from captioner_dev.gcs import free_port
 from captioner_dev.process import LoggedProcess
+from captioner_dev.proctree import descendants, status_kib
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -87,20 +88,7 @@ class FunctionServer(LoggedProcess):
         functions-framework runs gunicorn: the function lives in a worker process,
         a child of the one we started.
         """
-        return max(_peak_rss_mib(pid) for pid in _process_tree(self.pid))
-
-
-def _process_tree(pid: int) -> list[int]:
-    pids = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children = (task / "children").read_text().split()
-        for child in children:
-            pids.extend(_process_tree(int(child)))
-    return pids
-
-
-def _peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for process {pid}")
+        # A process of the tree may end between listing and reading it (a decode worker
+        # retiring after a large image): it reads as 0, never as an error.
+        pids = [self.pid, *descendants(self.pid)]
+        return max(status_kib(pid, "VmHWM") for pid in pids) / 1024

@@ -35,7 +35,7 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def _status_kib(pid: int, key: str) -> int:
+def status_kib(pid: int, key: str) -> int:
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
@@ -69,7 +69,7 @@ def _pss_kib(pid: int) -> int:
 def tree_rss_mb(pid: int | None = None) -> float:
     """Resident MB of ``pid`` (default: this process) and its descendants, now."""
     root = os.getpid() if pid is None else pid
-    return sum(_status_kib(p, "VmRSS") for p in [root, *descendants(root)]) / 1024
+    return sum(status_kib(p, "VmRSS") for p in [root, *descendants(root)]) / 1024
 
 
 def tree_cpu_seconds() -> float:
@@ -106,7 +106,7 @@ class TreeSampler:
     def sample(self) -> float:
         pids = [self.pid, *descendants(self.pid)]
         self.processes = max(self.processes, len(pids))
-        now = sum(_status_kib(p, "VmRSS") for p in pids) / 1024
+        now = sum(status_kib(p, "VmRSS") for p in pids) / 1024
         self.peak_mb = max(self.peak_mb, now)
         if self.pss:
             self.peak_pss_mb = max(self.peak_pss_mb, sum(_pss_kib(p) for p in pids) / 1024)
