@@ -36,14 +36,7 @@ import bench  # noqa: F401  (puts src/ on the path)
 from captioner.domain import ObjectRef, PreparedImage
 from captioner.settings import Settings
 from captioner_dev.gemini_server import image_tokens
-
-
-def _status_kib(key: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return float(line.split()[1])
-    return 0.0
+from captioner_dev.proctree import status_kib
 
 
 def _cpu_seconds() -> float:
@@ -90,7 +83,7 @@ class Window:
     arrivals: list[float] = field(default_factory=list)
 
     def start(self) -> None:
-        self.rss_before_mib = _status_kib("VmRSS") / 1024
+        self.rss_before_mib = status_kib(os.getpid(), "VmRSS") / 1024
         self.watched = {name: _process_cpu(pid) for name, pid in self.watch.items()}
         self.ticks = _machine_ticks()
         self.cpu = _cpu_seconds()
@@ -404,7 +397,7 @@ def main() -> int:
     # resident size sampled every 10 ms; this process's own VmHWM is a floor of it.
     with _tree_sampler() as tree:
         result = asyncio.run(_APPROACHES[spec["approach"]](spec))
-    own = _status_kib("VmHWM") / 1024
+    own = status_kib(os.getpid(), "VmHWM") / 1024
     result["rss_peak_main_mib"] = own
     result["rss_peak_mib"] = max(own, tree.peak_mb if tree is not None else 0.0)
     result["processes"] = tree.processes if tree is not None else 1
