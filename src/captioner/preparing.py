@@ -29,7 +29,7 @@ bench/RESULTS.md, "Decode workers"):
 Two workers: one per core of a 2-core machine, so that one image stuck at its CPU
 limit does not stop the others; a third would cost ~45 MB of the 600 for no more
 throughput here. A process that may run on one CPU only (usable_cpus: its affinity
-mask and its cgroup's CPU quota, as Cloud Run's `cpu = "1"` sets) gets one. A
+mask within its cgroup's CPU quota, whichever form a `cpu = "1"` limit takes) gets one. A
 decode may use DECODE_CPU_SECONDS of CPU: the costliest accepted images take under
 2 s here (a 49 MP 16-bit RGBA PNG: 0.8-1.7 s).
 """
@@ -81,8 +81,8 @@ Attempt = PreparedImage | int
 
 def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     """The CPUs this process may use: its affinity mask, and no more than its cgroup's CPU
-    quota rounded up. A container limited to 1 vCPU (Cloud Run's `cpu` setting is such a
-    quota) may still see every core of its host in the mask."""
+    quota rounded up: a container whose CPU limit is a cgroup quota may still see every
+    core of its host in the mask."""
     try:
         cpus = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
